@@ -1,0 +1,1233 @@
+"""
+Train GPT-2 (124M) from scratch, fine-tune it, sample from it, export it to Hugging Face.
+
+One file, read top to bottom: the model, the data loader, the optimizer and schedule, checkpoints,
+the training loop. Importing it runs nothing.
+
+    python train_gpt2.py --data input.txt --model d6 ...        # a small GPT on Tiny Shakespeare, CPU
+    torchrun --standalone --nproc_per_node=8 train_gpt2.py      # the GPT-2 (124M) reproduction, 8 GPUs
+    python train_gpt2.py --init_from gpt2 --sample "Hello, I'm a language model,"
+"""
+
+import argparse
+import contextlib
+import ctypes
+import functools
+import glob
+import inspect
+import json
+import math
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+GPT2_EOT = 50256
+GPT2_VOCAB = 50257  # real GPT-2 token ids are < 50257; ids above that only pad the embedding table
+
+
+class UsageError(ValueError):
+    """Bad input from the user: main() prints its one-line message instead of a traceback."""
+
+# -----------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024  # max sequence length
+    vocab_size: int = 50257  # 50000 BPE merges + 256 bytes + <|endoftext|>
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+
+
+# sizes of OpenAI's released checkpoints (all with block_size 1024 and vocab 50257)
+MODEL_SIZES = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),  # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
+}
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.n_head = config.n_head
+        self.n_embd = config.n_embd
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True  # scaled at init, see GPT._init_weights
+
+    def forward(self, x, kv_cache=None):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is None:
+            # flash attention where the device has it; is_causal builds no (T, T) mask
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = kv_cache.update(k, v)
+            if T == k.size(2):  # prefill: nothing cached before this chunk
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:  # decoding: the new queries see every cached position and the causal part of their own
+                past = k.size(2) - T
+                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.c_proj(y)
+
+
+class KVCache:
+    """Keys and values of one layer, preallocated for block_size positions, so a new token costs one position."""
+
+    def __init__(self, B, n_head, head_size, block_size, dtype, device):
+        self.k = torch.empty(B, n_head, block_size, head_size, dtype=dtype, device=device)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def update(self, k, v):
+        T = k.size(2)
+        self.k[:, :, self.length : self.length + T] = k
+        self.v[:, :, self.length : self.length + T] = v
+        self.length += T
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.gelu = nn.GELU(approximate="tanh")  # the approximation OpenAI's GPT-2 was trained with
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.c_proj.RESIDUAL_PROJ = True
+
+    def forward(self, x):
+        return self.c_proj(self.gelu(self.c_fc(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, kv_cache=None):
+        # pre-LayerNorm: the residual stream itself is never normalized, so gradients flow straight to the input
+        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """mean cross-entropy of (x @ weight.T) against targets, without keeping the (N, vocab) logits.
+
+    The logits are made chunk by chunk; each chunk's gradients (softmax - one_hot) are turned into the gradients
+    of x and weight right away, so memory holds one chunk of logits instead of all of them (13 GB in float32 for
+    B=64, T=1024, vocab 50304) and nothing is recomputed in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_size):
+        valid = targets != -1
+        n_valid = valid.sum().clamp(min=1)
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for i in range(0, x.size(0), chunk_size):
+            xc, tc, vc = x[i : i + chunk_size], targets[i : i + chunk_size], valid[i : i + chunk_size]
+            logits = (xc @ weight.t()).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            safe_t = tc.clamp(min=0)
+            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
+            loss += ((lse - target_logit) * vc).sum()
+            # d(loss)/d(logits) = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
+            grad = torch.exp(logits - lse[:, None])
+            grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+            grad *= (vc / n_valid)[:, None]
+            grad = grad.to(x.dtype)
+            grad_x[i : i + chunk_size] = grad @ weight
+            grad_w += (grad.t() @ xc).float()
+        ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_x, grad_w = ctx.saved_tensors
+        return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
+# Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def chunked_cross_entropy(x, weight, targets, chunk_size):
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) without the full logits."""
+    if torch.is_autocast_enabled(x.device.type):  # the lm_head matmul in the autocast dtype, as nn.Linear would do it
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+    else:
+        x = x.to(weight.dtype)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(x, weight, targets, chunk_size)
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    for i in range(0, x.size(0), chunk_size):
+        logits = (x[i : i + chunk_size] @ weight.t()).float()
+        loss += F.cross_entropy(logits, targets[i : i + chunk_size], ignore_index=-1, reduction="sum")
+    return loss / (targets != -1).sum().clamp(min=1)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(config.vocab_size, config.n_embd),
+                wpe=nn.Embedding(config.block_size, config.n_embd),
+                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+                ln_f=nn.LayerNorm(config.n_embd),
+            )
+        )
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # weight tying (as in GPT-2): the token embedding is also the output projection; saves 38M parameters
+        self.transformer.wte.weight = self.lm_head.weight
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # OpenAI's GPT-2 init. Each block adds two projections into the residual stream; scaling them by
+        # 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth.
+        if isinstance(module, nn.Linear):
+            std = 0.02
+            if getattr(module, "RESIDUAL_PROJ", False):
+                std *= (2 * self.config.n_layer) ** -0.5
+            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        n = sum(p.numel() for p in self.parameters())  # parameters() lists the tied wte/lm_head once
+        if non_embedding:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def hidden_states(self, idx, kv_caches=None):
+        """The final LayerNorm's output (B, T, n_embd). With kv_caches, idx continues the cached positions."""
+        B, T = idx.size()
+        start = kv_caches[0].length if kv_caches else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, kv_caches[i] if kv_caches else None)
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx, targets=None, return_logits=True, loss_chunk_size=4096):
+        """Returns (logits, loss). Targets equal to -1 are ignored.
+
+        For training pass return_logits=False: the loss is then computed in chunks of loss_chunk_size positions
+        (LinearCrossEntropy) and logits is None, which saves the memory of the full float32 logits.
+        """
+        x = self.hidden_states(idx)
+        if targets is None:
+            return self.lm_head(x), None
+        if return_logits:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+            return logits, loss
+        return None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), loss_chunk_size)
+
+    # ---- optimization
+
+    def configure_optimizers(self, weight_decay, learning_rate, device_type):
+        # decay the matmul weights and embeddings (dim >= 2); never biases or LayerNorm gains
+        params = [p for p in self.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        groups = [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+        # the fused kernel does the whole update in a few kernels instead of a loop over tensors (CUDA; CPU too)
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+    # ---- sampling
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=50, generator=None):
+        """Append max_new_tokens sampled tokens to idx (B, T) and return it.
+
+        Keys and values are cached, so each new token runs the model on one position. Once the sequence is
+        longer than block_size the context is cropped to the last block_size tokens; absolute position
+        embeddings then shift every step, so the cache cannot be reused and each token costs a full forward.
+        top_k=1 (or temperature=0) is greedy decoding.
+        """
+        config = self.config
+        B = idx.size(0)
+        n_real = min(config.vocab_size, GPT2_VOCAB)
+        dtype = next(self.parameters()).dtype
+        if torch.is_autocast_enabled(idx.device.type):
+            dtype = torch.get_autocast_dtype(idx.device.type)
+        caches = None
+        for _ in range(max_new_tokens):
+            if idx.size(1) <= config.block_size:
+                if caches is None:  # prefill the cache with the whole prompt
+                    hs = config.n_embd // config.n_head
+                    caches = [KVCache(B, config.n_head, hs, config.block_size, dtype, idx.device) for _ in range(config.n_layer)]
+                    x = self.hidden_states(idx, caches)
+                else:
+                    x = self.hidden_states(idx[:, -1:], caches)
+            else:
+                x = self.hidden_states(idx[:, -config.block_size :])
+            logits = self.lm_head(x[:, -1, :]).float()
+            logits[:, n_real:] = -float("inf")  # padded vocab rows are not tokens
+            if temperature == 0 or top_k == 1:
+                idx_next = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    v, _ = torch.topk(logits, min(top_k, n_real))
+                    logits[logits < v[:, [-1]]] = -float("inf")
+                probs = F.softmax(logits, dim=-1)
+                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)
+            idx = torch.cat((idx, idx_next), dim=1)
+        return idx
+
+    # ---- loading and saving
+
+    @classmethod
+    def from_pretrained(cls, name_or_path):
+        """A hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local Hugging Face GPT-2 directory, or a
+        checkpoint .pt written by this script."""
+        accepted = (
+            f"expected one of {', '.join(MODEL_SIZES)} (downloaded from the Hugging Face hub), a directory with a "
+            "Hugging Face GPT-2 checkpoint (config.json + weights), or a .pt checkpoint written by train_gpt2.py"
+        )
+        name_or_path = str(name_or_path)
+        if name_or_path in MODEL_SIZES or os.path.isdir(name_or_path):
+            if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+                raise UsageError(f"{name_or_path} has no config.json, so it is not a Hugging Face model directory; {accepted}")
+            return cls._from_hf(name_or_path)
+        if os.path.isfile(name_or_path):
+            checkpoint = load_checkpoint(name_or_path)
+            model = cls(GPTConfig(**checkpoint["config"]))
+            model.load_state_dict(checkpoint["model"])
+            return model
+        raise UsageError(f"unknown model {name_or_path!r}: {accepted}")
+
+    @classmethod
+    def _from_hf(cls, name_or_path):
+        from transformers import GPT2LMHeadModel
+
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
+        except OSError as e:  # no network, missing weights file, ...
+            raise UsageError(f"could not load {name_or_path!r} with transformers: {str(e).splitlines()[0]}") from None
+        c = hf.config
+        if getattr(c, "model_type", "gpt2") != "gpt2":
+            raise UsageError(f"{name_or_path} is a {c.model_type!r} model, not GPT-2")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+        model = cls(config)
+        sd_hf = hf.state_dict()
+        sd = model.state_dict()
+        with torch.no_grad():
+            for k, v in sd.items():
+                src = sd_hf[k]
+                if k.endswith(CONV1D_WEIGHTS):
+                    src = src.t()
+                v.copy_(src)
+        return model
+
+    def save_pretrained(self, directory):
+        """Write a Hugging Face GPT-2 directory (config.json + model.safetensors) that
+        transformers.GPT2LMHeadModel.from_pretrained loads. A padded vocab is cut back to the 50257 real tokens."""
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        c = self.config
+        vocab = min(c.vocab_size, GPT2_VOCAB)
+        hf_config = GPT2Config(
+            vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
+            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, tie_word_embeddings=True,
+        )
+        sd = {}
+        for k, v in self.state_dict().items():
+            v = v.detach().float().cpu()
+            if k.endswith(CONV1D_WEIGHTS):
+                v = v.t()
+            if k in ("transformer.wte.weight", "lm_head.weight"):
+                v = v[:vocab]
+            sd[k] = v.contiguous()
+        hf = GPT2LMHeadModel(hf_config)
+        missing, unexpected = hf.load_state_dict(sd, strict=False)
+        assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), (missing, unexpected)
+        hf.save_pretrained(directory)
+
+
+def model_config(name, vocab_size=50304, block_size=1024):
+    """--model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN = N layers of width 64*N with N heads (d12 = gpt2)."""
+    if name in MODEL_SIZES:
+        sizes = MODEL_SIZES[name]
+    elif re.fullmatch(r"d[1-9][0-9]*", name):
+        n = int(name[1:])
+        sizes = dict(n_layer=n, n_head=n, n_embd=64 * n)
+    else:
+        raise UsageError(f"unknown --model {name!r}: use one of {', '.join(MODEL_SIZES)} or dN (N layers, width 64*N, e.g. d6)")
+    return GPTConfig(block_size=block_size, vocab_size=vocab_size, **sizes)
+
+
+# -----------------------------------------------------------------------------
+# Data
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
+@functools.lru_cache(maxsize=2)
+def tokenize_text_file(path):
+    """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
+    import tiktoken
+
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
+    n_val = len(tokens) // 10
+    return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
+
+
+def find_shards(data_root, split):
+    """The token arrays of a split: .npy shards (memory-mapped) in a directory, or a .txt file tokenized now."""
+    if str(data_root).endswith(".txt"):
+        if not os.path.isfile(data_root):
+            raise UsageError(f"{data_root} does not exist")
+        return [tokenize_text_file(str(data_root))[split]]
+    if not os.path.isdir(data_root):
+        raise UsageError(f"data directory {data_root} does not exist: run `python fineweb.py` to make the FineWeb-Edu shards, or pass --data input.txt for a small run")
+    paths = sorted(glob.glob(os.path.join(data_root, f"*{split}*.npy")))
+    if not paths:
+        raise UsageError(f"no {split} shards (*{split}*.npy) in {data_root}: run `python fineweb.py` to make them")
+    # a memory map reads only the pages a batch touches, instead of copying a 200 MB shard at each switch
+    return [np.load(p, mmap_mode="r") for p in paths]
+
+
+class DataLoaderLite:
+    """Batches of B sequences of T tokens from a split's shards.
+
+    Rank r reads the B*T+1 tokens at B*T*r, then steps by B*T*num_processes, so that in one pass the ranks
+    together read each batch-sized piece of the split once. A rank moves to the next shard only when its next
+    batch no longer fits in this one, and wraps around to the first shard after the last.
+    """
+
+    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root="edu_fineweb10B"):
+        assert split in ("train", "val")
+        self.B, self.T = B, T
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.shards = find_shards(data_root, split)
+        if not any(len(s) >= B * T * (process_rank + 1) + 1 for s in self.shards):
+            longest = max(len(s) for s in self.shards)
+            raise UsageError(
+                f"the {split} split of {data_root} is too small: its longest shard has {longest} tokens, "
+                f"but rank {process_rank} needs {B * T * (process_rank + 1) + 1} for one batch of B={B} x T={T}; lower --batch_size or --seq_len"
+            )
+        self.reset()
+
+    def reset(self):
+        self.current_shard = -1
+        self._next_shard()
+
+    def _next_shard(self):
+        # skip shards too short to hold this rank's first batch
+        while True:
+            self.current_shard = (self.current_shard + 1) % len(self.shards)
+            self.current_position = self.B * self.T * self.process_rank
+            if self._fits():
+                return
+
+    def _fits(self):
+        return self.current_position + self.B * self.T + 1 <= len(self.shards[self.current_shard])
+
+    def next_batch(self):
+        B, T = self.B, self.T
+        buf = self.shards[self.current_shard][self.current_position : self.current_position + B * T + 1]
+        buf = torch.from_numpy(buf.astype(np.int64))
+        x = buf[:-1].view(B, T)  # inputs
+        y = buf[1:].view(B, T)  # targets: the next token at each position
+        self.current_position += B * T * self.num_processes
+        if not self._fits():
+            self._next_shard()
+        return x, y
+
+    def state_dict(self):
+        return {"shard": self.current_shard, "position": self.current_position}
+
+    def load_state_dict(self, state):
+        self.current_shard, self.current_position = state["shard"], state["position"]
+
+
+def ensure_text_data(path):
+    """--data input.txt is Tiny Shakespeare: download it on first use."""
+    if os.path.exists(path) or os.path.basename(path) != "input.txt":
+        return
+    import urllib.request
+
+    print(f"downloading Tiny Shakespeare to {path}")
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
+            data = r.read()
+    except OSError as e:
+        raise UsageError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); download it yourself to {path}") from None
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Optimization
+
+
+def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
+    """Linear warmup to max_lr, cosine decay to min_lr at max_steps, min_lr after (GPT-3 paper)."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+# -----------------------------------------------------------------------------
+# Hardware: device, precision, FLOPs
+
+
+def pick_device(requested="auto"):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def cpu_has_native_bf16():
+    # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def pick_dtype(requested, device_type):
+    """The autocast dtype. bf16 has float32's exponent range, so unlike fp16 it needs no loss scaling;
+    fp16 is for GPUs without bf16 (V100, T4)."""
+    if requested != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    if device_type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device_type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def autocast_context(device_type, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+# dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),  # fp16
+    ("T4", 65e12),  # fp16
+]
+
+
+def gpu_peak_flops(device_name):
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def flops_per_token(config, T):
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
+    (PaLM paper, appendix B). The position embedding does no matmul, so it is left out."""
+    N = sum(
+        [
+            config.vocab_size * config.n_embd,  # lm_head (tied with wte)
+            config.n_layer * 12 * config.n_embd**2,  # attention 4 C^2, MLP 8 C^2
+        ]
+    )
+    return 6 * N + 12 * config.n_layer * config.n_embd * T
+
+
+def tune_cpu_allocator():
+    """Stop glibc from returning big buffers (activations, logits) to the OS after every step.
+
+    By default malloc serves blocks over 32 MB with mmap and munmaps them on free, so every step pays page
+    faults for hundreds of MB; on CPU that was ~30% of the time, in the kernel. Keeping them on the heap,
+    and never trimming it, lets the next step reuse the same memory.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    ok = libc.mallopt(M_MMAP_MAX, 0) == 1
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1  # an int: the largest it takes
+    return bool(ok)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+#
+# A checkpoint is a dict of tensors, numbers, strings and lists only (no pickled classes), so that it loads with
+# torch.load(weights_only=True): a checkpoint from the internet cannot run code. It holds everything a run needs
+# to continue exactly: model, optimizer, config, flags, step, data positions of every rank and the RNG states.
+
+CHECKPOINT_RE = re.compile(r"model_(\d+)\.pt$")
+
+
+def load_checkpoint(path):
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a zip, truncated, or holds pickled objects
+        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
+        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py (expected a dict with model, config and step)")
+    return checkpoint
+
+
+def save_checkpoint(checkpoint, path):
+    """Write atomically: a crash mid-write leaves the previous checkpoints intact and no half-written model_*.pt."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def list_checkpoints(log_dir):
+    """(step, path) of the checkpoints in log_dir, newest first."""
+    found = []
+    for path in glob.glob(os.path.join(log_dir, "model_*.pt")):
+        m = CHECKPOINT_RE.search(os.path.basename(path))
+        if m:
+            found.append((int(m.group(1)), path))
+    return sorted(found, reverse=True)
+
+
+def prune_checkpoints(log_dir, keep):
+    """Keep the newest `keep` checkpoints, and any the user marked by creating model_XXXXX.pt.keep beside it."""
+    for _, path in list_checkpoints(log_dir)[keep:]:
+        if not os.path.exists(path + ".keep"):
+            os.remove(path)
+
+
+def find_resume_checkpoint(log_dir):
+    """The newest checkpoint in log_dir that loads; damaged ones are reported and skipped."""
+    for _, path in list_checkpoints(log_dir):
+        try:
+            return path, load_checkpoint(path)
+        except UsageError as e:
+            print(f"skipping {path}: {e}")
+    raise UsageError(f"--resume: no checkpoint (model_*.pt) in {log_dir} to resume from; start without --resume")
+
+
+def strip_wrapper_prefixes(state_dict):
+    """torch.compile adds '_orig_mod.' and DDP 'module.' to parameter names; a checkpoint stores the plain names."""
+    out = {}
+    for k, v in state_dict.items():
+        while k.startswith(("_orig_mod.", "module.")):
+            k = k.split(".", 1)[1]
+        out[k] = v
+    return out
+
+
+def get_rng_state(generator):
+    state = {"torch": torch.get_rng_state(), "sample": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    generator.set_state(state["sample"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def truncate_log(log_file, step):
+    """On resume: keep the log's lines from before the checkpoint's step and its evaluations at that step
+    (written before the checkpoint); drop what the interrupted run logged after it."""
+    if not os.path.exists(log_file):
+        return
+    with open(log_file) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        parts = line.split()
+        if len(parts) != 3 or not parts[0].isdigit():
+            continue
+        s, stream = int(parts[0]), parts[1]
+        if s < step or (s == step and stream != "train"):
+            kept.append(line)
+    with open(log_file + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(log_file + ".tmp", log_file)
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class DistContext:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def setup_distributed(requested_device):
+    """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
+    device = pick_device(requested_device)
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        return DistContext(False, 0, 0, 1, device)
+    import torch.distributed as dist
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU on this node; RANK is global across nodes
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group(backend="gloo")
+    return DistContext(True, rank, local_rank, world_size, device)
+
+
+def all_reduce_mean(value, ctx):
+    """The mean of a scalar tensor over ranks (gloo has no AVG, so SUM / world_size)."""
+    if ctx.ddp:
+        import torch.distributed as dist
+
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / ctx.world_size
+    return value
+
+
+def gather_objects(obj, ctx):
+    if not ctx.ddp:
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class StopSignal:
+    """SIGTERM (what a cluster sends before preemption) or Ctrl-C: finish the step, checkpoint, exit.
+    A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint", flush=True)
+
+    def agreed(self, ctx, device):
+        """True on every rank if any rank was signalled, so that all ranks stop at the same step."""
+        if not ctx.ddp:
+            return self.requested
+        import torch.distributed as dist
+
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# flags that decide the model and which tokens each step sees: a run can only resume with the same ones
+RESUME_MUST_MATCH = ("model", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "data", "seed")
+
+
+def check_resume_compatible(checkpoint, args, world_size):
+    saved = checkpoint.get("args", {})
+    diffs = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+    if checkpoint.get("world_size", world_size) != world_size:
+        diffs.append(f"world size {checkpoint['world_size']} -> {world_size} (it changes each rank's data)")
+    if diffs:
+        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the checkpoint's settings (changing --max_steps and the eval flags is fine), or --init_from CKPT to start a new run from its weights")
+
+
+def build_model(args):
+    if args.init_from == "scratch":
+        return GPT(model_config(args.model, args.vocab_size))
+    return GPT.from_pretrained(args.init_from)
+
+
+@torch.no_grad()
+def evaluate_val(model, val_loader, steps, ctx, device_type, dtype):
+    model.eval()
+    val_loader.reset()
+    total = torch.zeros((), device=ctx.device)
+    for _ in range(steps):
+        x, y = val_loader.next_batch()
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with autocast_context(device_type, dtype):
+            _, loss = model(x, y, return_logits=False)
+        total += loss.detach().float()
+    return all_reduce_mean(total / steps, ctx).item()
+
+
+@torch.no_grad()
+def print_samples(model, enc, prompt, num_samples, max_new_tokens, generator, device, device_type, dtype, top_k=50):
+    model.eval()
+    tokens = enc.encode(prompt) or [GPT2_EOT]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(num_samples, 1)
+    with autocast_context(device_type, dtype):
+        out = model.generate(idx, max_new_tokens, top_k=top_k, generator=generator)
+    for i in range(num_samples):
+        print(f"sample {i}: {enc.decode(out[i].tolist())}")
+
+
+def find_batch_size(fits, largest):
+    """The largest power-of-two micro-batch <= largest for which fits(B) is True (halving from the top)."""
+    B = 1 << (max(1, largest).bit_length() - 1)
+    while B > 1 and not fits(B):
+        B //= 2
+    if not fits(B):
+        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory; use a smaller --model or --seq_len")
+    return B
+
+
+def cuda_fits(model, B, T, device, device_type, dtype):
+    """Whether a forward and backward of micro-batch B runs without running out of GPU memory."""
+    x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
+    try:
+        with autocast_context(device_type, dtype):
+            _, loss = model(x, x, return_logits=False)
+        loss.backward()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        loss = None
+        torch.cuda.empty_cache()
+
+
+def train(args, ctx):
+    import tiktoken
+
+    device_type = ctx.device.split(":")[0]
+    dtype = pick_dtype(args.dtype, device_type)
+    if dtype == torch.float16 and device_type != "cuda":
+        raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or float32")
+    if device_type == "cuda":
+        # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if device_type == "cpu":
+        tune_cpu_allocator()
+    torch.manual_seed(args.seed)
+    if device_type == "cuda":
+        torch.cuda.manual_seed(args.seed)
+    say = print if ctx.master else (lambda *a, **k: None)
+
+    # ---- data
+    if args.data.endswith(".txt"):
+        if ctx.master:
+            ensure_text_data(args.data)
+        if ctx.ddp:
+            torch.distributed.barrier()
+
+    # ---- model
+    resume_path, checkpoint = None, None
+    os.makedirs(args.log_dir, exist_ok=True)
+    if args.resume:
+        if args.resume == "auto":
+            resume_path, checkpoint = find_resume_checkpoint(args.log_dir)
+        else:
+            resume_path, checkpoint = args.resume, load_checkpoint(args.resume)
+        if args.batch_size == "auto":  # the micro-batch the run chose
+            args.batch_size = checkpoint["args"]["batch_size"]
+        check_resume_compatible(checkpoint, args, ctx.world_size)
+        model = GPT(GPTConfig(**checkpoint["config"]))
+        model.load_state_dict(checkpoint["model"])
+    else:
+        if list_checkpoints(args.log_dir) and not args.overwrite:
+            raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite to start over there, or choose another --log_dir")
+        model = build_model(args)
+    config = model.config
+    B, T = args.batch_size, args.seq_len
+    if T > config.block_size:
+        raise UsageError(f"--seq_len {T} is longer than the model's block_size {config.block_size}")
+    model.to(ctx.device)
+    if B == "auto":
+        largest = args.total_batch_size // (T * ctx.world_size)
+        if device_type == "cuda":
+            B = find_batch_size(lambda b: cuda_fits(model, b, T, ctx.device, device_type, dtype), largest)
+        else:  # no reliable out-of-memory signal off CUDA: the OS kills the process instead
+            B = find_batch_size(lambda b: b * T <= 16384, largest)
+        if ctx.ddp:  # every rank must use the same B
+            b = torch.tensor([B], device=ctx.device)
+            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
+            B = int(b.item())
+        say(f"--batch_size auto: micro-batch {B}")
+        args.batch_size = B
+    tokens_per_micro_step = B * T * ctx.world_size
+    if args.total_batch_size % tokens_per_micro_step:
+        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of batch_size*seq_len*world_size = {B}*{T}*{ctx.world_size} = {tokens_per_micro_step}")
+    grad_accum_steps = args.total_batch_size // tokens_per_micro_step
+
+    train_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "train", args.data)
+    val_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "val", args.data) if args.val_every else None
+
+    fwd_model = torch.compile(model) if args.compile else model
+    if ctx.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(fwd_model, device_ids=[ctx.local_rank] if device_type == "cuda" else None)
+    else:
+        train_model = fwd_model
+    optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
+    # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
+
+    log_file = os.path.join(args.log_dir, "log.txt")
+    start_step, val_loss = 0, None
+    if checkpoint is not None:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scaler.load_state_dict(checkpoint.get("scaler", {}))
+        train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
+        set_rng_state(checkpoint["rng"][ctx.rank], sample_generator)
+        start_step, val_loss = checkpoint["step"], checkpoint.get("val_loss")
+        if ctx.master:
+            truncate_log(log_file, start_step)
+        say(f"resuming from {resume_path} at step {start_step}")
+        del checkpoint
+    elif ctx.master:
+        if args.overwrite:
+            for _, path in list_checkpoints(args.log_dir):
+                if not os.path.exists(path + ".keep"):
+                    os.remove(path)
+        open(log_file, "w").close()
+
+    enc = tiktoken.get_encoding("gpt2")
+    say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
+    say(f"device {ctx.device} x {ctx.world_size} | dtype {str(dtype).replace('torch.', '')} | compile {bool(args.compile)}")
+    say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {grad_accum_steps} accumulation steps")
+    flops_per_step = flops_per_token(config, T) * args.total_batch_size
+    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if device_type == "cuda" else None
+    if peak is not None and dtype == torch.float32:
+        peak = None  # the table holds tensor-core bf16 peaks
+
+    stop = StopSignal()
+    stop.install()
+    try:
+        evals_done_at = start_step if start_step else -1  # a checkpoint is written after its step's evaluations
+        for step in range(start_step, args.max_steps + 1):
+            last_step = step == args.max_steps
+            if step != evals_done_at:
+                if args.val_every and (step % args.val_every == 0 or last_step):
+                    val_loss = evaluate_val(fwd_model, val_loader, args.val_steps, ctx, device_type, dtype)
+                    say(f"validation loss: {val_loss:.4f}")
+                    log_line(ctx, log_file, f"{step} val {val_loss:.4f}")
+                if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
+                    import hellaswag
+
+                    fwd_model.eval()
+                    n_correct, n_correct_norm, n_total = hellaswag.evaluate(
+                        fwd_model, ctx.device, data=args.hellaswag_data, rank=ctx.rank, world_size=ctx.world_size,
+                        autocast_dtype=None if dtype == torch.float32 else dtype,
+                    )
+                    say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
+                    log_line(ctx, log_file, f"{step} hella {n_correct_norm / n_total:.4f}")
+                if ctx.master and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step):
+                    print_samples(model, enc, "Hello, I'm a language model,", 4, 32, sample_generator, ctx.device, device_type, dtype)
+
+            stopping = stop.agreed(ctx, ctx.device)
+            if step > start_step and (last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)):
+                write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, val_loader, sample_generator)
+            if last_step or stopping:
+                break
+
+            # ---- one optimization step
+            t0 = time.time()
+            train_model.train()
+            optimizer.zero_grad(set_to_none=True)
+            loss_accum = torch.zeros((), device=ctx.device)
+            for micro_step in range(grad_accum_steps):
+                x, y = train_loader.next_batch()
+                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+                # DDP all-reduces gradients in backward; do it only once, after the last micro-step
+                sync = not ctx.ddp or micro_step == grad_accum_steps - 1
+                with contextlib.nullcontext() if sync else train_model.no_sync():
+                    with autocast_context(device_type, dtype):
+                        _, loss = train_model(x, y, return_logits=False)
+                    # each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps makes
+                    # the summed gradients those of the mean over the whole batch, not a sum of means
+                    loss = loss / grad_accum_steps
+                    loss_accum += loss.detach()
+                    scaler.scale(loss).backward()
+            loss_accum = all_reduce_mean(loss_accum, ctx)
+            scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
+            lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss_value, norm_value = loss_accum.item(), norm.item()
+            if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not scaler.is_enabled()):
+                raise TrainingDiverged(f"step {step}: the loss is {loss_value} (grad norm {norm_value}); stopping without a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}")
+            scaler.step(optimizer)
+            scaler.update()
+            if device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            tokens_per_sec = args.total_batch_size / dt
+            mfu = f" | mfu {100 * flops_per_step / dt / (peak * ctx.world_size):.1f}%" if peak else ""
+            say(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | dt {dt * 1000:.1f}ms | tok/sec {tokens_per_sec:.0f}{mfu}")
+            log_line(ctx, log_file, f"{step} train {loss_value:.6f}")
+    finally:
+        stop.restore()
+
+
+def log_line(ctx, log_file, line):
+    if ctx.master:
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
+
+
+def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, val_loader, sample_generator):
+    """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
+    params_ok = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
+    if not params_ok:
+        raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}")
+    loader_states = gather_objects(train_loader.state_dict(), ctx)
+    rng_states = gather_objects(get_rng_state(sample_generator), ctx)
+    if ctx.master:
+        checkpoint = {
+            "model": strip_wrapper_prefixes(model.state_dict()),
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "config": asdict(model.config),
+            "args": vars(args),
+            "step": step,
+            "val_loss": val_loss,
+            "world_size": ctx.world_size,
+            "train_loader": loader_states,
+            "val_loader": val_loader.state_dict() if val_loader else None,
+            "rng": rng_states,
+        }
+        path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
+        save_checkpoint(checkpoint, path)
+        prune_checkpoints(args.log_dir, args.keep_checkpoints)
+        print(f"saved {path}")
+    if ctx.ddp:
+        torch.distributed.barrier()  # nobody exits or moves on before the file is complete
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def batch_size_arg(value):
+    if value == "auto":
+        return value
+    try:
+        b = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number or 'auto'") from None
+    if b < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return b
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train GPT-2 (defaults: the 124M reproduction on FineWeb-Edu 10B), or sample from / export a model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default="edu_fineweb10B", help="a directory of uint16 .npy token shards (from fineweb.py), or a .txt file tokenized at start (last 10%% = val); input.txt is downloaded if missing")
+    g.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN: N layers, width 64*N, N heads (d12 = gpt2)")
+    g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to ignore them")
+    g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
+    g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
+    g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the largest power of two that fits in GPU memory")
+    g.add_argument("--seq_len", type=int, default=1024, help="sequence length T")
+    g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19, ~0.5M as in GPT-3); reached by gradient accumulation")
+    g.add_argument("--max_steps", type=int, default=19073, help="19073 steps x 524288 tokens = 10B tokens, one epoch of FineWeb-Edu sample-10BT")
+    g.add_argument("--warmup_steps", type=int, default=715, help="375M tokens of linear warmup, as in GPT-3")
+    g.add_argument("--max_lr", type=float, default=6e-4)
+    g.add_argument("--min_lr", type=float, default=6e-5, help="cosine decay ends here (10%% of max_lr)")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="on 2-D parameters (matmul weights, embeddings) only")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--val_every", type=int, default=250, help="val loss every N steps (0 = off)")
+    g.add_argument("--val_steps", type=int, default=20, help="batches per val loss")
+    g.add_argument("--hellaswag_every", type=int, default=250, help="HellaSwag acc_norm every N steps (0 = off)")
+    g.add_argument("--hellaswag_data", default=None, help="a local HellaSwag jsonl (default: download the val split)")
+    g.add_argument("--sample_every", type=int, default=250, help="print samples every N steps (0 = off)")
+    g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps (0 = only at the end); the last step always writes one")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="keep the newest N checkpoints (and any marked with a model_XXXXX.pt.keep file)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from the newest checkpoint in --log_dir, or from PATH")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in a --log_dir that holds an earlier run's checkpoints (deletes them)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="autocast dtype; auto = bfloat16 where the device has it natively, float16 on older GPUs, else float32")
+    g.add_argument("--compile", type=int, default=1, choices=[0, 1], help="torch.compile the model")
+    g.add_argument("--seed", type=int, default=1337)
+    g = p.add_argument_group("sampling and export (with --init_from; no training)")
+    g.add_argument("--sample", default=None, metavar="PROMPT", help="print samples continuing PROMPT and exit")
+    g.add_argument("--num_samples", type=int, default=4)
+    g.add_argument("--max_new_tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (1 = greedy, 0 = all)")
+    g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face GPT-2 directory and exit")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Mistakes that need no data or model to find, caught before any work starts."""
+    positive = ["seq_len", "total_batch_size", "val_steps", "keep_checkpoints", "num_samples"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_new_tokens"]:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.init_from == "scratch":
+        config = model_config(args.model, args.vocab_size)  # raises on an unknown --model
+        if args.seq_len > config.block_size:
+            raise UsageError(f"--seq_len {args.seq_len} is longer than the model's block_size {config.block_size}")
+    if args.vocab_size < GPT2_VOCAB:
+        raise UsageError(f"--vocab_size {args.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} tokens")
+    if args.batch_size != "auto" and args.total_batch_size % (args.batch_size * args.seq_len):
+        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of --batch_size x --seq_len = {args.batch_size} x {args.seq_len}")
+    if (args.sample is not None or args.export) and args.init_from == "scratch":
+        raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
+
+
+def sample_or_export(args):
+    import tiktoken
+
+    device = pick_device(args.device)
+    device_type = device.split(":")[0]
+    model = GPT.from_pretrained(args.init_from)
+    if args.export:
+        model.save_pretrained(args.export)
+        print(f"wrote a Hugging Face GPT-2 model to {args.export} (load it with GPT2LMHeadModel.from_pretrained)")
+    if args.sample is None:
+        return
+    model.to(device).eval()
+    dtype = pick_dtype(args.dtype, device_type)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    enc = tiktoken.get_encoding("gpt2")
+    tokens = enc.encode(args.sample) or [GPT2_EOT]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(args.num_samples, 1)
+    with autocast_context(device_type, dtype):
+        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=generator)
+    for i in range(args.num_samples):
+        print(f"> {enc.decode(out[i].tolist())}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    ctx = None
+    try:
+        check_args(args)
+        if args.sample is not None or args.export:
+            return sample_or_export(args)
+        ctx = setup_distributed(args.device)
+        train(args, ctx)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    finally:
+        if ctx is not None and ctx.ddp:
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

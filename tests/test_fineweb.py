@@ -1,0 +1,286 @@
+"""fineweb.py on the offline FineWeb sample (300 real documents): exact tokens, shard layout, resume, errors."""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tiktoken
+
+import fineweb
+from conftest import ROOT, run_env
+
+SCRIPT = str(ROOT / "fineweb.py")
+SHARD = 50_000  # 216090 sample tokens -> 4 full shards + a remainder of 16090
+EOT = 50256
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    e = run_env()
+    e["HF_DATASETS_CACHE"] = str(tmp_path_factory.mktemp("hf_datasets_cache"))  # keep ~/.cache out of it
+    return e
+
+
+def run(env, *args, check=True, timeout=180):
+    proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def read_texts(path):
+    with open(path) as f:
+        return [json.loads(line)["text"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def docs(fineweb_sample):
+    return read_texts(fineweb_sample / "fineweb_sample_300.jsonl")
+
+
+@pytest.fixture(scope="module")
+def expected(docs):
+    """[EOT] + encode_ordinary(doc) for every document, concatenated, and each document's length."""
+    enc = tiktoken.get_encoding("gpt2")
+    per_doc = [[EOT] + enc.encode_ordinary(d) for d in docs]
+    return np.concatenate([np.array(t, dtype=np.uint16) for t in per_doc]), np.array([len(t) for t in per_doc])
+
+
+def shard_files(out_dir):
+    return sorted(n for n in os.listdir(out_dir) if n.endswith(".npy"))
+
+
+def read_shards(out_dir):
+    return [np.load(os.path.join(out_dir, n)) for n in shard_files(out_dir)]
+
+
+def file_bytes(out_dir):
+    return {n: Path(out_dir, n).read_bytes() for n in shard_files(out_dir)}
+
+
+def manifest(out_dir):
+    with open(os.path.join(out_dir, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def made(env, fineweb_sample, tmp_path_factory):
+    """made(fmt, num_proc, *extra) -> out_dir with the sample's shards; each variant is built once per module."""
+    _made = {}
+
+    def make(fmt, num_proc, *extra):
+        key = (fmt, num_proc, *extra)
+        if key not in _made:
+            out = tmp_path_factory.mktemp(f"shards_{fmt}_{num_proc}")
+            run(env, "--local_files", fineweb_sample / f"fineweb_sample_300.{fmt}", "--out_dir", out,
+                "--shard_size", SHARD, "--num_proc", num_proc, *extra)
+            _made[key] = str(out)
+        return _made[key]
+    return make
+
+
+def test_sample_token_counts(docs, fineweb_sample, expected):
+    # the sample README's numbers: 215790 encode_ordinary tokens, 216090 with one EOT per document
+    tokens, lens = expected
+    assert len(docs) == 300 and len(tokens) == 216090 and int(lens.sum()) - 300 == 215790
+    import pyarrow.parquet as pq
+    assert pq.read_table(fineweb_sample / "fineweb_sample_300.parquet")["text"].to_pylist() == docs
+
+
+@pytest.mark.parametrize("fmt,num_proc", [("jsonl", 1), ("parquet", 2)])
+def test_shards_are_the_documents_in_order(made, expected, fmt, num_proc):
+    out = made(fmt, num_proc)
+    tokens, lens = expected
+    assert shard_files(out) == ["edufineweb_train_000001.npy", "edufineweb_train_000002.npy",
+                                "edufineweb_train_000003.npy", "edufineweb_train_000004.npy",
+                                "edufineweb_val_000000.npy"]
+    shards = [np.load(os.path.join(out, e["file"])) for e in manifest(out)["shards"]]  # in index order
+    assert all(s.dtype == np.uint16 for s in shards)
+    assert [len(s) for s in shards] == [SHARD] * 4 + [216090 - 4 * SHARD]
+    np.testing.assert_array_equal(np.concatenate(shards), tokens)
+    # the manifest says where each shard ends in the document stream
+    m = manifest(out)
+    assert m["complete"] and m["docs_total"] == 300
+    ends = np.cumsum(lens)
+    for i, e in enumerate(m["shards"]):
+        before = int(ends[e["docs_done"] - 1]) if e["docs_done"] else 0
+        assert before + e["doc_offset"] == min((i + 1) * SHARD, len(tokens))
+        assert 0 <= e["doc_offset"] < (lens[e["docs_done"]] if e["docs_done"] < 300 else 1)
+
+
+def test_num_proc_1_and_2_give_identical_shards(made):
+    one, two = file_bytes(made("jsonl", 1)), file_bytes(made("jsonl", 2))
+    assert len(one) == 5 and one == two
+
+
+def test_streaming_gives_identical_shards(made):
+    assert file_bytes(made("jsonl", 2, "--streaming")) == file_bytes(made("jsonl", 1))
+
+
+def test_stop_and_resume_is_byte_identical(env, made, fineweb_sample, tmp_path):
+    ref = file_bytes(made("jsonl", 1))
+    args = ["--local_files", fineweb_sample / "fineweb_sample_300.jsonl", "--out_dir", tmp_path, "--shard_size", SHARD]
+    # shard 1 ends 6166 tokens into document 147: the resumed run must start mid-document
+    proc = run(env, *args, "--num_proc", 2, "--stop_after_shards", 2)
+    assert "stopped after 2 shards" in proc.stdout
+    assert shard_files(tmp_path) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy"]
+    m = manifest(tmp_path)
+    assert not m["complete"] and (m["shards"][-1]["docs_done"], m["shards"][-1]["doc_offset"]) == (147, 6166)
+    proc = run(env, *args, "--num_proc", 1)
+    assert "resuming after shard 1" in proc.stdout
+    assert file_bytes(tmp_path) == ref and manifest(tmp_path)["complete"]
+    # a finished out_dir is left alone
+    proc = run(env, *args)
+    assert "nothing to do" in proc.stdout and file_bytes(tmp_path) == ref
+    # and cannot be continued with other settings
+    proc = run(env, *args[:-1], 1000, check=False)
+    assert proc.returncode != 0 and "shard_size" in proc.stderr and "--out_dir" in proc.stderr
+
+
+def test_resume_at_every_shard_inside_a_long_document(docs, tmp_path, monkeypatch):
+    # document 147 has 9710 tokens: with 1000-token shards it spans ten of them, so most runs below start and
+    # end inside it. Each run writes one shard and stops; together they must equal one uninterrupted run.
+    import datasets
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:5] + [docs[147]] + docs[5:10]))
+    args = ["--local_files", str(corpus), "--shard_size", "1000", "--num_proc", "1"]
+    fineweb.main(args + ["--out_dir", str(tmp_path / "ref")])
+    n = len(shard_files(tmp_path / "ref"))
+    assert n > 12
+    for k in range(1, n + 1):
+        fineweb.main(args + ["--out_dir", str(tmp_path / "out"), "--stop_after_shards", str(k)])
+        assert len(shard_files(tmp_path / "out")) == k and manifest(tmp_path / "out")["complete"] == (k == n)
+    fineweb.main(args + ["--out_dir", str(tmp_path / "out")])  # nothing left to do
+    assert manifest(tmp_path / "out")["complete"] and file_bytes(tmp_path / "out") == file_bytes(tmp_path / "ref")
+
+
+def test_streaming_resume(env, made, fineweb_sample, tmp_path):
+    args = ["--local_files", fineweb_sample / "fineweb_sample_300.jsonl", "--out_dir", tmp_path, "--shard_size", SHARD,
+            "--streaming", "--num_proc", 1]
+    run(env, *args, "--stop_after_shards", 3)
+    assert len(shard_files(tmp_path)) == 3
+    run(env, *args)
+    assert file_bytes(tmp_path) == file_bytes(made("jsonl", 1))
+
+
+def npy_bytes(tokens):
+    buf = io.BytesIO()
+    np.save(buf, tokens)
+    return buf.getvalue()
+
+
+def test_killed_run_resumes_byte_identical(env, docs, expected, tmp_path):
+    # a corpus long enough that SIGKILL lands mid-run: the sample 10 times, 2.16M tokens, 44 shards
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 10))
+    stream = np.tile(expected[0], 10)
+    n = -(-len(stream) // SHARD)
+    # what an uninterrupted run writes (test_shards_are_the_documents_in_order checks that one on the sample)
+    want = {fineweb.shard_name(i): npy_bytes(stream[i * SHARD:(i + 1) * SHARD]) for i in range(n)}
+    out = tmp_path / "out"
+    args = [sys.executable, SCRIPT, "--local_files", str(corpus), "--shard_size", str(SHARD), "--num_proc", "2",
+            "--out_dir", str(out)]
+    # kill the whole process group (main process and tokenizer workers) once the first shard is recorded
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if manifest(out)["shards"]:
+                break
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    m = manifest(out)
+    assert not m["complete"] and 1 <= len(m["shards"]) < n
+    for name in shard_files(out):  # a shard file on disk is always complete
+        assert len(np.load(out / name)) == SHARD
+    proc = run(env, *args[2:])  # the same command again
+    assert "resuming after shard" in proc.stdout
+    assert file_bytes(out) == want
+    assert sorted(os.listdir(out)) == sorted(want) + ["manifest.json"]  # no temp files left behind
+
+
+def test_txt_files_are_one_document_each(env, tmp_path, docs):
+    paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
+    for p, d in zip(paths, docs[:2]):
+        p.write_text(d)
+    run(env, "--local_files", *paths, "--out_dir", tmp_path / "out", "--num_proc", 1)
+    enc = tiktoken.get_encoding("gpt2")
+    want = [EOT] + enc.encode_ordinary(docs[0]) + [EOT] + enc.encode_ordinary(docs[1])
+    assert [s.tolist() for s in read_shards(tmp_path / "out")] == [want]
+
+
+def test_dataloaderlite_reads_the_shards(made, expected):
+    from train_gpt2 import DataLoaderLite
+    out, (tokens, _) = made("jsonl", 1), expected
+    B, T = 4, 64
+    val = DataLoaderLite(B, T, split="val", data_root=out)
+    x, y = val.next_batch()
+    assert x.shape == y.shape == (B, T)
+    assert x.flatten().tolist() == tokens[: B * T].tolist() and y.flatten().tolist() == tokens[1 : B * T + 1].tolist()
+    train = DataLoaderLite(B, T, split="train", data_root=out)
+    x, _ = train.next_batch()
+    assert x.flatten().tolist() == tokens[SHARD : SHARD + B * T].tolist()  # shard 1 is the first train shard
+    for _ in range(SHARD // (B * T)):  # on into shard 2
+        x, _ = train.next_batch()
+    assert x.flatten().tolist() == tokens[2 * SHARD : 2 * SHARD + B * T].tolist()
+
+
+def test_cli_errors_are_one_line(env, fineweb_sample, tmp_path):
+    sample = fineweb_sample / "fineweb_sample_300.jsonl"
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    cases = [
+        (["--local_files", tmp_path / "missing.jsonl"], "local file not found"),
+        (["--local_files", sample, "--text_column", "body"], "columns: id, text, language"),
+        (["--local_files", sample, "--text_column", "id"], "not text"),
+        (["--local_files", sample, "--out_dir", not_a_dir / "sub"], "cannot create --out_dir"),
+        ([], "could not load HuggingFaceFW/fineweb-edu (sample-10BT)"),  # the hub path, offline here
+    ]
+    for args, message in cases:
+        if "--out_dir" not in args:
+            args = args + ["--out_dir", tmp_path / f"out{len(message)}"]
+        proc = run(env, *args, check=False)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("fineweb.py: error:")]
+        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
+        assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_input_checks(tmp_path, fineweb_sample):
+    csv = tmp_path / "data.csv"
+    csv.write_text("text\nhello\n")
+    with pytest.raises(fineweb.DataError, match="unsupported file type .csv"):
+        fineweb.main(["--local_files", str(csv), "--out_dir", str(tmp_path / "o1")])
+    with pytest.raises(fineweb.DataError, match="mixes formats"):
+        fineweb.main(["--local_files", str(fineweb_sample / "fineweb_sample_300.jsonl"),
+                      str(fineweb_sample / "fineweb_sample_300.parquet"), "--out_dir", str(tmp_path / "o2")])
+    (tmp_path / "o3").mkdir()
+    np.save(tmp_path / "o3" / "edufineweb_train_000001.npy", np.zeros(3, np.uint16))
+    with pytest.raises(fineweb.DataError, match="no manifest.json"):
+        fineweb.main(["--local_files", str(fineweb_sample / "fineweb_sample_300.jsonl"), "--out_dir", str(tmp_path / "o3")])
+
+
+def test_token_ids_must_fit_uint16():
+    assert fineweb.to_uint16([0, 50256, 65535]).dtype == np.uint16
+    with pytest.raises(fineweb.DataError, match="65536 does not fit in uint16"):
+        fineweb.to_uint16([1, 65536])
+
+
+def test_defaults_are_the_real_job():
+    args = fineweb.get_args([])
+    assert (args.dataset, args.remote_name, args.local_files, args.text_column) == (
+        "HuggingFaceFW/fineweb-edu", "sample-10BT", None, "text")
+    assert (args.out_dir, args.shard_size, args.streaming) == ("edu_fineweb10B", 10**8, False)
+    assert args.num_proc == fineweb.cpu_count() >= 1
+    assert fineweb.get_args(["--remote_name", "sample-100BT"]).out_dir == "edu_fineweb100B"

@@ -236,13 +236,17 @@ class GPT(nn.Module):
             x = block(x, kv_caches[i] if kv_caches else None)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, return_logits=True, loss_chunk_size=4096):
+    def forward(self, idx, targets=None, return_logits=True, loss_chunk_size=4096, logits_at=None):
         """Returns (logits, loss). Targets equal to -1 are ignored.
 
         For training pass return_logits=False: the loss is then computed in chunks of loss_chunk_size positions
         (LinearCrossEntropy) and logits is None, which saves the memory of the full float32 logits.
+        logits_at, a (B, T) bool mask, asks for the logits of those positions only, as (N, vocab_size): scoring a
+        few tokens (HellaSwag endings) then skips most of the lm_head, the largest matmul of a small model.
         """
         x = self.hidden_states(idx)
+        if logits_at is not None:
+            return self.lm_head(x[logits_at]), None
         if targets is None:
             return self.lm_head(x), None
         if return_logits:
@@ -956,6 +960,13 @@ def train(args, ctx):
 
     train_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "train", args.data)
     val_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "val", args.data) if args.val_every else None
+    if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
+        import hellaswag
+
+        try:
+            hellaswag.load_examples(data=args.hellaswag_data)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--hellaswag_data: {e}") from None
 
     fwd_model = torch.compile(model) if args.compile else model
     if ctx.ddp:
@@ -1009,8 +1020,6 @@ def train(args, ctx):
                     say(f"validation loss: {val_loss:.4f}")
                     log_line(ctx, log_file, f"{step} val {val_loss:.4f}")
                 if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
-                    import hellaswag
-
                     fwd_model.eval()
                     n_correct, n_correct_norm, n_total = hellaswag.evaluate(
                         fwd_model, ctx.device, data=args.hellaswag_data, rank=ctx.rank, world_size=ctx.world_size,

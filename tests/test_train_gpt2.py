@@ -588,3 +588,15 @@ def test_log_truncation_and_pruning(tmp_path):
     (tmp_path / "model_00001.pt.keep").touch()
     tg.prune_checkpoints(str(tmp_path), 2)
     assert [s for s, _ in tg.list_checkpoints(str(tmp_path))] == [4, 3, 1]
+
+
+def test_logits_at_selects_positions():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 50257, (3, 20))
+    at = torch.rand(3, 20) < 0.3
+    with torch.no_grad():
+        full, _ = model(idx)
+        some, _ = model(idx, logits_at=at)
+    assert some.shape == (int(at.sum()), 50257)
+    assert torch.allclose(some, full[at], atol=1e-5)

@@ -1,0 +1,216 @@
+"""hellaswag.py: rendering, batched scoring, the CLI against transformers, bad input, the in-loop eval."""
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+import tiktoken
+import torch
+import torch.nn.functional as F
+
+import hellaswag
+from conftest import ROOT, run_env
+from train_gpt2 import GPT, GPTConfig
+
+FINAL_LINE = re.compile(r"^acc: (\d\.\d{4}) acc_norm: (\d\.\d{4}) \((\d+) examples\)$")
+
+
+def read_rows(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def reference_predictions(forward, rows, vocab=50257, block_size=None):
+    """One ending at a time, no padding, tokenized here with plain tiktoken: (pred, pred_norm, labels, margins).
+    forward(idx (1, T)) -> logits (1, T, V). Rows longer than block_size keep their last block_size tokens."""
+    enc = tiktoken.get_encoding("gpt2")
+    preds, preds_norm, labels, margins = [], [], [], []
+    with torch.no_grad():
+        for row in rows:
+            ctx = enc.encode(row["ctx"])
+            sums, means = [], []
+            for ending in row["endings"]:
+                end = enc.encode(" " + ending)
+                row_tokens = (ctx + end)[-block_size:] if block_size else ctx + end
+                n = min(len(end), len(row_tokens) - 1)  # scored: ending tokens with a token before them
+                logits = forward(torch.tensor([row_tokens]))[0, :, :vocab].float()
+                # the logits at position p predict token p + 1
+                losses = F.cross_entropy(logits[-n - 1:-1], torch.tensor(row_tokens[-n:]), reduction="none")
+                sums.append(losses.sum().item())
+                means.append(losses.mean().item())
+            preds.append(min(range(4), key=lambda i: sums[i]))
+            preds_norm.append(min(range(4), key=lambda i: means[i]))
+            labels.append(row["label"])
+            for scores in (sums, means):
+                best, second = sorted(scores)[:2]
+                margins.append(second - best)
+    return preds, preds_norm, labels, margins
+
+
+def tiny_gpt(seed=0):
+    """A random 2-layer GPT with the trainer's padded vocab; weights scaled up so endings score apart."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=256, vocab_size=50304, n_layer=2, n_head=2, n_embd=64))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.1)
+        # padded vocab rows (never real tokens) with big logits: scoring over them would change every loss
+        model.lm_head.weight[50257:] *= 50
+    return model.eval()
+
+
+# -----------------------------------------------------------------------------
+
+
+def test_render_example_layout(hellaswag_sample):
+    row = read_rows(hellaswag_sample)[0]
+    data, tokens, mask, label = hellaswag.render_example(row)
+    # "A man is sitting on a roof. he", checked by hand against tiktoken's gpt2 encoding
+    ctx = [32, 582, 318, 5586, 319, 257, 9753, 13, 339]
+    enc = tiktoken.get_encoding("gpt2")
+    endings = [enc.encode(" " + e) for e in row["endings"]]
+    assert [len(e) for e in endings] == [11, 6, 8, 9]
+    assert enc.decode(endings[3]) == " starts pulling up roofing on a roof."
+    assert label == 3 and data["label"] == 3
+    assert data["ctx_tokens"] == ctx and data["ending_tokens"] == endings
+    assert tokens.shape == mask.shape == (4, 9 + 11)
+    assert tokens.dtype == mask.dtype == torch.long
+    for i, end in enumerate(endings):
+        n = 9 + len(end)
+        assert tokens[i, :9].tolist() == ctx
+        assert tokens[i, 9:n].tolist() == end
+        assert tokens[i, n:].tolist() == [0] * (20 - n)
+        assert mask[i].tolist() == [0] * 9 + [1] * len(end) + [0] * (20 - n)
+
+
+def test_iterate_examples_and_cache_dir(hellaswag_sample, tmp_path, monkeypatch):
+    rows = list(hellaswag.iterate_examples(data=hellaswag_sample))
+    assert len(rows) == 50 and rows[0]["ind"] == 24 and rows[-1] == read_rows(hellaswag_sample)[-1]
+    # a split already in the cache dir is used as is (no download)
+    (tmp_path / "hellaswag_val.jsonl").write_bytes(hellaswag_sample.read_bytes())
+    monkeypatch.setenv("HELLASWAG_CACHE", str(tmp_path))
+    assert hellaswag.download("val") == tmp_path / "hellaswag_val.jsonl"
+    examples = hellaswag.load_examples("val", limit=7)
+    assert len(examples) == 7 and [e[2] for e in examples] == [r["label"] for r in rows[:7]]
+
+
+def test_scores_match_reference_and_batched_equals_one_at_a_time(hellaswag_sample):
+    model = tiny_gpt()
+    rows = read_rows(hellaswag_sample)
+    ref, ref_norm, labels, margins = reference_predictions(lambda idx: model(idx)[0], rows)
+    assert min(margins) > 1e-3, "near ties: the comparison below would be decided by float noise"
+    examples = hellaswag.load_examples(data=hellaswag_sample)
+
+    # the losses themselves, for the first example (padded vocab excluded)
+    tokens, mask, _ = examples[0]
+    sum_loss, mean_loss = hellaswag.score_rows(model, tokens, mask)
+    logprobs = F.log_softmax(model(tokens)[0][:, :-1, :50257].float(), dim=-1)
+    token_losses = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0] * mask[:, 1:]
+    torch.testing.assert_close(sum_loss, token_losses.sum(1))
+    torch.testing.assert_close(mean_loss, token_losses.sum(1) / mask[:, 1:].sum(1))
+
+    for batch_size, fixed_shapes in [(1, False), (16, True)]:  # evaluate below: batches of 16, shapes as needed
+        pred, pred_norm, got_labels = hellaswag.predict(model, "cpu", examples, batch_size=batch_size,
+                                                        fixed_shapes=fixed_shapes)
+        assert pred.tolist() == ref, (batch_size, fixed_shapes)
+        assert pred_norm.tolist() == ref_norm, (batch_size, fixed_shapes)
+        assert got_labels.tolist() == labels
+
+    # evaluate: examples i % world_size == rank are this rank's
+    correct = [p == y for p, y in zip(ref, labels)]
+    correct_norm = [p == y for p, y in zip(ref_norm, labels)]
+    for rank in range(3):
+        expected = (sum(correct[rank::3]), sum(correct_norm[rank::3]), len(correct[rank::3]))
+        assert hellaswag.evaluate(model, "cpu", data=hellaswag_sample, rank=rank, world_size=3) == expected
+
+
+def test_rows_longer_than_block_size_keep_their_end(hellaswag_sample):
+    model = tiny_gpt()
+    model.config.block_size = 24  # shorter than most rows: their context is cut on the left
+    rows = read_rows(hellaswag_sample)[:10]
+    ref, ref_norm, _, _ = reference_predictions(lambda idx: model(idx)[0], rows, block_size=24)
+    examples = hellaswag.load_examples(data=hellaswag_sample, limit=10)
+    pred, pred_norm, _ = hellaswag.predict(model, "cpu", examples, batch_size=4, fixed_shapes=True)
+    assert pred.tolist() == ref and pred_norm.tolist() == ref_norm
+
+
+def test_cli_matches_transformers(hellaswag_sample, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=256, initializer_range=0.2)
+    hf = GPT2LMHeadModel(config).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    out = subprocess.run(
+        [sys.executable, "hellaswag.py", "-m", str(tmp_path / "hf"), "--data", str(hellaswag_sample), "-d", "cpu",
+         "--batch_size", "7"],
+        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    match = FINAL_LINE.match(out.stdout.strip().splitlines()[-1])
+    assert match, out.stdout
+
+    rows = read_rows(hellaswag_sample)
+    ref, ref_norm, labels, margins = reference_predictions(lambda idx: hf(idx).logits, rows)
+    assert min(margins) > 1e-3
+    acc = sum(p == y for p, y in zip(ref, labels)) / len(rows)
+    acc_norm = sum(p == y for p, y in zip(ref_norm, labels)) / len(rows)
+    assert match.groups() == (f"{acc:.4f}", f"{acc_norm:.4f}", "50")
+
+
+def test_bad_rows_name_file_and_line(hellaswag_sample, tmp_path):
+    good = hellaswag_sample.read_text(encoding="utf-8").splitlines()
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("\n".join(good[:2] + [good[2][:-5]] + good[3:]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken\.jsonl:3: malformed JSON"):
+        hellaswag.load_examples(data=broken)
+
+    row = json.loads(good[1])
+    del row["endings"]
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text("\n".join([good[0], json.dumps(row)]) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"missing\.jsonl:2: missing key 'endings'"):
+        list(hellaswag.iterate_examples(data=missing))
+
+    row = json.loads(good[0])
+    row["label"] = 4
+    bad_label = tmp_path / "label.jsonl"
+    bad_label.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"label\.jsonl:1: 'label' must be 0, 1, 2 or 3"):
+        hellaswag.load_examples(data=bad_label)
+
+    with pytest.raises(ValueError, match="no labels"):
+        hellaswag.evaluate(tiny_gpt(), "cpu", split="test")
+
+    # the CLI: one clean line, no traceback, non-zero exit (the data is checked before any model loads)
+    for extra, message in [(["--data", str(broken)], "broken.jsonl:3: malformed JSON"),
+                           (["--split", "test"], "test split has no labels")]:
+        out = subprocess.run([sys.executable, "hellaswag.py", "-m", "gpt2", *extra], cwd=ROOT, env=run_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_in_loop_eval_with_compile(hellaswag_sample, shakespeare, tmp_path):
+    """--compile 1 --hellaswag_every N logs `hella` lines, equal to an eager evaluation of the final checkpoint."""
+    sample = tmp_path / "hella16.jsonl"
+    sample.write_text("".join(hellaswag_sample.read_text(encoding="utf-8").splitlines(keepends=True)[:16]),
+                      encoding="utf-8")
+    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data", str(shakespeare), "--model", "d2",
+           "--batch_size", "4", "--seq_len", "64", "--total_batch_size", "256", "--max_steps", "10",
+           "--warmup_steps", "3", "--val_every", "0", "--hellaswag_every", "10", "--hellaswag_data", str(sample),
+           "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", str(tmp_path / "log"),
+           "--device", "cpu", "--dtype", "float32", "--compile", "1"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=400)
+    assert out.returncode == 0, out.stderr[-3000:]
+    hella = [line.split() for line in (tmp_path / "log" / "log.txt").read_text().splitlines() if " hella " in line]
+    assert [int(step) for step, _, _ in hella] == [0, 10]
+    assert all(0.0 <= float(value) <= 1.0 for _, _, value in hella)
+
+    # the compiled in-loop eval agrees with an eager one on the weights it saw (the step-10 checkpoint)
+    model = GPT.from_pretrained(str(tmp_path / "log" / "model_00010.pt")).eval()
+    _, num_correct_norm, num_total = hellaswag.evaluate(model, "cpu", data=sample)
+    assert num_total == 16
+    assert hella[-1][2] == f"{num_correct_norm / num_total:.4f}"

@@ -243,27 +243,30 @@ def predict(model, device, examples, *, batch_size=16, autocast_dtype=None, fixe
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     batches += [[]] * max(0, min_batches - len(batches))
     bar = tqdm(total=n, desc="hellaswag", unit="ex", disable=not progress)
-    for batch in batches:
-        T = max((min(examples[i][0].size(1), block_size) for i in batch), default=1)
-        rows = 4 * max(len(batch), 1)
-        if fixed_shapes:
-            T = min(-(-T // LENGTH_BUCKET) * LENGTH_BUCKET, block_size)
-            rows = 4 * batch_size
-        tokens = torch.zeros((rows, T), dtype=torch.long)
-        mask = torch.zeros((rows, T), dtype=torch.long)
-        for j, i in enumerate(batch):
-            t, m, _ = examples[i]
-            if t.size(1) > block_size:
-                t, m = _fit(t, m, block_size)
-            tokens[4 * j:4 * j + 4, :t.size(1)] = t
-            mask[4 * j:4 * j + 4, :m.size(1)] = m
-        sum_loss, mean_loss = score_rows(model, tokens.to(device), mask.to(device), autocast_dtype)
-        if batch:
-            idx = torch.tensor(batch)
-            k = 4 * len(batch)
-            pred[idx] = sum_loss[:k].view(-1, 4).argmin(dim=1).cpu()
-            pred_norm[idx] = mean_loss[:k].view(-1, 4).argmin(dim=1).cpu()
-        bar.update(len(batch))
+    # one autocast region for all batches: the weights are cast to autocast_dtype once, not at every forward
+    autocast = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+    with autocast:
+        for batch in batches:
+            T = max((min(examples[i][0].size(1), block_size) for i in batch), default=1)
+            rows = 4 * max(len(batch), 1)
+            if fixed_shapes:
+                T = min(-(-T // LENGTH_BUCKET) * LENGTH_BUCKET, block_size)
+                rows = 4 * batch_size
+            tokens = torch.zeros((rows, T), dtype=torch.long)
+            mask = torch.zeros((rows, T), dtype=torch.long)
+            for j, i in enumerate(batch):
+                t, m, _ = examples[i]
+                if t.size(1) > block_size:
+                    t, m = _fit(t, m, block_size)
+                tokens[4 * j:4 * j + 4, :t.size(1)] = t
+                mask[4 * j:4 * j + 4, :m.size(1)] = m
+            sum_loss, mean_loss = score_rows(model, tokens.to(device), mask.to(device))
+            if batch:
+                idx = torch.tensor(batch)
+                k = 4 * len(batch)
+                pred[idx] = sum_loss[:k].view(-1, 4).argmin(dim=1).cpu()
+                pred_norm[idx] = mean_loss[:k].view(-1, 4).argmin(dim=1).cpu()
+            bar.update(len(batch))
     bar.close()
     return pred, pred_norm, labels
 

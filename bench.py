@@ -482,19 +482,24 @@ def generate_without_cache(model, idx, max_new_tokens):
     return idx
 
 
-def bench_sample(args):
+def random_eval_model(args):
+    """(device, device_type, autocast dtype, a randomly initialized --model in eval mode) for the inference benchmarks."""
     device = pick_device(args.device)
     device_type = device.split(":")[0]
     dtype = pick_dtype(args.dtype, device_type)
     if device_type == "cpu" and args.tune_allocator:
         tune_cpu_allocator()
     torch.manual_seed(1337)
-    config = model_config(args.model, args.vocab_size)
-    model = GPT(config).to(device).eval()
+    model = GPT(model_config(args.model, args.vocab_size)).to(device).eval()
+    return device, device_type, dtype, model
+
+
+def bench_sample(args):
+    device, device_type, dtype, model = random_eval_model(args)
     B, n = args.batch_size, args.max_new_tokens
     prompt = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11]] * B, device=device)  # "Hello, I'm a language model,"
-    if prompt.size(1) + n > config.block_size:
-        raise UsageError(f"--max_new_tokens {n} plus the 8-token prompt is longer than block_size {config.block_size}")
+    if prompt.size(1) + n > model.config.block_size:
+        raise UsageError(f"--max_new_tokens {n} plus the 8-token prompt is longer than block_size {model.config.block_size}")
     print(f"bench sample: --model {args.model} ({model.num_params() / 1e6:.2f}M parameters), {B} sequence(s) x {n} new tokens "
           f"after an 8-token prompt, greedy, {dtype_name(dtype)}, device {device} ({device_description(device)}), "
           f"{args.repeats} interleaved repeats")
@@ -528,14 +533,7 @@ def bench_sample(args):
 def bench_hellaswag(args):
     import hellaswag
 
-    device = pick_device(args.device)
-    device_type = device.split(":")[0]
-    dtype = pick_dtype(args.dtype, device_type)
-    if device_type == "cpu" and args.tune_allocator:
-        tune_cpu_allocator()
-    torch.manual_seed(1337)
-    config = model_config(args.model, args.vocab_size)
-    model = GPT(config).to(device).eval()
+    device, device_type, dtype, model = random_eval_model(args)
     try:
         examples = hellaswag.load_examples(data=args.data, limit=args.limit)
     except (OSError, ValueError) as e:

@@ -15,7 +15,6 @@ import ctypes
 import functools
 import glob
 import inspect
-import json
 import math
 import os
 import re

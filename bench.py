@@ -36,6 +36,7 @@ from train_gpt2 import (
     GPTConfig,
     UsageError,
     autocast_context,
+    batch_size_arg,
     cuda_fits,
     find_batch_size,
     flops_per_token,
@@ -754,10 +755,6 @@ def positive_int(value):
     if n < 1:
         raise argparse.ArgumentTypeError("must be >= 1")
     return n
-
-
-def batch_size_arg(value):
-    return value if value == "auto" else positive_int(value)
 
 
 def parse_args(argv=None):

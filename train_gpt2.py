@@ -762,6 +762,10 @@ def setup_distributed(requested_device):
     if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
         return DistContext(False, 0, 0, 1, device)
     import torch.distributed as dist
+    # Import dynamo before the process group exists. Imported afterwards (DDP and torch.compile import it), it keeps
+    # a reference to the group, so destroy_process_group cannot join gloo's worker threads; one that frees its last
+    # tensor after Python has begun shutting down aborts the process ("terminate called without an active exception").
+    import torch._dynamo  # noqa: F401
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU on this node; RANK is global across nodes

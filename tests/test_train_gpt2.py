@@ -2,6 +2,7 @@
 (single process and torchrun), checkpoints and exact resume. All on CPU, offline."""
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -499,6 +500,31 @@ def test_ddp_matches_single_process(reference_runs):
     single, ddp = reference_runs["single"], reference_runs["ddp"]
     for step in range(RESUME_RUN["max_steps"]):
         assert abs(single[(step, "train")] - ddp[(step, "train")]) < 1e-4, step
+
+
+THREADS_AFTER_MAIN = """
+import os, sys
+import train_gpt2
+threads = lambda: len(os.listdir("/proc/self/task"))
+before = threads()
+train_gpt2.main(sys.argv[1:])
+print(f"threads before {before} after {threads()}", flush=True)
+"""
+
+
+def test_ddp_exit_joins_gloo_threads(tmp_path, shared_data):
+    """After main() under torchrun, the process group is gone and its gloo threads with it. A group kept alive lets a
+    worker thread free the last collective's tensors while Python shuts down, which aborts the rank (a CI flake)."""
+    script = tmp_path / "run_main.py"
+    script.write_text(THREADS_AFTER_MAIN)
+    args = tiny_run_args(shared_data / "tinyshakespeare" / "input.txt", tmp_path / "log", max_steps=2, val_every=1, checkpoint_every=1)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *map(str, args)]
+    out = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    counts = re.findall(r"threads before (\d+) after (\d+)", out.stdout)
+    assert len(counts) == 2, out.stdout[-3000:]
+    for before, after in counts:
+        assert int(after) <= int(before), out.stdout[-3000:]
 
 
 def assert_resumed_equal(reference, log, from_step):

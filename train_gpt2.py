@@ -360,9 +360,10 @@ class GPT(nn.Module):
                 v.copy_(src)
         return model
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory, tokenizer=True):
         """Write a Hugging Face GPT-2 directory (config.json + model.safetensors) that
-        transformers.GPT2LMHeadModel.from_pretrained loads. A padded vocab is cut back to the 50257 real tokens."""
+        transformers.GPT2LMHeadModel.from_pretrained loads. A padded vocab is cut back to the 50257 real tokens.
+        tokenizer: also write GPT-2's tokenizer, so pipeline() and lm-eval-harness need nothing else."""
         from transformers import GPT2Config, GPT2LMHeadModel
 
         c = self.config
@@ -384,6 +385,29 @@ class GPT(nn.Module):
         missing, unexpected = hf.load_state_dict(sd, strict=False)
         assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), (missing, unexpected)
         hf.save_pretrained(directory)
+        if tokenizer:
+            save_gpt2_tokenizer(directory, model_max_length=c.block_size)
+
+
+def save_gpt2_tokenizer(directory, model_max_length=1024):
+    """tokenizer.json + tokenizer_config.json for GPT-2's BPE, converted from tiktoken's (no download)."""
+    import base64
+    import tempfile
+
+    import tiktoken
+    from transformers import GPT2TokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    enc = tiktoken.get_encoding("gpt2")
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = os.path.join(tmp, "gpt2.tiktoken")  # the converter reads tiktoken's file format: base64 token, rank
+        with open(ranks, "wb") as f:
+            for token, rank in enc._mergeable_ranks.items():
+                f.write(base64.b64encode(token) + b" %d\n" % rank)
+        backend = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=enc._special_tokens).converted()
+    eot = enc.decode([GPT2_EOT])
+    hf = GPT2TokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=model_max_length)
+    hf.save_pretrained(directory)
 
 
 def model_config(name, vocab_size=50304, block_size=1024):
@@ -1210,7 +1234,7 @@ def sample_or_export(args):
     model = GPT.from_pretrained(args.init_from)
     if args.export:
         model.save_pretrained(args.export)
-        print(f"wrote a Hugging Face GPT-2 model to {args.export} (load it with GPT2LMHeadModel.from_pretrained)")
+        print(f"wrote a Hugging Face GPT-2 model and tokenizer to {args.export} (load them with GPT2LMHeadModel and AutoTokenizer .from_pretrained)")
     if args.sample is None:
         return
     model.to(device).eval()

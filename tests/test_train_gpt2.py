@@ -1,5 +1,6 @@
 """Tests of train_gpt2.py: the model against transformers' GPT-2, sampling, data, optimization, the training CLI
 (single process and torchrun), checkpoints and exact resume. All on CPU, offline."""
+import json
 import math
 import os
 import re
@@ -92,6 +93,27 @@ def test_save_pretrained_round_trip(tmp_path, vocab_size):
     again = tg.GPT.from_pretrained(tmp_path / "export").eval()
     with torch.no_grad():
         assert torch.allclose(again(idx)[0], ours[..., :50257], atol=1e-5)
+
+
+def test_export_cli_writes_a_directory_pipeline_can_use(tmp_path, shared_data):
+    from transformers import AutoTokenizer, pipeline
+
+    _, path = hf_tiny(tmp_path, n_layer=2, n_head=2, n_embd=64, std=0.2)  # larger weights: a less repetitive greedy text
+    run_cli(["--init_from", path, "--export", tmp_path / "export"], tmp_path)
+    enc = tiktoken.get_encoding("gpt2")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "export")
+    fineweb = (shared_data / "fineweb_sample" / "fineweb_sample_300.jsonl").read_text().splitlines()[:20]
+    texts = [(shared_data / "tinyshakespeare" / "input.txt").read_text()[:20000], "x <|endoftext|> y \u00fc\u65e5 \U0001f917  \n\n\t"]
+    texts += [json.loads(line)["text"] for line in fineweb]
+    for text in texts:
+        assert tok(text)["input_ids"] == enc.encode(text, allowed_special="all")
+    assert tok.eos_token_id == 50256
+    # greedy decoding through transformers' pipeline gives our tokens
+    prompt = "Hello, I'm a language model,"
+    generate = pipeline("text-generation", model=str(tmp_path / "export"), device="cpu")
+    theirs = generate(prompt, max_new_tokens=12, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    ours = tg.GPT.from_pretrained(tmp_path / "export").eval().generate(torch.tensor([enc.encode(prompt)]), 12, top_k=1)
+    assert list(theirs) == ours[0].tolist()
 
 
 def test_gpt2_init_and_weight_tying():

@@ -467,6 +467,7 @@ class DataLoaderLite:
         assert split in ("train", "val")
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
+        self.split, self.data_root = split, data_root
         self.shards = find_shards(data_root, split)
         if not any(len(s) >= B * T * (process_rank + 1) + 1 for s in self.shards):
             longest = max(len(s) for s in self.shards)
@@ -503,9 +504,16 @@ class DataLoaderLite:
         return x, y
 
     def state_dict(self):
-        return {"shard": self.current_shard, "position": self.current_position}
+        # the shard sizes identify the data (not its path: a cluster job may find it at another path when resumed)
+        return {"shard": self.current_shard, "position": self.current_position, "shard_tokens": [len(s) for s in self.shards]}
 
     def load_state_dict(self, state):
+        saved, here = state.get("shard_tokens"), [len(s) for s in self.shards]
+        if saved is not None and saved != here:
+            raise UsageError(
+                f"the {self.split} data in {self.data_root} ({len(here)} shards, {sum(here)} tokens) is not the data the "
+                f"checkpoint was trained on ({len(saved)} shards, {sum(saved)} tokens); point --data at that data"
+            )
         self.current_shard, self.current_position = state["shard"], state["position"]
 
 
@@ -856,7 +864,8 @@ class StopSignal:
 
 
 # flags that decide the model and which tokens each step sees: a run can only resume with the same ones
-RESUME_MUST_MATCH = ("model", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "data", "seed")
+# --data may change (the loader checks that the shards are the same); these change the run itself
+RESUME_MUST_MATCH = ("model", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed")
 
 
 def check_resume_compatible(checkpoint, args, world_size):
@@ -1022,6 +1031,8 @@ def train(args, ctx):
         if ctx.master:
             truncate_log(log_file, start_step)
         say(f"resuming from {resume_path} at step {start_step}")
+        if checkpoint["args"].get("data") != args.data:
+            say(f"the data moved ({checkpoint['args'].get('data')} -> {args.data}); its shards are the checkpoint's")
         del checkpoint
     elif ctx.master:
         if args.overwrite:

@@ -603,6 +603,22 @@ def test_resume_refuses_changed_settings_and_skips_damaged_checkpoints(tmp_path,
     assert sorted(read_log(log_dir)) == [(s, "train") for s in range(6)]
 
 
+def test_resume_follows_moved_data_and_refuses_other_data(tmp_path, shakespeare):
+    log_dir = tmp_path / "log"
+    run_cli(tiny_run_args(shakespeare, log_dir, max_steps=2, checkpoint_every=2, val_every=0), tmp_path)
+    other = tmp_path / "other.txt"
+    other.write_text(shakespeare.read_text()[:300_000])
+    p = run_cli(tiny_run_args(other, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume"], tmp_path, check=False)
+    assert p.returncode == 2 and "not the data the checkpoint was trained on" in p.stderr and "Traceback" not in p.stderr
+    # the same data at another path (a cluster job's scratch directory): resume goes on
+    moved = tmp_path / "scratch" / "input.txt"
+    moved.parent.mkdir()
+    moved.write_bytes(shakespeare.read_bytes())
+    p = run_cli(tiny_run_args(moved, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume"], tmp_path)
+    assert "the data moved" in p.stdout and "at step 2" in p.stdout
+    assert sorted(read_log(log_dir)) == [(s, "train") for s in range(4)]
+
+
 def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path, shakespeare):
     # d8 with its optimizer state is ~1 GB per checkpoint: the write takes long enough to be caught mid-way
     log_dir = tmp_path / "log"

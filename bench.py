@@ -44,6 +44,7 @@ from train_gpt2 import (
     model_config,
     pick_device,
     pick_dtype,
+    positive_int,
     tune_cpu_allocator,
 )
 
@@ -745,16 +746,6 @@ MODES = {
 }
 # a small model where the comparison is about the algorithm, not the model (sampling, HellaSwag)
 SMALL_MODEL = "d4"
-
-
-def positive_int(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
 
 
 def parse_args(argv=None):

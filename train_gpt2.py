@@ -1157,16 +1157,23 @@ def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_
 # Command line
 
 
+def positive_int(value):
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return n
+
+
 def batch_size_arg(value):
     if value == "auto":
         return value
     try:
-        b = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a number or 'auto'") from None
-    if b < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return b
+        return positive_int(value)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}; use a whole number >= 1 or 'auto'") from None
 
 
 def parse_args(argv=None):

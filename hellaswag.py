@@ -13,8 +13,6 @@ Published numbers for this method on the whole val split (10042 examples), from 
 
 Several examples share one forward pass: rows are right-padded, and with causal attention padding
 never changes the logits of the real positions, so batched predictions are the one-at-a-time ones.
-For a torch.compile'd model the shapes are fixed (a full batch every time, lengths rounded up to a
-multiple of 64) so it compiles a handful of times, not once per example length.
 
     python hellaswag.py -m gpt2 -d cuda
     python hellaswag.py -m log/model_19072.pt --limit 1000
@@ -37,9 +35,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from train_gpt2 import GPT2_VOCAB  # the trainer pads its vocab to 50304; padded ids are never real tokens
+
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
-N_VOCAB = 50257  # real GPT-2 tokens; the trainer pads its vocab to 50304, padded ids are never real
-LENGTH_BUCKET = 64  # fixed-shape mode rounds lengths up to a multiple of this
 
 
 # -----------------------------------------------------------------------------
@@ -164,26 +162,6 @@ def load_examples(split="val", data=None, cache_dir=None, limit=None):
 # -----------------------------------------------------------------------------
 # scoring
 
-def _unwrap(model):
-    """(inner model, compiled?) from under DDP (.module) and torch.compile (._orig_mod) wrappers."""
-    compiled = False
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model, compiled = model._orig_mod, True
-        else:
-            return model, compiled
-
-
-def _block_size(model):
-    config = getattr(_unwrap(model)[0], "config", None)
-    for name in ("block_size", "n_positions"):  # ours, Hugging Face's
-        if isinstance(getattr(config, name, None), int):
-            return getattr(config, name)
-    return 1024
-
-
 def _fit(tokens, mask, block_size):
     """Rows longer than the model's context keep their last block_size tokens (context cut on the left)."""
     out_t = torch.zeros((4, block_size), dtype=tokens.dtype)
@@ -209,30 +187,23 @@ def score_rows(model, tokens, mask, autocast_dtype=None):
     # their logits (the lm_head over all positions would be most of a small model's work)
     targets = tokens[:, 1:]
     scored = mask[:, 1:].bool()
-    logits_at = torch.zeros_like(mask, dtype=torch.bool)
-    logits_at[:, :-1] = scored
+    positions = torch.zeros_like(mask, dtype=torch.bool)
+    positions[:, :-1] = scored
     with ctx:
-        picked = model(tokens, logits_at=logits_at)[0]  # our GPT returns (logits, loss)
-    picked = picked[:, :N_VOCAB].float()
+        picked = model.logits_at(tokens, positions)
+    picked = picked[:, :GPT2_VOCAB].float()
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=tokens.device)
     losses[scored] = F.cross_entropy(picked, targets[scored], reduction="none")
     sum_loss = losses.sum(dim=1)  # a dense per-row sum: deterministic, unlike a scatter-add on GPU
     return sum_loss, sum_loss / scored.sum(dim=1)
 
 
-def predict(model, device, examples, *, batch_size=16, autocast_dtype=None, fixed_shapes=None,
-            min_batches=0, progress=False):
+def predict(model, device, examples, *, batch_size=16, autocast_dtype=None, progress=False):
     """
     Predictions for rendered examples [(tokens, mask, label)]: (pred, pred_norm, labels), int64 tensors
     in input order; pred minimizes the summed loss (acc), pred_norm the mean loss (acc_norm).
-    fixed_shapes (default: only for a torch.compile'd model): every forward gets 4 * batch_size rows
-    (dummy rows fill the last batch) and a length rounded up to LENGTH_BUCKET, so few shapes compile.
-    min_batches: run at least this many forward passes (dummy ones if needed); DDP ranks must all make
-    the same number of forward calls, as a DDP forward may broadcast buffers.
     """
-    block_size = _block_size(model)
-    if fixed_shapes is None:
-        fixed_shapes = _unwrap(model)[1]
+    block_size = model.config.block_size
     n = len(examples)
     pred = torch.zeros(n, dtype=torch.long)
     pred_norm = torch.zeros(n, dtype=torch.long)
@@ -241,19 +212,14 @@ def predict(model, device, examples, *, batch_size=16, autocast_dtype=None, fixe
     # for memory fails at once, not at the end
     order = sorted(range(n), key=lambda i: -examples[i][0].size(1))
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    batches += [[]] * max(0, min_batches - len(batches))
     bar = tqdm(total=n, desc="hellaswag", unit="ex", disable=not progress)
     # one autocast region for all batches: the weights are cast to autocast_dtype once, not at every forward
     autocast = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(torch.device(device).type, dtype=autocast_dtype)
     with autocast:
         for batch in batches:
-            T = max((min(examples[i][0].size(1), block_size) for i in batch), default=1)
-            rows = 4 * max(len(batch), 1)
-            if fixed_shapes:
-                T = min(-(-T // LENGTH_BUCKET) * LENGTH_BUCKET, block_size)
-                rows = 4 * batch_size
-            tokens = torch.zeros((rows, T), dtype=torch.long)
-            mask = torch.zeros((rows, T), dtype=torch.long)
+            T = max(min(examples[i][0].size(1), block_size) for i in batch)
+            tokens = torch.zeros((4 * len(batch), T), dtype=torch.long)
+            mask = torch.zeros_like(tokens)
             for j, i in enumerate(batch):
                 t, m, _ = examples[i]
                 if t.size(1) > block_size:
@@ -261,11 +227,9 @@ def predict(model, device, examples, *, batch_size=16, autocast_dtype=None, fixe
                 tokens[4 * j:4 * j + 4, :t.size(1)] = t
                 mask[4 * j:4 * j + 4, :m.size(1)] = m
             sum_loss, mean_loss = score_rows(model, tokens.to(device), mask.to(device))
-            if batch:
-                idx = torch.tensor(batch)
-                k = 4 * len(batch)
-                pred[idx] = sum_loss[:k].view(-1, 4).argmin(dim=1).cpu()
-                pred_norm[idx] = mean_loss[:k].view(-1, 4).argmin(dim=1).cpu()
+            idx = torch.tensor(batch)
+            pred[idx] = sum_loss.view(-1, 4).argmin(dim=1).cpu()
+            pred_norm[idx] = mean_loss.view(-1, 4).argmin(dim=1).cpu()
             bar.update(len(batch))
     bar.close()
     return pred, pred_norm, labels
@@ -274,7 +238,7 @@ def predict(model, device, examples, *, batch_size=16, autocast_dtype=None, fixe
 def evaluate(model, device, *, data=None, split="val", rank=0, world_size=1, batch_size=16, limit=None,
              autocast_dtype=None, progress=False):
     """
-    HellaSwag on `model` (ours, possibly torch.compile'd and/or DDP-wrapped; model(idx)[0] are the logits).
+    HellaSwag on `model` (our GPT, unwrapped: it is scored with model.logits_at).
     The caller puts the model in eval mode. Examples i with i % world_size == rank are this rank's; with
     torch.distributed initialized the counts are summed over ranks, so every rank gets the totals.
     data: a local jsonl, else `split` is downloaded into the cache dir. limit: the first N examples.
@@ -282,10 +246,8 @@ def evaluate(model, device, *, data=None, split="val", rank=0, world_size=1, bat
     """
     examples = load_examples(split, data=data, limit=limit)
     mine = examples[rank::world_size]
-    # every rank makes the same number of forward calls (see predict)
-    per_rank = -(-len(examples) // world_size)
     pred, pred_norm, labels = predict(model, device, mine, batch_size=batch_size, autocast_dtype=autocast_dtype,
-                                      min_batches=-(-per_rank // batch_size), progress=progress)
+                                      progress=progress)
     counts = torch.tensor([(pred == labels).sum().item(), (pred_norm == labels).sum().item(), len(mine)],
                           dtype=torch.long, device=device)
     if world_size > 1 and dist.is_available() and dist.is_initialized():

@@ -187,6 +187,12 @@ def chunked_cross_entropy(x, weight, targets, chunk_size):
     return loss / (targets != -1).sum().clamp(min=1)
 
 
+def default_loss_chunk_size(device):
+    # a chunk's float32 logits take chunk x vocab x 4 bytes (824 MB at 4096): a GPU wants few, large matmuls;
+    # on a CPU smaller chunks halve a step's peak memory and run no slower (measured with bench.py)
+    return 4096 if device.type == "cuda" else 1024
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -200,6 +206,7 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.loss_chunk_size = None  # rows per chunk of the training loss; 0 = full logits; None = by device
         # weight tying (as in GPT-2): the token embedding is also the output projection; saves 38M parameters
         self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
@@ -217,11 +224,8 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def num_params(self, non_embedding=False):
-        n = sum(p.numel() for p in self.parameters())  # parameters() lists the tied wte/lm_head once
-        if non_embedding:
-            n -= self.transformer.wpe.weight.numel()
-        return n
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # parameters() lists the tied wte/lm_head once
 
     def hidden_states(self, idx, kv_caches=None):
         """The final LayerNorm's output (B, T, n_embd). With kv_caches, idx continues the cached positions."""
@@ -235,28 +239,22 @@ class GPT(nn.Module):
             x = block(x, kv_caches[i] if kv_caches else None)
         return self.transformer.ln_f(x)
 
-    def forward(self, idx, targets=None, return_logits=True, loss_chunk_size=None, logits_at=None):
-        """Returns (logits, loss). Targets equal to -1 are ignored.
-
-        For training pass return_logits=False: the loss is then computed in chunks of loss_chunk_size positions
-        (LinearCrossEntropy) and logits is None, which saves the memory of the full float32 logits.
-        logits_at, a (B, T) bool mask, asks for the logits of those positions only, as (N, vocab_size): scoring a
-        few tokens (HellaSwag endings) then skips most of the lm_head, the largest matmul of a small model.
-        """
-        if loss_chunk_size is None:
-            # a chunk's float32 logits take chunk x vocab x 4 bytes (824 MB at 4096): a GPU wants few, large matmuls;
-            # on a CPU smaller chunks halve a step's peak memory and run no slower (measured with bench.py)
-            loss_chunk_size = 4096 if idx.is_cuda else 1024
+    def forward(self, idx, targets=None):
+        """(logits, loss). Without targets: the logits of every position and no loss. With targets (-1 = ignored):
+        the mean cross-entropy, and logits None when the loss was computed in chunks (see loss_chunk_size)."""
         x = self.hidden_states(idx)
-        if logits_at is not None:
-            return self.lm_head(x[logits_at]), None
         if targets is None:
             return self.lm_head(x), None
-        if return_logits:
+        chunk = self.loss_chunk_size if self.loss_chunk_size is not None else default_loss_chunk_size(idx.device)
+        if not chunk:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-            return logits, loss
-        return None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), loss_chunk_size)
+            return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
+        return None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), chunk)
+
+    def logits_at(self, idx, positions):
+        """The logits of the positions where the (B, T) bool mask `positions` is True, as (N, vocab_size).
+        Scoring a few tokens (HellaSwag endings) then skips most of the lm_head, a small model's largest matmul."""
+        return self.lm_head(self.hidden_states(idx)[positions])
 
     # ---- optimization
 
@@ -604,7 +602,6 @@ def autocast_context(device_type, dtype):
 # dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
 GPU_PEAK_FLOPS = [
     ("H200", 989e12),
-    ("GH200", 989e12),
     ("H100 PCIe", 756e12),
     ("H100", 989e12),  # SXM
     ("H800", 989e12),
@@ -723,16 +720,6 @@ def find_resume_checkpoint(log_dir):
     raise UsageError(f"--resume: no checkpoint (model_*.pt) in {log_dir} to resume from; start without --resume")
 
 
-def strip_wrapper_prefixes(state_dict):
-    """torch.compile adds '_orig_mod.' and DDP 'module.' to parameter names; a checkpoint stores the plain names."""
-    out = {}
-    for k, v in state_dict.items():
-        while k.startswith(("_orig_mod.", "module.")):
-            k = k.split(".", 1)[1]
-        out[k] = v
-    return out
-
-
 def get_rng_state(generator):
     state = {"torch": torch.get_rng_state(), "sample": generator.get_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -786,6 +773,10 @@ class DistContext:
     @property
     def master(self):
         return self.rank == 0
+
+    @property
+    def device_type(self):  # cuda, cpu or mps: what autocast and the fused kernels ask for
+        return self.device.split(":")[0]
 
 
 def setup_distributed(requested_device):
@@ -877,35 +868,44 @@ def check_resume_compatible(checkpoint, args, world_size):
         raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the checkpoint's settings (changing --max_steps and the eval flags is fine), or --init_from CKPT to start a new run from its weights")
 
 
-def build_model(args):
-    if args.init_from == "scratch":
-        return GPT(model_config(args.model, args.vocab_size))
-    return GPT.from_pretrained(args.init_from)
+# ---- setup: each function below prepares one thing train() needs
 
 
-@torch.no_grad()
-def evaluate_val(model, val_loader, steps, ctx, device_type, dtype):
-    model.eval()
-    val_loader.reset()
-    total = torch.zeros((), device=ctx.device)
-    for _ in range(steps):
-        x, y = val_loader.next_batch()
-        x, y = x.to(ctx.device), y.to(ctx.device)
-        with autocast_context(device_type, dtype):
-            _, loss = model(x, y, return_logits=False)
-        total += loss.detach().float()
-    return all_reduce_mean(total / steps, ctx).item()
+def setup_device(args, ctx):
+    """The autocast dtype, with the device's fast math switched on and the seeds set."""
+    dtype = pick_dtype(args.dtype, ctx.device_type)
+    if dtype == torch.float16 and ctx.device_type != "cuda":
+        raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or float32")
+    if ctx.device_type == "cuda":
+        # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.manual_seed(args.seed)
+    if ctx.device_type == "cpu":
+        tune_cpu_allocator()
+    torch.manual_seed(args.seed)
+    return dtype
 
 
-@torch.no_grad()
-def print_samples(model, enc, prompt, num_samples, max_new_tokens, generator, device, device_type, dtype, top_k=50):
-    model.eval()
-    tokens = enc.encode(prompt) or [GPT2_EOT]
-    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(num_samples, 1)
-    with autocast_context(device_type, dtype):
-        out = model.generate(idx, max_new_tokens, top_k=top_k, generator=generator)
-    for i in range(num_samples):
-        print(f"sample {i}: {enc.decode(out[i].tolist())}")
+def load_or_build_model(args, ctx):
+    """(model, checkpoint): the model of the checkpoint to resume (checkpoint is then its dict), or a new one."""
+    if not args.resume:
+        if list_checkpoints(args.log_dir) and not args.overwrite:
+            raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite to start over there, or choose another --log_dir")
+        if args.init_from == "scratch":
+            return GPT(model_config(args.model, args.vocab_size)), None
+        return GPT.from_pretrained(args.init_from), None
+    if args.resume == "auto":
+        path, checkpoint = find_resume_checkpoint(args.log_dir)
+    else:
+        path, checkpoint = args.resume, load_checkpoint(args.resume)
+    if args.batch_size == "auto":  # the micro-batch the run chose
+        args.batch_size = checkpoint["args"]["batch_size"]
+    check_resume_compatible(checkpoint, args, ctx.world_size)
+    checkpoint["path"] = path
+    model = GPT(GPTConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
 
 
 def find_batch_size(fits, largest):
@@ -918,12 +918,12 @@ def find_batch_size(fits, largest):
     return B
 
 
-def cuda_fits(model, B, T, device, device_type, dtype):
+def cuda_fits(model, B, T, device, dtype):
     """Whether a forward and backward of micro-batch B runs without running out of GPU memory."""
     x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
     try:
-        with autocast_context(device_type, dtype):
-            _, loss = model(x, x, return_logits=False)
+        with autocast_context(device.split(":")[0], dtype):
+            _, loss = model(x, x)
         loss.backward()
         return True
     except torch.cuda.OutOfMemoryError:
@@ -934,72 +934,165 @@ def cuda_fits(model, B, T, device, device_type, dtype):
         torch.cuda.empty_cache()
 
 
-def train(args, ctx):
+def choose_batch_size(args, model, ctx, dtype):
+    """--batch_size, or for 'auto' the largest power of two that fits (the same on every rank)."""
+    if args.batch_size != "auto":
+        return args.batch_size
+    T = args.seq_len
+    largest = args.total_batch_size // (T * ctx.world_size)
+    if ctx.device_type == "cuda":
+        B = find_batch_size(lambda b: cuda_fits(model, b, T, ctx.device, dtype), largest)
+    else:  # no reliable out-of-memory signal off CUDA: the OS kills the process instead
+        B = find_batch_size(lambda b: b * T <= 8192, largest)  # ~6 GB for gpt2 at T=1024
+    if ctx.ddp:  # every rank must use the same B
+        b = torch.tensor([B], device=ctx.device)
+        torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
+        B = int(b.item())
+    return B
+
+
+def grad_accum_steps(total_batch_size, B, T, world_size):
+    """Micro-steps per optimizer step: total_batch_size tokens in micro-batches of B x T on each rank."""
+    tokens_per_micro_step = B * T * world_size
+    if total_batch_size % tokens_per_micro_step:
+        raise UsageError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size*seq_len*world_size = {B}*{T}*{world_size} = {tokens_per_micro_step}")
+    return total_batch_size // tokens_per_micro_step
+
+
+def check_seq_len(T, config):
+    if T > config.block_size:
+        raise UsageError(f"--seq_len {T} is longer than the model's block_size {config.block_size}")
+
+
+def make_loaders(args, ctx, B):
+    """The train loader, and the val loader (None when --val_every is 0)."""
+    train_loader = DataLoaderLite(B, args.seq_len, ctx.rank, ctx.world_size, "train", args.data)
+    val_loader = DataLoaderLite(B, args.seq_len, ctx.rank, ctx.world_size, "val", args.data) if args.val_every else None
+    return train_loader, val_loader
+
+
+def wrap_model(model, args, ctx):
+    """The model that runs the training (and val) forward passes: compiled, and under torchrun wrapped in DDP,
+    which averages the gradients over ranks during backward. Everything else uses the plain model."""
+    wrapped = torch.compile(model) if args.compile else model
+    if ctx.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        wrapped = DDP(wrapped, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+    return wrapped
+
+
+def start_or_resume(args, ctx, checkpoint, optimizer, scaler, train_loader, sample_generator, log_file):
+    """(start step, last val loss): the checkpoint's, with the optimizer, data and RNG states restored;
+    or step 0 with a fresh log (and the earlier run's checkpoints deleted if --overwrite)."""
+    if checkpoint is None:
+        if ctx.master:
+            if args.overwrite:
+                prune_checkpoints(args.log_dir, keep=0)
+            open(log_file, "w").close()
+        return 0, None
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scaler.load_state_dict(checkpoint.get("scaler", {}))
+    train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
+    set_rng_state(checkpoint["rng"][ctx.rank], sample_generator)
+    if ctx.master:
+        truncate_log(log_file, checkpoint["step"])
+        print(f"resuming from {checkpoint['path']} at step {checkpoint['step']}")
+        if checkpoint["args"].get("data") != args.data:
+            print(f"the data moved ({checkpoint['args'].get('data')} -> {args.data}); its shards are the checkpoint's")
+    return checkpoint["step"], checkpoint.get("val_loss")
+
+
+# ---- evaluation and sampling
+
+
+@torch.no_grad()
+def evaluate_val(model, val_loader, steps, ctx, dtype):
+    model.eval()
+    val_loader.reset()
+    total = torch.zeros((), device=ctx.device)
+    for _ in range(steps):
+        x, y = val_loader.next_batch()
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with autocast_context(ctx.device_type, dtype):
+            _, loss = model(x, y)
+        total += loss.detach().float()
+    return all_reduce_mean(total / steps, ctx).item()
+
+
+@torch.no_grad()
+def sample(model, prompt, num_samples, max_new_tokens, generator, dtype, temperature=1.0, top_k=50):
+    """num_samples continuations of prompt, as text."""
     import tiktoken
 
-    device_type = ctx.device.split(":")[0]
-    dtype = pick_dtype(args.dtype, device_type)
-    if dtype == torch.float16 and device_type != "cuda":
-        raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or float32")
-    if device_type == "cuda":
-        # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if device_type == "cpu":
-        tune_cpu_allocator()
-    torch.manual_seed(args.seed)
-    if device_type == "cuda":
-        torch.cuda.manual_seed(args.seed)
-    say = print if ctx.master else (lambda *a, **k: None)
+    enc = tiktoken.get_encoding("gpt2")
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = enc.encode(prompt) or [GPT2_EOT]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(num_samples, 1)
+    with autocast_context(device.type, dtype):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return [enc.decode(row.tolist()) for row in out]
 
-    # ---- data
+
+# ---- one optimization step
+
+
+def train_step(train_model, optimizer, scaler, train_loader, grad_accum_steps, ctx, dtype, lr, grad_clip):
+    """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss, gradient norm) as floats;
+    raises TrainingDiverged, before updating the weights, if the loss is not finite."""
+    train_model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=ctx.device)
+    for micro_step in range(grad_accum_steps):
+        x, y = train_loader.next_batch()
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        # DDP all-reduces gradients in backward; do it only once, after the last micro-step
+        sync = not ctx.ddp or micro_step == grad_accum_steps - 1
+        with contextlib.nullcontext() if sync else train_model.no_sync():
+            with autocast_context(ctx.device_type, dtype):
+                _, loss = train_model(x, y)
+            # each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps makes
+            # the summed gradients those of the mean over the whole batch, not a sum of means
+            loss = loss / grad_accum_steps
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()
+    loss_accum = all_reduce_mean(loss_accum, ctx)
+    scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_value, norm_value = loss_accum.item(), norm.item()
+    # with fp16 an inf norm is an overflow that GradScaler skips; otherwise a non-finite norm means divergence
+    if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not scaler.is_enabled()):
+        raise TrainingDiverged(f"the loss is {loss_value} (grad norm {norm_value})")
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_value, norm_value
+
+
+# ---- the loop
+
+
+def train(args, ctx):
+    say = print if ctx.master else (lambda *a, **k: None)
+    dtype = setup_device(args, ctx)
     if args.data.endswith(".txt"):
         if ctx.master:
             ensure_text_data(args.data)
         if ctx.ddp:
             torch.distributed.barrier()
-
-    # ---- model
-    resume_path, checkpoint = None, None
     os.makedirs(args.log_dir, exist_ok=True)
-    if args.resume:
-        if args.resume == "auto":
-            resume_path, checkpoint = find_resume_checkpoint(args.log_dir)
-        else:
-            resume_path, checkpoint = args.resume, load_checkpoint(args.resume)
-        if args.batch_size == "auto":  # the micro-batch the run chose
-            args.batch_size = checkpoint["args"]["batch_size"]
-        check_resume_compatible(checkpoint, args, ctx.world_size)
-        model = GPT(GPTConfig(**checkpoint["config"]))
-        model.load_state_dict(checkpoint["model"])
-    else:
-        if list_checkpoints(args.log_dir) and not args.overwrite:
-            raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite to start over there, or choose another --log_dir")
-        model = build_model(args)
+    model, checkpoint = load_or_build_model(args, ctx)
     config = model.config
-    B, T = args.batch_size, args.seq_len
-    if T > config.block_size:
-        raise UsageError(f"--seq_len {T} is longer than the model's block_size {config.block_size}")
+    check_seq_len(args.seq_len, config)
     model.to(ctx.device)
-    if B == "auto":
-        largest = args.total_batch_size // (T * ctx.world_size)
-        if device_type == "cuda":
-            B = find_batch_size(lambda b: cuda_fits(model, b, T, ctx.device, device_type, dtype), largest)
-        else:  # no reliable out-of-memory signal off CUDA: the OS kills the process instead
-            B = find_batch_size(lambda b: b * T <= 8192, largest)  # ~6 GB for gpt2 at T=1024
-        if ctx.ddp:  # every rank must use the same B
-            b = torch.tensor([B], device=ctx.device)
-            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
-            B = int(b.item())
+    B, T = choose_batch_size(args, model, ctx, dtype), args.seq_len
+    if args.batch_size == "auto":
         say(f"--batch_size auto: micro-batch {B}")
         args.batch_size = B
-    tokens_per_micro_step = B * T * ctx.world_size
-    if args.total_batch_size % tokens_per_micro_step:
-        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of batch_size*seq_len*world_size = {B}*{T}*{ctx.world_size} = {tokens_per_micro_step}")
-    grad_accum_steps = args.total_batch_size // tokens_per_micro_step
-
-    train_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "train", args.data)
-    val_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "val", args.data) if args.val_every else None
+    accum_steps = grad_accum_steps(args.total_batch_size, B, T, ctx.world_size)
+    train_loader, val_loader = make_loaders(args, ctx, B)
     if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
         import hellaswag
 
@@ -1008,47 +1101,20 @@ def train(args, ctx):
         except (OSError, ValueError) as e:
             raise UsageError(f"--hellaswag_data: {e}") from None
 
-    fwd_model = torch.compile(model) if args.compile else model
-    if ctx.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(fwd_model, device_ids=[ctx.local_rank] if device_type == "cuda" else None)
-    else:
-        train_model = fwd_model
-    optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
+    train_model = wrap_model(model, args, ctx)
+    optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, ctx.device_type)
     # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == torch.float16)
+    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
     sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
-
     log_file = os.path.join(args.log_dir, "log.txt")
-    start_step, val_loss = 0, None
-    if checkpoint is not None:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scaler.load_state_dict(checkpoint.get("scaler", {}))
-        train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
-        set_rng_state(checkpoint["rng"][ctx.rank], sample_generator)
-        start_step, val_loss = checkpoint["step"], checkpoint.get("val_loss")
-        if ctx.master:
-            truncate_log(log_file, start_step)
-        say(f"resuming from {resume_path} at step {start_step}")
-        if checkpoint["args"].get("data") != args.data:
-            say(f"the data moved ({checkpoint['args'].get('data')} -> {args.data}); its shards are the checkpoint's")
-        del checkpoint
-    elif ctx.master:
-        if args.overwrite:
-            for _, path in list_checkpoints(args.log_dir):
-                if not os.path.exists(path + ".keep"):
-                    os.remove(path)
-        open(log_file, "w").close()
+    start_step, val_loss = start_or_resume(args, ctx, checkpoint, optimizer, scaler, train_loader, sample_generator, log_file)
+    checkpoint = None  # free its tensors
 
-    enc = tiktoken.get_encoding("gpt2")
     say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
     say(f"device {ctx.device} x {ctx.world_size} | dtype {str(dtype).replace('torch.', '')} | compile {bool(args.compile)}")
-    say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {grad_accum_steps} accumulation steps")
+    say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {accum_steps} accumulation steps")
     flops_per_step = flops_per_token(config, T) * args.total_batch_size
-    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if device_type == "cuda" else None
-    if peak is not None and dtype == torch.float32:
-        peak = None  # the table holds tensor-core bf16 peaks
+    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device_type == "cuda" and dtype != torch.float32 else None
 
     stop = StopSignal()
     stop.install()
@@ -1058,62 +1124,39 @@ def train(args, ctx):
             last_step = step == args.max_steps
             if step != evals_done_at:
                 if args.val_every and (step % args.val_every == 0 or last_step):
-                    val_loss = evaluate_val(fwd_model, val_loader, args.val_steps, ctx, device_type, dtype)
+                    val_loss = evaluate_val(train_model, val_loader, args.val_steps, ctx, dtype)
                     say(f"validation loss: {val_loss:.4f}")
                     log_line(ctx, log_file, f"{step} val {val_loss:.4f}")
                 if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
-                    fwd_model.eval()
+                    model.eval()
                     n_correct, n_correct_norm, n_total = hellaswag.evaluate(
-                        fwd_model, ctx.device, data=args.hellaswag_data, rank=ctx.rank, world_size=ctx.world_size,
+                        model, ctx.device, data=args.hellaswag_data, rank=ctx.rank, world_size=ctx.world_size,
                         autocast_dtype=None if dtype == torch.float32 else dtype,
                     )
                     say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
                     log_line(ctx, log_file, f"{step} hella {n_correct_norm / n_total:.4f}")
                 if ctx.master and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step):
-                    print_samples(model, enc, "Hello, I'm a language model,", 4, 32, sample_generator, ctx.device, device_type, dtype)
+                    for i, text in enumerate(sample(model, "Hello, I'm a language model,", 4, 32, sample_generator, dtype)):
+                        print(f"sample {i}: {text}")
 
             stopping = stop.agreed(ctx, ctx.device)
             if step > start_step and (last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)):
-                write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, val_loader, sample_generator)
+                write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, sample_generator)
             if last_step or stopping:
                 break
 
-            # ---- one optimization step
             t0 = time.time()
-            train_model.train()
-            optimizer.zero_grad(set_to_none=True)
-            loss_accum = torch.zeros((), device=ctx.device)
-            for micro_step in range(grad_accum_steps):
-                x, y = train_loader.next_batch()
-                x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-                # DDP all-reduces gradients in backward; do it only once, after the last micro-step
-                sync = not ctx.ddp or micro_step == grad_accum_steps - 1
-                with contextlib.nullcontext() if sync else train_model.no_sync():
-                    with autocast_context(device_type, dtype):
-                        _, loss = train_model(x, y, return_logits=False)
-                    # each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps makes
-                    # the summed gradients those of the mean over the whole batch, not a sum of means
-                    loss = loss / grad_accum_steps
-                    loss_accum += loss.detach()
-                    scaler.scale(loss).backward()
-            loss_accum = all_reduce_mean(loss_accum, ctx)
-            scaler.unscale_(optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip if args.grad_clip > 0 else float("inf"))
             lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_value, norm_value = loss_accum.item(), norm.item()
-            if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not scaler.is_enabled()):
-                raise TrainingDiverged(f"step {step}: the loss is {loss_value} (grad norm {norm_value}); stopping without a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}")
-            scaler.step(optimizer)
-            scaler.update()
-            if device_type == "cuda":
+            try:
+                loss, norm = train_step(train_model, optimizer, scaler, train_loader, accum_steps, ctx, dtype, lr, args.grad_clip)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"step {step}: {e}; stopping without a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}") from None
+            if ctx.device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
-            tokens_per_sec = args.total_batch_size / dt
             mfu = f" | mfu {100 * flops_per_step / dt / (peak * ctx.world_size):.1f}%" if peak else ""
-            say(f"step {step:5d} | loss {loss_value:.6f} | lr {lr:.4e} | norm {norm_value:.4f} | dt {dt * 1000:.1f}ms | tok/sec {tokens_per_sec:.0f}{mfu}")
-            log_line(ctx, log_file, f"{step} train {loss_value:.6f}")
+            say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{mfu}")
+            log_line(ctx, log_file, f"{step} train {loss:.6f}")
     finally:
         stop.restore()
 
@@ -1124,7 +1167,7 @@ def log_line(ctx, log_file, line):
             f.write(line + "\n")
 
 
-def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, val_loader, sample_generator):
+def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, sample_generator):
     """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
     params_ok = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
     if not params_ok:
@@ -1133,7 +1176,7 @@ def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_
     rng_states = gather_objects(get_rng_state(sample_generator), ctx)
     if ctx.master:
         checkpoint = {
-            "model": strip_wrapper_prefixes(model.state_dict()),
+            "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scaler": scaler.state_dict(),
             "config": asdict(model.config),
@@ -1142,7 +1185,6 @@ def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_
             "val_loss": val_loss,
             "world_size": ctx.world_size,
             "train_loader": loader_states,
-            "val_loader": val_loader.state_dict() if val_loader else None,
             "rng": rng_states,
         }
         path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
@@ -1232,39 +1274,29 @@ def check_args(args):
     for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_new_tokens"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if args.init_from == "scratch":
-        config = model_config(args.model, args.vocab_size)  # raises on an unknown --model
-        if args.seq_len > config.block_size:
-            raise UsageError(f"--seq_len {args.seq_len} is longer than the model's block_size {config.block_size}")
     if args.vocab_size < GPT2_VOCAB:
         raise UsageError(f"--vocab_size {args.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} tokens")
-    if args.batch_size != "auto" and args.total_batch_size % (args.batch_size * args.seq_len):
-        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of --batch_size x --seq_len = {args.batch_size} x {args.seq_len}")
+    if args.init_from == "scratch":
+        check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))  # also raises on an unknown --model
+    if args.batch_size != "auto":
+        grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
     if (args.sample is not None or args.export) and args.init_from == "scratch":
         raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
 
 
 def sample_or_export(args):
-    import tiktoken
-
-    device = pick_device(args.device)
-    device_type = device.split(":")[0]
     model = GPT.from_pretrained(args.init_from)
     if args.export:
         model.save_pretrained(args.export)
         print(f"wrote a Hugging Face GPT-2 model and tokenizer to {args.export} (load them with GPT2LMHeadModel and AutoTokenizer .from_pretrained)")
     if args.sample is None:
         return
-    model.to(device).eval()
-    dtype = pick_dtype(args.dtype, device_type)
+    device = pick_device(args.device)
+    model.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    enc = tiktoken.get_encoding("gpt2")
-    tokens = enc.encode(args.sample) or [GPT2_EOT]
-    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(args.num_samples, 1)
-    with autocast_context(device_type, dtype):
-        out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None, generator=generator)
-    for i in range(args.num_samples):
-        print(f"> {enc.decode(out[i].tolist())}")
+    dtype = pick_dtype(args.dtype, device.split(":")[0])
+    for text in sample(model, args.sample, args.num_samples, args.max_new_tokens, generator, dtype, args.temperature, args.top_k or None):
+        print(f"> {text}")
 
 
 def main(argv=None):

@@ -111,11 +111,10 @@ def test_scores_match_reference_and_batched_equals_one_at_a_time(hellaswag_sampl
     torch.testing.assert_close(sum_loss, token_losses.sum(1))
     torch.testing.assert_close(mean_loss, token_losses.sum(1) / mask[:, 1:].sum(1))
 
-    for batch_size, fixed_shapes in [(1, False), (16, True)]:  # evaluate below: batches of 16, shapes as needed
-        pred, pred_norm, got_labels = hellaswag.predict(model, "cpu", examples, batch_size=batch_size,
-                                                        fixed_shapes=fixed_shapes)
-        assert pred.tolist() == ref, (batch_size, fixed_shapes)
-        assert pred_norm.tolist() == ref_norm, (batch_size, fixed_shapes)
+    for batch_size in (1, 16):  # 16: rows of different lengths padded into one forward
+        pred, pred_norm, got_labels = hellaswag.predict(model, "cpu", examples, batch_size=batch_size)
+        assert pred.tolist() == ref, batch_size
+        assert pred_norm.tolist() == ref_norm, batch_size
         assert got_labels.tolist() == labels
 
     # evaluate: examples i % world_size == rank are this rank's
@@ -132,7 +131,7 @@ def test_rows_longer_than_block_size_keep_their_end(hellaswag_sample):
     rows = read_rows(hellaswag_sample)[:10]
     ref, ref_norm, _, _ = reference_predictions(lambda idx: model(idx)[0], rows, block_size=24)
     examples = hellaswag.load_examples(data=hellaswag_sample, limit=10)
-    pred, pred_norm, _ = hellaswag.predict(model, "cpu", examples, batch_size=4, fixed_shapes=True)
+    pred, pred_norm, _ = hellaswag.predict(model, "cpu", examples, batch_size=4)
     assert pred.tolist() == ref and pred_norm.tolist() == ref_norm
 
 
@@ -207,7 +206,6 @@ def test_in_loop_eval_with_compile(hellaswag_sample, shakespeare, tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     hella = [line.split() for line in (tmp_path / "log" / "log.txt").read_text().splitlines() if " hella " in line]
     assert [int(step) for step, _, _ in hella] == [0, 10]
-    assert all(0.0 <= float(value) <= 1.0 for _, _, value in hella)
 
     # the compiled in-loop eval agrees with an eager one on the weights it saw (the step-10 checkpoint)
     model = GPT.from_pretrained(str(tmp_path / "log" / "model_00010.pt")).eval()

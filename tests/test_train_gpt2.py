@@ -95,15 +95,15 @@ def test_save_pretrained_round_trip(tmp_path, vocab_size):
         assert torch.allclose(again(idx)[0], ours[..., :50257], atol=1e-5)
 
 
-def test_export_cli_writes_a_directory_pipeline_can_use(tmp_path, shared_data):
+def test_export_cli_writes_a_directory_pipeline_can_use(tmp_path, shakespeare_file, fineweb_jsonl):
     from transformers import AutoTokenizer, pipeline
 
     _, path = hf_tiny(tmp_path, n_layer=2, n_head=2, n_embd=64, std=0.2)  # larger weights: a less repetitive greedy text
     run_cli(["--init_from", path, "--export", tmp_path / "export"], tmp_path)
     enc = tiktoken.get_encoding("gpt2")
     tok = AutoTokenizer.from_pretrained(tmp_path / "export")
-    fineweb = (shared_data / "fineweb_sample" / "fineweb_sample_300.jsonl").read_text().splitlines()[:20]
-    texts = [(shared_data / "tinyshakespeare" / "input.txt").read_text()[:20000], "x <|endoftext|> y \u00fc\u65e5 \U0001f917  \n\n\t"]
+    fineweb = fineweb_jsonl.read_text().splitlines()[:20]
+    texts = [shakespeare_file.read_text()[:20000], "x <|endoftext|> y \u00fc\u65e5 \U0001f917  \n\n\t"]
     texts += [json.loads(line)["text"] for line in fineweb]
     for text in texts:
         assert tok(text)["input_ids"] == enc.encode(text, allowed_special="all")
@@ -502,10 +502,10 @@ RESUME_RUN = dict(max_steps=24, checkpoint_every=12, val_every=6, total_batch_si
 
 
 @pytest.fixture(scope="module")
-def reference_runs(tmp_path_factory, shared_data):
+def reference_runs(tmp_path_factory, shakespeare_file):
     """Uninterrupted runs: one process with 4 accumulation steps, and torchrun x2 with 2."""
     tmp = tmp_path_factory.mktemp("ref")
-    data = shared_data / "tinyshakespeare" / "input.txt"
+    data = shakespeare_file
     single = run_cli_popen(tiny_run_args(data, tmp / "single", **RESUME_RUN), tmp)
     wait_ok(single)
     ddp = torchrun(tiny_run_args(data, tmp / "ddp", **RESUME_RUN), tmp)
@@ -534,12 +534,12 @@ print(f"threads before {before} after {threads()}", flush=True)
 """
 
 
-def test_ddp_exit_joins_gloo_threads(tmp_path, shared_data):
+def test_ddp_exit_joins_gloo_threads(tmp_path, shakespeare_file):
     """After main() under torchrun, the process group is gone and its gloo threads with it. A group kept alive lets a
     worker thread free the last collective's tensors while Python shuts down, which aborts the rank (a CI flake)."""
     script = tmp_path / "run_main.py"
     script.write_text(THREADS_AFTER_MAIN)
-    args = tiny_run_args(shared_data / "tinyshakespeare" / "input.txt", tmp_path / "log", max_steps=2, val_every=1, checkpoint_every=1)
+    args = tiny_run_args(shakespeare_file, tmp_path / "log", max_steps=2, val_every=1, checkpoint_every=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *map(str, args)]
     out = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]

@@ -1070,7 +1070,7 @@ def train(args, ctx):
                     say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
                     log_line(ctx, log_file, f"{step} hella {n_correct_norm / n_total:.4f}")
                 if ctx.master and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step):
-                    print_samples(model, enc, "Hello, I'm a language model,", 4, 32, sample_generator, ctx.device, device_type, dtype)
+                    print_samples(model, enc, args.sample_prompt, 4, 32, sample_generator, ctx.device, device_type, dtype)
 
             stopping = stop.agreed(ctx, ctx.device)
             if step > start_step and (last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)):
@@ -1202,6 +1202,7 @@ def parse_args(argv=None):
     g.add_argument("--hellaswag_every", type=int, default=250, help="HellaSwag acc_norm every N steps (0 = off)")
     g.add_argument("--hellaswag_data", default=None, help="a local HellaSwag jsonl (default: download the val split)")
     g.add_argument("--sample_every", type=int, default=250, help="print samples every N steps (0 = off)")
+    g.add_argument("--sample_prompt", default="Hello, I'm a language model,", help="the prompt those samples continue")
     g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps (0 = only at the end); the last step always writes one")

@@ -410,6 +410,12 @@ def test_short_run_on_shakespeare_learns_and_logs(tmp_path, shakespeare):
     assert model.config.vocab_size == 50304
 
 
+def test_samples_continue_sample_prompt(tmp_path, shakespeare):
+    p = run_cli(tiny_run_args(shakespeare, tmp_path / "log", max_steps=1, val_every=0, checkpoint_every=0, sample_every=1) + ["--sample_prompt", "ROMEO:"], tmp_path)
+    samples = [line for line in p.stdout.splitlines() if line.startswith("sample ")]
+    assert len(samples) == 4 and all(line.split(": ", 1)[1].startswith("ROMEO:") for line in samples), p.stdout
+
+
 def test_compile_and_bf16_run_on_cpu(tmp_path, shakespeare):
     log_dir = tmp_path / "log"
     run_cli(tiny_run_args(shakespeare, log_dir, max_steps=3, compile=1, dtype="bfloat16", val_every=3, checkpoint_every=0), tmp_path)

@@ -264,7 +264,7 @@ def test_cli_errors_are_one_line(env, fineweb_jsonl, tmp_path):
         if "--out_dir" not in args:
             args = args + ["--out_dir", tmp_path / f"out{len(message)}"]
         proc = run(env, *args, check=False)
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("fineweb.py: error:")]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert len(lines) == 1 and message in lines[0], proc.stderr
 

@@ -112,7 +112,6 @@ def iterate_examples(split="val", data=None, cache_dir=None):
     """Yield the examples (dicts) of `data` (a local jsonl) or else of the downloaded split."""
     path = Path(data) if data is not None else download(split, cache_dir)
     check_data_file(path)
-    lineno = 0
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -125,7 +124,7 @@ def iterate_examples(split="val", data=None, cache_dir=None):
                 check_example(example, f"{path}:{lineno}")
                 yield example
     except UnicodeDecodeError:
-        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text; pass HellaSwag's jsonl (UTF-8)") from None
+        raise ValueError(f"{path}: not UTF-8 text; pass HellaSwag's jsonl (UTF-8)") from None
     except OSError as e:
         raise ValueError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
 

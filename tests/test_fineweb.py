@@ -1,6 +1,7 @@
 """fineweb.py on the committed FineWeb sample (100 real documents): exact tokens, shard layout, resume, errors."""
 import io
 import json
+import re
 import os
 import signal
 import subprocess
@@ -295,3 +296,35 @@ def test_defaults_are_the_real_job():
     assert (args.out_dir, args.shard_size, args.streaming) == ("edu_fineweb10B", 10**8, False)
     assert args.num_proc == fineweb.cpu_count() >= 1
     assert fineweb.get_args(["--remote_name", "sample-100BT"]).out_dir == "edu_fineweb100B"
+
+
+def test_bad_local_files_and_out_dir_are_one_line(env, fineweb_jsonl, tmp_path):
+    """Each bad input by name, before any work: nothing is written to --out_dir."""
+    def write(name, data):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+    latin = write("latin.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    latin_txt = write("latin.txt", "caf\u00e9\n".encode("latin-1"))
+    empty = write("empty.jsonl", b"")
+    not_json = write("docs.jsonl", b"text,id\nhello,1\n")
+    not_parquet = write("docs.parquet", fineweb_jsonl.read_bytes()[:2000])
+    a_file = write("out_file", b"mine")
+    cases = [
+        ([latin], "latin.jsonl: not UTF-8 text (byte 0xe9 at offset 13)"),
+        ([latin_txt], "latin.txt: not UTF-8 text"),
+        ([empty], "empty.jsonl: the file is empty"),
+        ([not_json], "docs.jsonl: line 1 is not a JSON object"),
+        ([not_parquet], "docs.parquet: not a parquet file"),
+        ([fineweb_jsonl, "--out_dir", a_file], "out_file: --out_dir is a file, not a directory"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = args if "--out_dir" in args else args + ["--out_dir", tmp_path / f"out{i}"]
+        with pytest.raises(fineweb.DataError, match=re.escape(message)):
+            fineweb.main(["--local_files", *map(str, out)])
+        assert not (tmp_path / f"out{i}").exists()
+    assert a_file.read_bytes() == b"mine"
+    proc = run(env, "--local_files", latin, "--out_dir", tmp_path / "cli", check=False)  # and through the script
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and "Traceback" not in err and err.count("\n") == 0, err
+    assert err.startswith("error: ") and "latin.jsonl: not UTF-8 text" in err

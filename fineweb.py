@@ -203,10 +203,12 @@ def save_manifest(out_dir, manifest):
 
 def open_out_dir(out_dir, settings):
     """Create out_dir or resume in it; returns the manifest (settings, shards written so far)."""
+    if os.path.isfile(out_dir):
+        raise DataError(f"{out_dir}: --out_dir is a file, not a directory; pick another --out_dir")
     try:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
-        raise DataError(f"cannot create --out_dir {out_dir}: {e.strerror}")
+        raise DataError(f"{out_dir}: cannot create --out_dir ({e.strerror}); pick another --out_dir")
     if not os.access(out_dir, os.W_OK):
         raise DataError(f"--out_dir {out_dir} is not writable; pick another --out_dir")
     for name in os.listdir(out_dir):  # leftovers of a write that was interrupted
@@ -253,8 +255,54 @@ def builder_for(path):
     return BUILDERS[ext]
 
 
+CHECK_BYTES = 1 << 20  # the head of each text file that is checked before work starts
+
+
+def check_local_file(path, builder):
+    """Refuse a file datasets would choke on (unreadable, empty, not UTF-8, not JSON, not parquet), by name, before
+    work starts. Text formats are checked on their first MiB; the rest is read by datasets (see load_source)."""
+    fix = {"json": "pass JSON lines, one object per document", "parquet": "pass a parquet file",
+           "text": "pass UTF-8 text files"}[builder]
+    try:
+        with open(path, "rb") as f:
+            head = f.read(CHECK_BYTES)
+            whole = len(head) < CHECK_BYTES or not f.read(1)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions")
+    if not head.strip():
+        raise DataError(f"{path}: the file is empty; {fix}, or leave it out")
+    if path.lower().endswith(COMPRESSED):
+        return  # datasets decompresses it; its errors are reported in load_source
+    if builder == "parquet":
+        import pyarrow.parquet as pq
+        try:
+            pq.ParquetFile(path)  # reads the footer only
+        except Exception as e:
+            raise DataError(f"{path}: not a parquet file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
+        return
+    import codecs
+    try:  # final=False: a multi-byte character cut at the end of the head is not an error
+        text = codecs.getincrementaldecoder("utf-8")().decode(head, final=whole)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{head[e.start]:02x} at offset {e.start}); "
+                        "convert it to UTF-8 (e.g. iconv -t utf-8)")
+    if builder != "json":
+        return
+    first = text.lstrip()
+    if path.lower().endswith(".json") and first[:1] in ("[", "{"):
+        return  # a JSON array or object: datasets reads it whole
+    if "\n" in first or whole:  # the first document's line is complete: it must be a JSON object
+        lineno = text[:len(text) - len(first)].count("\n") + 1
+        try:
+            ok = isinstance(json.loads(first.split("\n", 1)[0]), dict)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise DataError(f"{path}: line {lineno} is not a JSON object; {fix}")
+
+
 def local_settings(files):
-    """Check the --local_files exist and share one format; returns (builder, [{path, bytes}])."""
+    """Check the --local_files exist, are readable and share one format; returns (builder, [{path, bytes}])."""
     entries, builders = [], set()
     for path in files:
         if not os.path.exists(path):
@@ -262,6 +310,7 @@ def local_settings(files):
         if os.path.isdir(path):
             raise DataError(f"{path} is a directory; pass its files, e.g. {os.path.join(path, '*.jsonl')}")
         builders.add(builder_for(path))
+        check_local_file(path, builder_for(path))
         entries.append({"path": os.path.abspath(path), "bytes": os.path.getsize(path)})
     if len(builders) > 1:
         raise DataError(f"--local_files mixes formats ({', '.join(sorted(builders))}); shard them in separate runs")
@@ -329,9 +378,19 @@ def streamed_texts(ds, column, start_doc):
         ds = ds.skip(start_doc)
     if ds.column_names is not None:
         ds = ds.select_columns([column])  # read only the text
-    for batch in ds.iter(batch_size=BATCH_DOCS):
+    batches = ds.iter(batch_size=BATCH_DOCS)
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as e:  # a file damaged past the head that check_local_file read
+            msg = (str(e).strip().splitlines() or [""])[0]
+            raise DataError(f"reading the data failed at document ~{start_doc:,}: {type(e).__name__}: {msg}; "
+                            "fix or leave out the file it names")
         if column not in batch:  # streaming without a schema: only the first rows tell
             raise DataError(f"no column {column!r} in the data; columns: {', '.join(batch)} (see --text_column)")
+        start_doc += len(batch[column])
         yield batch[column]
 
 
@@ -449,6 +508,6 @@ if __name__ == "__main__":
     try:
         main()
     except DataError as e:
-        sys.exit(f"fineweb.py: error: {e}")
+        sys.exit(f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("\ninterrupted: complete shards are kept; run the same command again to resume")

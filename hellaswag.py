@@ -61,9 +61,16 @@ def download(split="val", cache_dir=None):
     check_split(split)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache_dir / f"hellaswag_{split}.jsonl"
-    if path.exists():
+    if path.is_file():
         return path
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, or a read-only place
+        raise ValueError(f"{cache_dir}: cannot use it as the HellaSwag cache directory ({e.strerror or e}); "
+                         "pass another --cache_dir (or HELLASWAG_CACHE)") from None
+    if not os.access(cache_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"{cache_dir}: the HellaSwag cache directory is not writable; "
+                         "pass another --cache_dir (or HELLASWAG_CACHE)")
     url = DATA_URL.format(split=split)
     # one temp name per process (DDP ranks may download at once); os.replace is atomic, so an
     # interrupted download never leaves a truncated file that looks like a cached split
@@ -102,18 +109,29 @@ def check_example(example, where):
 def iterate_examples(split="val", data=None, cache_dir=None):
     """Yield the examples (dicts) of `data` (a local jsonl) or else of the downloaded split."""
     path = Path(data) if data is not None else download(split, cache_dir)
+    check_data_file(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    example = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+                check_example(example, f"{path}:{lineno}")
+                yield example
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text; pass HellaSwag's jsonl (UTF-8)") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+
+
+def check_data_file(path):
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a HellaSwag jsonl file; pass the .jsonl file itself")
     if not path.is_file():
         raise ValueError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-            check_example(example, f"{path}:{lineno}")
-            yield example
 
 
 @functools.cache
@@ -149,8 +167,7 @@ _loaded = {}  # the in-loop eval runs every N steps: tokenize the file once per 
 def load_examples(split="val", data=None, cache_dir=None, limit=None):
     """The rendered examples [(tokens, mask, label)] of a file, in file order, the first `limit` of them."""
     path = Path(data) if data is not None else download(split, cache_dir)
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+    check_data_file(path)
     stat = path.stat()
     key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size)
     if key not in _loaded:

@@ -325,14 +325,16 @@ class GPT(nn.Module):
         )
         name_or_path = str(name_or_path)
         if name_or_path in MODEL_SIZES or os.path.isdir(name_or_path):
-            if os.path.isdir(name_or_path) and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-                raise UsageError(f"{name_or_path} has no config.json, so it is not a Hugging Face model directory; {accepted}")
+            if os.path.isdir(name_or_path):
+                check_hf_dir(name_or_path, accepted)
             return cls._from_hf(name_or_path)
         if os.path.isfile(name_or_path):
-            checkpoint = load_checkpoint(name_or_path)
+            checkpoint = load_checkpoint(name_or_path)  # checks that the weights fit the config
             model = cls(GPTConfig(**checkpoint["config"]))
             model.load_state_dict(checkpoint["model"])
             return model
+        if name_or_path.endswith(".pt") or os.sep in name_or_path:
+            raise UsageError(f"{name_or_path}: no such file or directory; check the path ({accepted})")
         raise UsageError(f"unknown model {name_or_path!r}: {accepted}")
 
     @classmethod
@@ -340,9 +342,15 @@ class GPT(nn.Module):
         from transformers import GPT2LMHeadModel
 
         try:
-            hf = GPT2LMHeadModel.from_pretrained(name_or_path)
-        except OSError as e:  # no network, missing weights file, ...
-            raise UsageError(f"could not load {name_or_path!r} with transformers: {str(e).splitlines()[0]}") from None
+            hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
+        except Exception as e:  # no network, damaged weights, tensors of the wrong shape, ...
+            msg = (str(e).strip().splitlines() or [""])[0]
+            raise UsageError(f"{name_or_path}: could not load it as GPT-2 with transformers ({type(e).__name__}: {msg}); pass a Hugging Face GPT-2 model") from None
+        # transformers fills weights missing from the file with random ones and only warns: a model missing
+        # any weight is not the model the user meant (the causal-mask buffers are not weights)
+        missing = [k for k in info.get("missing_keys", []) if not k.endswith((".attn.bias", ".attn.masked_bias"))]
+        if missing:
+            raise UsageError(f"{name_or_path}: its weights lack {len(missing)} of GPT-2's tensors ({', '.join(missing[:3])}...); pass a complete Hugging Face GPT-2 model")
         c = hf.config
         if getattr(c, "model_type", "gpt2") != "gpt2":
             raise UsageError(f"{name_or_path} is a {c.model_type!r} model, not GPT-2")
@@ -385,6 +393,32 @@ class GPT(nn.Module):
         hf.save_pretrained(directory)
         if tokenizer:
             save_gpt2_tokenizer(directory, model_max_length=c.block_size)
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_hf_dir(path, accepted):
+    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
+    import json
+
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another directory") from None
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise UsageError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging Face GPT-2 model")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
+        raise UsageError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there too")
+
+
+# the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
 
 
 def save_gpt2_tokenizer(directory, model_max_length=1024):
@@ -431,26 +465,71 @@ def tokenize_text_file(path):
     """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
     import tiktoken
 
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    text = read_text_file(path)
     tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
     n_val = len(tokens) // 10
     return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
 
 
+def read_text_file(path):
+    """The text of a --data .txt file, or a UsageError that says what is wrong with it."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: a directory, not a text file; pass a .txt file, or a directory of shards without the .txt name")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+    if not text.strip():
+        raise UsageError(f"{path}: the file is empty; pass a text file with something to train on")
+    return text
+
+
+def check_shard(path, vocab_size=GPT2_VOCAB):
+    """Memory-map a token shard after checking it is what fineweb.py writes: a 1-D uint16 .npy of token ids below
+    vocab_size. The id check is one vectorized max over the shard, read once (measured: see README)."""
+    fix = "remake the shards with `python fineweb.py`, or move this file out of the --data directory"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+    if magic != b"\x93NUMPY":  # np.load would try it as a pickle and talk about allow_pickle
+        raise UsageError(f"{path}: not a .npy file (no .npy header); {fix}")
+    try:
+        # a memory map reads only the pages a batch touches, instead of copying a 200 MB shard at each switch
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, object arrays (pickles), unreadable
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{path}: not a token shard ({reason}); {fix}") from None
+    if not isinstance(tokens, np.ndarray):  # np.load opens a .npz archive as a dict-like
+        raise UsageError(f"{path}: an .npz archive, not a .npy token shard; {fix}")
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UsageError(f"{path}: a {tokens.ndim}-D {tokens.dtype} array, not the 1-D uint16 tokens of a shard; {fix}")
+    if tokens.size == 0:
+        raise UsageError(f"{path}: the shard holds no tokens; {fix}")
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise UsageError(f"{path}: holds token id {top}, outside GPT-2's vocabulary of {vocab_size} (not GPT-2 tokens?); {fix}")
+    return tokens
+
+
 def find_shards(data_root, split):
     """The token arrays of a split: .npy shards (memory-mapped) in a directory, or a .txt file tokenized now."""
     if str(data_root).endswith(".txt"):
-        if not os.path.isfile(data_root):
-            raise UsageError(f"{data_root} does not exist")
+        if not os.path.exists(data_root):
+            raise UsageError(f"{data_root}: no such file; check the path (input.txt is part of the repository)")
         return [tokenize_text_file(str(data_root))[split]]
+    if os.path.isfile(data_root):
+        raise UsageError(f"{data_root}: a file, but --data takes a directory of .npy token shards or a .txt file; tokenize it with `python fineweb.py --local_files {data_root}` and pass that --out_dir")
     if not os.path.isdir(data_root):
         raise UsageError(f"data directory {data_root} does not exist: run `python fineweb.py` to make the FineWeb-Edu shards, or pass --data input.txt for a small run")
     paths = sorted(glob.glob(os.path.join(data_root, f"*{split}*.npy")))
     if not paths:
         raise UsageError(f"no {split} shards (*{split}*.npy) in {data_root}: run `python fineweb.py` to make them")
-    # a memory map reads only the pages a batch touches, instead of copying a 200 MB shard at each switch
-    return [np.load(p, mmap_mode="r") for p in paths]
+    return [check_shard(p) for p in paths]
 
 
 class DataLoaderLite:
@@ -526,11 +605,14 @@ def ensure_text_data(path):
         with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
             data = r.read()
     except OSError as e:
-        raise UsageError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); download it yourself to {path}") from None
+        raise UsageError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); download it yourself to {path}, or `git checkout input.txt` in the repository") from None
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the download there ({e.strerror or e}); pass --data with a writable path") from None
 
 
 # -----------------------------------------------------------------------------
@@ -668,14 +750,69 @@ def tune_cpu_allocator():
 CHECKPOINT_RE = re.compile(r"model_(\d+)\.pt$")
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, resume=False):
+    """A checkpoint of ours, checked inside too (config, weights, and with resume the training state), so that a
+    foreign or damaged one is a one-line error here, not a traceback from load_state_dict later."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file; check the path (checkpoints are {{log_dir}}/model_XXXXX.pt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a zip, truncated, or holds pickled objects
         raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
         raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py (expected a dict with model, config and step)")
+    model = check_checkpoint_model(checkpoint, path)
+    if resume:
+        check_checkpoint_state(checkpoint, path, model)
     return checkpoint
+
+
+def check_checkpoint_model(checkpoint, path):
+    """The config must be a GPTConfig and the weights exactly the tensors of that model; returns the model built
+    on the meta device (shapes only, no memory)."""
+    fix = "pass a checkpoint written by train_gpt2.py"
+    config, sd = checkpoint["config"], checkpoint["model"]
+    fields = set(GPTConfig.__dataclass_fields__)
+    if not isinstance(config, dict) or set(config) != fields:
+        raise UsageError(f"{path}: its config is not a GPT config (expected the keys {', '.join(sorted(fields))}); {fix}")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in config.values()) or config["n_embd"] % config["n_head"]:
+        raise UsageError(f"{path}: its config {config} is not a valid GPT config (positive whole numbers, n_embd divisible by n_head); {fix}")
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**config))
+    want = model.state_dict()
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UsageError(f"{path}: its model entry is not a dict of tensors; {fix}")
+    missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
+    if missing or extra:
+        what = "; ".join(f"{name} {', '.join(map(str, keys[:3]))}{'...' if len(keys) > 3 else ''}" for name, keys in (("missing", missing), ("unexpected", extra)) if keys)
+        raise UsageError(f"{path}: its weights do not fit its config ({what}); {fix}")
+    wrong = [f"{k} {tuple(sd[k].shape)} (the config needs {tuple(v.shape)})" for k, v in want.items() if sd[k].shape != v.shape]
+    if wrong:
+        raise UsageError(f"{path}: tensor shapes do not fit its config: {', '.join(wrong[:2])}; {fix}")
+    return model
+
+
+def check_checkpoint_state(checkpoint, path, model):
+    """--resume also needs the training state: flags, data positions, RNG states and an optimizer for this model."""
+    fix = "resume from another checkpoint, or start a new run from its weights with --init_from"
+    need = {"optimizer": dict, "args": dict, "train_loader": list, "rng": list}
+    bad = [k for k, kind in need.items() if not isinstance(checkpoint.get(k), kind)]
+    if bad:
+        raise UsageError(f"{path}: holds weights but no training state to resume ({', '.join(bad)} missing or damaged); {fix}")
+    ranks = checkpoint.get("world_size", 1)
+    if len(checkpoint["train_loader"]) != ranks or len(checkpoint["rng"]) != ranks or "batch_size" not in checkpoint["args"]:
+        raise UsageError(f"{path}: its data positions or RNG states do not match its world size {ranks}; {fix}")
+    opt = checkpoint["optimizer"]
+    try:
+        n_opt = sum(len(g["params"]) for g in opt["param_groups"])
+        state_shapes = sorted(tuple(s["exp_avg"].shape) for s in opt["state"].values())
+    except (KeyError, TypeError, AttributeError):
+        raise UsageError(f"{path}: its optimizer state is damaged; {fix}") from None
+    params = list(model.parameters())
+    param_shapes = sorted(tuple(p.shape) for p in params)
+    fits = n_opt == len(params) and (not state_shapes or state_shapes == param_shapes)
+    if not fits:
+        raise UsageError(f"{path}: its optimizer state does not fit its model ({n_opt} tensors for {len(params)} parameters); {fix}")
 
 
 def save_checkpoint(checkpoint, path):
@@ -714,7 +851,7 @@ def find_resume_checkpoint(log_dir):
     """The newest checkpoint in log_dir that loads; damaged ones are reported and skipped."""
     for _, path in list_checkpoints(log_dir):
         try:
-            return path, load_checkpoint(path)
+            return path, load_checkpoint(path, resume=True)
         except UsageError as e:
             print(f"skipping {path}: {e}")
     raise UsageError(f"--resume: no checkpoint (model_*.pt) in {log_dir} to resume from; start without --resume")
@@ -898,7 +1035,7 @@ def load_or_build_model(args, ctx):
     if args.resume == "auto":
         path, checkpoint = find_resume_checkpoint(args.log_dir)
     else:
-        path, checkpoint = args.resume, load_checkpoint(args.resume)
+        path, checkpoint = args.resume, load_checkpoint(args.resume, resume=True)
     if args.batch_size == "auto":  # the micro-batch the run chose
         args.batch_size = checkpoint["args"]["batch_size"]
     check_resume_compatible(checkpoint, args, ctx.world_size)
@@ -1136,7 +1273,7 @@ def train(args, ctx):
                     say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
                     log_line(ctx, log_file, f"{step} hella {n_correct_norm / n_total:.4f}")
                 if ctx.master and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step):
-                    for i, text in enumerate(sample(model, "Hello, I'm a language model,", 4, 32, sample_generator, dtype)):
+                    for i, text in enumerate(sample(model, args.sample_prompt, 4, 32, sample_generator, dtype)):
                         print(f"sample {i}: {text}")
 
             stopping = stop.agreed(ctx, ctx.device)
@@ -1244,6 +1381,7 @@ def parse_args(argv=None):
     g.add_argument("--hellaswag_every", type=int, default=250, help="HellaSwag acc_norm every N steps (0 = off)")
     g.add_argument("--hellaswag_data", default=None, help="a local HellaSwag jsonl (default: download the val split)")
     g.add_argument("--sample_every", type=int, default=250, help="print samples every N steps (0 = off)")
+    g.add_argument("--sample_prompt", default="Hello, I'm a language model,", help="the prompt those samples continue")
     g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps (0 = only at the end); the last step always writes one")
@@ -1265,6 +1403,27 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def check_output_dir(path, flag):
+    """A directory the program will write: it must be a directory (or creatable as one) that we can write."""
+    target = os.path.abspath(path)
+    while not os.path.exists(target):  # the nearest part of the path that exists
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        where = "it is a file" if target == os.path.abspath(path) else f"{target} is a file"
+        raise UsageError(f"{path}: {flag} must be a directory, but {where}; pass another {flag}")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: {flag} is not writable ({target} is read-only for this user); pass another {flag}")
+
+
+def check_export_dir(path):
+    """--export writes a Hugging Face directory: refuse to mix it into, or overwrite, a directory of other files."""
+    check_output_dir(path, "--export")
+    if os.path.isdir(path):
+        others = sorted(set(os.listdir(path)) - EXPORT_FILES)
+        if others:
+            raise UsageError(f"{path}: --export directory already holds other files ({', '.join(others[:3])}); pass a new or empty directory")
+
+
 def check_args(args):
     """Mistakes that need no data or model to find, caught before any work starts."""
     positive = ["seq_len", "total_batch_size", "val_steps", "keep_checkpoints", "num_samples"]
@@ -1282,6 +1441,10 @@ def check_args(args):
         grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
     if (args.sample is not None or args.export) and args.init_from == "scratch":
         raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
+    if args.export:
+        check_export_dir(args.export)
+    elif args.sample is None:  # training writes log.txt and checkpoints
+        check_output_dir(args.log_dir, "--log_dir")
 
 
 def sample_or_export(args):

@@ -1,16 +1,23 @@
-"""Shared test set-up: offline data from ../shared/data, the real GPT-2 vocab, no hub access."""
+"""Shared test set-up: the data committed under tests/data and the top-level input.txt, the real GPT-2 vocab,
+no network and nothing outside the repository."""
+import atexit
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
+DATA = ROOT / "tests" / "data"
 
-# must be set before tiktoken / transformers are imported anywhere
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+# must be set before tiktoken / transformers are imported anywhere; subprocesses inherit it (run_env).
+# A private copy: tiktoken also caches every local file it reads (the export's converted vocab) in that folder.
+_TIKTOKEN_CACHE = tempfile.mkdtemp(prefix="tiktoken_cache_")
+shutil.copytree(DATA / "tiktoken_cache", _TIKTOKEN_CACHE, dirs_exist_ok=True)
+atexit.register(shutil.rmtree, _TIKTOKEN_CACHE, ignore_errors=True)
+os.environ["TIKTOKEN_CACHE_DIR"] = _TIKTOKEN_CACHE
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(ROOT))
@@ -25,25 +32,37 @@ def run_env():
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-    if not SHARED.is_dir():
-        pytest.fail(f"offline test data not found at {SHARED}")
-    return SHARED
+def test_data():
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def shakespeare_file():
+    """The repository's Tiny Shakespeare (read only: tests that write next to their data use `shakespeare`)."""
+    path = ROOT / "input.txt"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: it is part of the repository (git checkout input.txt)")
+    return path
 
 
 @pytest.fixture
-def shakespeare(tmp_path, shared_data):
-    """A private copy of Tiny Shakespeare (tests never write into ../shared)."""
+def shakespeare(tmp_path, shakespeare_file):
+    """A private copy of Tiny Shakespeare."""
     dst = tmp_path / "input.txt"
-    shutil.copy(shared_data / "tinyshakespeare" / "input.txt", dst)
+    shutil.copy(shakespeare_file, dst)
     return dst
 
 
 @pytest.fixture(scope="session")
-def hellaswag_sample(shared_data):
-    return shared_data / "hellaswag" / "hellaswag_val_sample.jsonl"
+def hellaswag_sample():
+    return DATA / "hellaswag_val_sample.jsonl"
 
 
 @pytest.fixture(scope="session")
-def fineweb_sample(shared_data):
-    return shared_data / "fineweb_sample"
+def fineweb_jsonl():
+    return DATA / "fineweb_sample_100.jsonl"
+
+
+@pytest.fixture(scope="session")
+def fineweb_parquet():
+    return DATA / "fineweb_sample_100.parquet"

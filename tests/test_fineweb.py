@@ -1,6 +1,7 @@
-"""fineweb.py on the offline FineWeb sample (300 real documents): exact tokens, shard layout, resume, errors."""
+"""fineweb.py on the committed FineWeb sample (100 real documents): exact tokens, shard layout, resume, errors."""
 import io
 import json
+import re
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import fineweb
 from conftest import ROOT, run_env
 
 SCRIPT = str(ROOT / "fineweb.py")
-SHARD = 50_000  # 216090 sample tokens -> 4 full shards + a remainder of 16090
+SHARD = 12_000  # the sample's 56739 tokens -> 4 full shards + a remainder
 EOT = 50256
 
 
@@ -41,8 +42,8 @@ def read_texts(path):
 
 
 @pytest.fixture(scope="module")
-def docs(fineweb_sample):
-    return read_texts(fineweb_sample / "fineweb_sample_300.jsonl")
+def docs(fineweb_jsonl):
+    return read_texts(fineweb_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def manifest(out_dir):
 
 
 @pytest.fixture(scope="module")
-def made(env, fineweb_sample, tmp_path_factory):
+def made(env, fineweb_jsonl, fineweb_parquet, tmp_path_factory):
     """made(fmt, num_proc, *extra) -> out_dir with the sample's shards; each variant is built once per module."""
     _made = {}
 
@@ -79,19 +80,25 @@ def made(env, fineweb_sample, tmp_path_factory):
         key = (fmt, num_proc, *extra)
         if key not in _made:
             out = tmp_path_factory.mktemp(f"shards_{fmt}_{num_proc}")
-            run(env, "--local_files", fineweb_sample / f"fineweb_sample_300.{fmt}", "--out_dir", out,
+            run(env, "--local_files", {"jsonl": fineweb_jsonl, "parquet": fineweb_parquet}[fmt], "--out_dir", out,
                 "--shard_size", SHARD, "--num_proc", num_proc, *extra)
             _made[key] = str(out)
         return _made[key]
     return make
 
 
-def test_sample_token_counts(docs, fineweb_sample, expected):
-    # the sample README's numbers: 215790 encode_ordinary tokens, 216090 with one EOT per document
+def test_sample_token_counts(docs, fineweb_jsonl, fineweb_parquet, expected):
     tokens, lens = expected
-    assert len(docs) == 300 and len(tokens) == 216090 and int(lens.sum()) - 300 == 215790
+    assert len(docs) == 100 and len(tokens) == int(lens.sum()) and 4 * SHARD < len(tokens) < 5 * SHARD
+    # FineWeb's own GPT-2 token_count agrees with tiktoken, except where its PII step replaced an email address
+    # after counting (documents 41, 54 and 70 of the stream)
+    enc = tiktoken.get_encoding("gpt2")
+    with open(fineweb_jsonl) as f:
+        rows = [json.loads(line) for line in f]
+    differ = [r["id"] for r in rows if len(enc.encode_ordinary(r["text"])) != r["token_count"]]
+    assert differ == [41, 54, 70] and all("@example." in rows[i]["text"] for i in differ)
     import pyarrow.parquet as pq
-    assert pq.read_table(fineweb_sample / "fineweb_sample_300.parquet")["text"].to_pylist() == docs
+    assert pq.read_table(fineweb_parquet)["text"].to_pylist() == docs
 
 
 @pytest.mark.parametrize("fmt,num_proc", [("jsonl", 1), ("parquet", 2)])
@@ -103,16 +110,16 @@ def test_shards_are_the_documents_in_order(made, expected, fmt, num_proc):
                                 "edufineweb_val_000000.npy"]
     shards = [np.load(os.path.join(out, e["file"])) for e in manifest(out)["shards"]]  # in index order
     assert all(s.dtype == np.uint16 for s in shards)
-    assert [len(s) for s in shards] == [SHARD] * 4 + [216090 - 4 * SHARD]
+    assert [len(s) for s in shards] == [SHARD] * 4 + [len(tokens) - 4 * SHARD]
     np.testing.assert_array_equal(np.concatenate(shards), tokens)
     # the manifest says where each shard ends in the document stream
     m = manifest(out)
-    assert m["complete"] and m["docs_total"] == 300
+    assert m["complete"] and m["docs_total"] == 100
     ends = np.cumsum(lens)
     for i, e in enumerate(m["shards"]):
         before = int(ends[e["docs_done"] - 1]) if e["docs_done"] else 0
         assert before + e["doc_offset"] == min((i + 1) * SHARD, len(tokens))
-        assert 0 <= e["doc_offset"] < (lens[e["docs_done"]] if e["docs_done"] < 300 else 1)
+        assert 0 <= e["doc_offset"] < (lens[e["docs_done"]] if e["docs_done"] < 100 else 1)
 
 
 def test_num_proc_1_and_2_give_identical_shards(made):
@@ -124,15 +131,19 @@ def test_streaming_gives_identical_shards(made):
     assert file_bytes(made("jsonl", 2, "--streaming")) == file_bytes(made("jsonl", 1))
 
 
-def test_stop_and_resume_is_byte_identical(env, made, fineweb_sample, tmp_path):
+def test_stop_and_resume_is_byte_identical(env, made, fineweb_jsonl, expected, tmp_path):
     ref = file_bytes(made("jsonl", 1))
-    args = ["--local_files", fineweb_sample / "fineweb_sample_300.jsonl", "--out_dir", tmp_path, "--shard_size", SHARD]
-    # shard 1 ends 6166 tokens into document 147: the resumed run must start mid-document
+    args = ["--local_files", fineweb_jsonl, "--out_dir", tmp_path, "--shard_size", SHARD]
+    # where shard 1 ends in the document stream: inside a document, so the resumed run must start mid-document
+    ends = np.cumsum(expected[1])
+    doc = int(np.searchsorted(ends, 2 * SHARD, side="right"))
+    offset = 2 * SHARD - int(ends[doc - 1])
+    assert 0 < offset < expected[1][doc]
     proc = run(env, *args, "--num_proc", 2, "--stop_after_shards", 2)
     assert "stopped after 2 shards" in proc.stdout
     assert shard_files(tmp_path) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy"]
     m = manifest(tmp_path)
-    assert not m["complete"] and (m["shards"][-1]["docs_done"], m["shards"][-1]["doc_offset"]) == (147, 6166)
+    assert not m["complete"] and (m["shards"][-1]["docs_done"], m["shards"][-1]["doc_offset"]) == (doc, offset)
     proc = run(env, *args, "--num_proc", 1)
     assert "resuming after shard 1" in proc.stdout
     assert file_bytes(tmp_path) == ref and manifest(tmp_path)["complete"]
@@ -144,14 +155,16 @@ def test_stop_and_resume_is_byte_identical(env, made, fineweb_sample, tmp_path):
     assert proc.returncode != 0 and "shard_size" in proc.stderr and "--out_dir" in proc.stderr
 
 
-def test_resume_at_every_shard_inside_a_long_document(docs, tmp_path, monkeypatch):
-    # document 147 has 9710 tokens: with 1000-token shards it spans ten of them, so most runs below start and
+def test_resume_at_every_shard_inside_a_long_document(docs, expected, tmp_path, monkeypatch):
+    # the sample's longest document (5602 tokens) spans eight 700-token shards, so most runs below start and
     # end inside it. Each run writes one shard and stops; together they must equal one uninterrupted run.
+    longest = int(np.argmax(expected[1]))
+    assert expected[1][longest] > 8 * 700
     import datasets
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:5] + [docs[147]] + docs[5:10]))
-    args = ["--local_files", str(corpus), "--shard_size", "1000", "--num_proc", "1"]
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:5] + [docs[longest]] + docs[5:10]))
+    args = ["--local_files", str(corpus), "--shard_size", "700", "--num_proc", "1"]
     fineweb.main(args + ["--out_dir", str(tmp_path / "ref")])
     n = len(shard_files(tmp_path / "ref"))
     assert n > 12
@@ -162,8 +175,8 @@ def test_resume_at_every_shard_inside_a_long_document(docs, tmp_path, monkeypatc
     assert manifest(tmp_path / "out")["complete"] and file_bytes(tmp_path / "out") == file_bytes(tmp_path / "ref")
 
 
-def test_streaming_resume(env, made, fineweb_sample, tmp_path):
-    args = ["--local_files", fineweb_sample / "fineweb_sample_300.jsonl", "--out_dir", tmp_path, "--shard_size", SHARD,
+def test_streaming_resume(env, made, fineweb_jsonl, tmp_path):
+    args = ["--local_files", fineweb_jsonl, "--out_dir", tmp_path, "--shard_size", SHARD,
             "--streaming", "--num_proc", 1]
     run(env, *args, "--stop_after_shards", 3)
     assert len(shard_files(tmp_path)) == 3
@@ -178,10 +191,10 @@ def npy_bytes(tokens):
 
 
 def test_killed_run_resumes_byte_identical(env, docs, expected, tmp_path):
-    # a corpus long enough that SIGKILL lands mid-run: the sample 10 times, 2.16M tokens, 44 shards
+    # a corpus long enough that SIGKILL lands mid-run: the sample 30 times, 1.7M tokens, 142 shards
     corpus = tmp_path / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 10))
-    stream = np.tile(expected[0], 10)
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs * 30))
+    stream = np.tile(expected[0], 30)
     n = -(-len(stream) // SHARD)
     # what an uninterrupted run writes (test_shards_are_the_documents_in_order checks that one on the sample)
     want = {fineweb.shard_name(i): npy_bytes(stream[i * SHARD:(i + 1) * SHARD]) for i in range(n)}
@@ -237,8 +250,8 @@ def test_dataloaderlite_reads_the_shards(made, expected):
     assert x.flatten().tolist() == tokens[2 * SHARD : 2 * SHARD + B * T].tolist()
 
 
-def test_cli_errors_are_one_line(env, fineweb_sample, tmp_path):
-    sample = fineweb_sample / "fineweb_sample_300.jsonl"
+def test_cli_errors_are_one_line(env, fineweb_jsonl, tmp_path):
+    sample = fineweb_jsonl
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
     cases = [
@@ -252,23 +265,22 @@ def test_cli_errors_are_one_line(env, fineweb_sample, tmp_path):
         if "--out_dir" not in args:
             args = args + ["--out_dir", tmp_path / f"out{len(message)}"]
         proc = run(env, *args, check=False)
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("fineweb.py: error:")]
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
         assert len(lines) == 1 and message in lines[0], proc.stderr
 
 
-def test_input_checks(tmp_path, fineweb_sample):
+def test_input_checks(tmp_path, fineweb_jsonl, fineweb_parquet):
     csv = tmp_path / "data.csv"
     csv.write_text("text\nhello\n")
     with pytest.raises(fineweb.DataError, match="unsupported file type .csv"):
         fineweb.main(["--local_files", str(csv), "--out_dir", str(tmp_path / "o1")])
     with pytest.raises(fineweb.DataError, match="mixes formats"):
-        fineweb.main(["--local_files", str(fineweb_sample / "fineweb_sample_300.jsonl"),
-                      str(fineweb_sample / "fineweb_sample_300.parquet"), "--out_dir", str(tmp_path / "o2")])
+        fineweb.main(["--local_files", str(fineweb_jsonl), str(fineweb_parquet), "--out_dir", str(tmp_path / "o2")])
     (tmp_path / "o3").mkdir()
     np.save(tmp_path / "o3" / "edufineweb_train_000001.npy", np.zeros(3, np.uint16))
     with pytest.raises(fineweb.DataError, match="no manifest.json"):
-        fineweb.main(["--local_files", str(fineweb_sample / "fineweb_sample_300.jsonl"), "--out_dir", str(tmp_path / "o3")])
+        fineweb.main(["--local_files", str(fineweb_jsonl), "--out_dir", str(tmp_path / "o3")])
 
 
 def test_token_ids_must_fit_uint16():
@@ -284,3 +296,35 @@ def test_defaults_are_the_real_job():
     assert (args.out_dir, args.shard_size, args.streaming) == ("edu_fineweb10B", 10**8, False)
     assert args.num_proc == fineweb.cpu_count() >= 1
     assert fineweb.get_args(["--remote_name", "sample-100BT"]).out_dir == "edu_fineweb100B"
+
+
+def test_bad_local_files_and_out_dir_are_one_line(env, fineweb_jsonl, tmp_path):
+    """Each bad input by name, before any work: nothing is written to --out_dir."""
+    def write(name, data):
+        path = tmp_path / name
+        path.write_bytes(data)
+        return path
+    latin = write("latin.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    latin_txt = write("latin.txt", "caf\u00e9\n".encode("latin-1"))
+    empty = write("empty.jsonl", b"")
+    not_json = write("docs.jsonl", b"text,id\nhello,1\n")
+    not_parquet = write("docs.parquet", fineweb_jsonl.read_bytes()[:2000])
+    a_file = write("out_file", b"mine")
+    cases = [
+        ([latin], "latin.jsonl: not UTF-8 text (byte 0xe9 at offset 13)"),
+        ([latin_txt], "latin.txt: not UTF-8 text"),
+        ([empty], "empty.jsonl: the file is empty"),
+        ([not_json], "docs.jsonl: line 1 is not a JSON object"),
+        ([not_parquet], "docs.parquet: not a parquet file"),
+        ([fineweb_jsonl, "--out_dir", a_file], "out_file: --out_dir is a file, not a directory"),
+    ]
+    for i, (args, message) in enumerate(cases):
+        out = args if "--out_dir" in args else args + ["--out_dir", tmp_path / f"out{i}"]
+        with pytest.raises(fineweb.DataError, match=re.escape(message)):
+            fineweb.main(["--local_files", *map(str, out)])
+        assert not (tmp_path / f"out{i}").exists()
+    assert a_file.read_bytes() == b"mine"
+    proc = run(env, "--local_files", latin, "--out_dir", tmp_path / "cli", check=False)  # and through the script
+    err = proc.stderr.strip()
+    assert proc.returncode != 0 and "Traceback" not in err and err.count("\n") == 0, err
+    assert err.startswith("error: ") and "latin.jsonl: not UTF-8 text" in err

@@ -212,3 +212,21 @@ def test_in_loop_eval_with_compile(hellaswag_sample, shakespeare, tmp_path):
     _, num_correct_norm, num_total = hellaswag.evaluate(model, "cpu", data=sample)
     assert num_total == 16
     assert hella[-1][2] == f"{num_correct_norm / num_total:.4f}"
+
+
+def test_cli_bad_files_and_cache_dir_are_one_line(hellaswag_sample, tmp_path):
+    """Unreadable data, a data folder, a cache dir that is a file, a checkpoint that does not fit its config."""
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(hellaswag_sample.read_bytes().splitlines(keepends=True)[0] + '{"ctx": "caf\u00e9"}\n'.encode("latin-1"))
+    a_file = tmp_path / "cache"
+    a_file.write_text("mine")
+    cases = [(["--data", str(latin)], "latin.jsonl: not UTF-8 text"),
+             (["--data", str(tmp_path)], "a directory, not a HellaSwag jsonl file"),
+             (["--cache_dir", str(a_file)], "cache: cannot use it as the HellaSwag cache directory")]
+    for extra, message in cases:
+        out = subprocess.run([sys.executable, "hellaswag.py", "-m", "gpt2", *extra], cwd=ROOT, env=run_env(),
+                             capture_output=True, text=True, timeout=120)
+        err = out.stderr.strip()
+        assert out.returncode != 0 and "Traceback" not in err and err.count("\n") == 0, err
+        assert err.startswith("error: ") and message in err, err
+    assert a_file.read_text() == "mine"

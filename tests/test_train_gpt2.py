@@ -1,6 +1,7 @@
 """Tests of train_gpt2.py: the model against transformers' GPT-2, sampling, data, optimization, the training CLI
 (single process and torchrun), checkpoints and exact resume. All on CPU, offline."""
 import json
+import shutil
 import math
 import os
 import re
@@ -95,15 +96,15 @@ def test_save_pretrained_round_trip(tmp_path, vocab_size):
         assert torch.allclose(again(idx)[0], ours[..., :50257], atol=1e-5)
 
 
-def test_export_cli_writes_a_directory_pipeline_can_use(tmp_path, shared_data):
+def test_export_cli_writes_a_directory_pipeline_can_use(tmp_path, shakespeare_file, fineweb_jsonl):
     from transformers import AutoTokenizer, pipeline
 
     _, path = hf_tiny(tmp_path, n_layer=2, n_head=2, n_embd=64, std=0.2)  # larger weights: a less repetitive greedy text
     run_cli(["--init_from", path, "--export", tmp_path / "export"], tmp_path)
     enc = tiktoken.get_encoding("gpt2")
     tok = AutoTokenizer.from_pretrained(tmp_path / "export")
-    fineweb = (shared_data / "fineweb_sample" / "fineweb_sample_300.jsonl").read_text().splitlines()[:20]
-    texts = [(shared_data / "tinyshakespeare" / "input.txt").read_text()[:20000], "x <|endoftext|> y \u00fc\u65e5 \U0001f917  \n\n\t"]
+    fineweb = fineweb_jsonl.read_text().splitlines()[:20]
+    texts = [shakespeare_file.read_text()[:20000], "x <|endoftext|> y \u00fc\u65e5 \U0001f917  \n\n\t"]
     texts += [json.loads(line)["text"] for line in fineweb]
     for text in texts:
         assert tok(text)["input_ids"] == enc.encode(text, allowed_special="all")
@@ -443,6 +444,12 @@ def test_default_recipe_losses_are_the_seeds(tmp_path, shakespeare):
         assert log[key] == pytest.approx(expected, abs=2e-6), key
 
 
+def test_samples_continue_sample_prompt(tmp_path, shakespeare):
+    p = run_cli(tiny_run_args(shakespeare, tmp_path / "log", max_steps=1, val_every=0, checkpoint_every=0, sample_every=1) + ["--sample_prompt", "ROMEO:"], tmp_path)
+    samples = [line for line in p.stdout.splitlines() if line.startswith("sample ")]
+    assert len(samples) == 4 and all(line.split(": ", 1)[1].startswith("ROMEO:") for line in samples), p.stdout
+
+
 def test_compile_and_bf16_run_on_cpu(tmp_path, shakespeare):
     log_dir = tmp_path / "log"
     run_cli(tiny_run_args(shakespeare, log_dir, max_steps=3, compile=1, dtype="bfloat16", val_every=3, checkpoint_every=0), tmp_path)
@@ -535,10 +542,10 @@ RESUME_RUN = dict(max_steps=24, checkpoint_every=12, val_every=6, total_batch_si
 
 
 @pytest.fixture(scope="module")
-def reference_runs(tmp_path_factory, shared_data):
+def reference_runs(tmp_path_factory, shakespeare_file):
     """Uninterrupted runs: one process with 4 accumulation steps, and torchrun x2 with 2."""
     tmp = tmp_path_factory.mktemp("ref")
-    data = shared_data / "tinyshakespeare" / "input.txt"
+    data = shakespeare_file
     single = run_cli_popen(tiny_run_args(data, tmp / "single", **RESUME_RUN), tmp)
     wait_ok(single)
     ddp = torchrun(tiny_run_args(data, tmp / "ddp", **RESUME_RUN), tmp)
@@ -567,12 +574,12 @@ print(f"threads before {before} after {threads()}", flush=True)
 """
 
 
-def test_ddp_exit_joins_gloo_threads(tmp_path, shared_data):
+def test_ddp_exit_joins_gloo_threads(tmp_path, shakespeare_file):
     """After main() under torchrun, the process group is gone and its gloo threads with it. A group kept alive lets a
     worker thread free the last collective's tensors while Python shuts down, which aborts the rank (a CI flake)."""
     script = tmp_path / "run_main.py"
     script.write_text(THREADS_AFTER_MAIN)
-    args = tiny_run_args(shared_data / "tinyshakespeare" / "input.txt", tmp_path / "log", max_steps=2, val_every=1, checkpoint_every=1)
+    args = tiny_run_args(shakespeare_file, tmp_path / "log", max_steps=2, val_every=1, checkpoint_every=1)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *map(str, args)]
     out = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -697,3 +704,174 @@ def test_logits_at_selects_positions():
         some = model.logits_at(idx, at)
     assert some.shape == (int(at.sum()), 50257)
     assert torch.allclose(some, full[at], atol=1e-5)
+
+
+# -----------------------------------------------------------------------------
+# every input file and output path is checked: one line `error: <file>: <what>; <fix>`, exit 2, no traceback
+
+
+def assert_one_line_error(p, *needles):
+    err = p.stderr.strip()
+    assert p.returncode == 2 and "Traceback" not in err and err.count("\n") == 0 and err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
+def main_error(argv, capsys):
+    """train_gpt2.main(argv) in this process (no interpreter start-up): exit code 2 and its one stderr line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        tg.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("error: "), err
+    return err
+
+
+TRAIN = ["--model", "d2", "--batch_size", 2, "--seq_len", 16, "--total_batch_size", 32, "--device", "cpu", "--compile", 0, "--max_steps", 1, "--val_every", 0, "--hellaswag_every", 0, "--sample_every", 0]
+
+
+def test_bad_token_shards_are_refused(tmp_path):
+    good = np.arange(1000, dtype=np.uint16)
+    truncated = tmp_path / "t.npy"
+    np.save(truncated, good)
+    cases = {
+        "not_npy": (lambda p: p.write_text("0 1 2 3\n"), "not a .npy file"),
+        "truncated": (lambda p: p.write_bytes(truncated.read_bytes()[:800]), "not a token shard"),
+        "dtype": (lambda p: np.save(p, good.astype(np.int32)), "int32 array, not the 1-D uint16"),
+        "object": (lambda p: np.save(p, np.array([1, "a"], dtype=object), allow_pickle=True), "not a token shard"),
+        "ids": (lambda p: np.save(p, np.full(1000, 60000, dtype=np.uint16)), "token id 60000, outside GPT-2's vocabulary"),
+    }
+    for name, (make, message) in cases.items():
+        root = tmp_path / name
+        write_shards(root, [1000])  # a good shard beside the bad one
+        make(root / "shard_train_000001.npy")
+        with pytest.raises(tg.UsageError, match=re.escape(message)) as e:
+            tg.find_shards(str(root), "train")
+        assert "shard_train_000001.npy: " in str(e.value) and "fineweb.py" in str(e.value)
+    p = run_cli(["--data", tmp_path / "ids", "--log_dir", tmp_path / "log"] + TRAIN, tmp_path, check=False)
+    assert_one_line_error(p, "shard_train_000001.npy: holds token id 60000")
+
+
+def test_bad_text_data_is_refused(tmp_path, capsys):
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1") * 50)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    folder = tmp_path / "folder.txt"
+    folder.mkdir()
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "hi"}\n')
+    for data, message in [(latin, "latin.txt: not UTF-8 text (byte 0xe9 at offset 3)"), (empty, "empty.txt: the file is empty"),
+                          (folder, "folder.txt: a directory"), (jsonl, "docs.jsonl: a file, but --data takes a directory")]:
+        assert message in main_error(["--data", data, "--log_dir", tmp_path / "log"] + TRAIN, capsys)
+    assert_one_line_error(run_cli(["--data", latin, "--log_dir", tmp_path / "log"] + TRAIN, tmp_path, check=False), "not UTF-8")
+
+
+def foreign_checkpoints(tmp_path):
+    """Our format outside, foreign or damaged inside: {name: (path, message)}."""
+    from dataclasses import asdict
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    sd, config = model.state_dict(), asdict(model.config)
+    kinds = {
+        "missing": ({k: v for k, v in sd.items() if "ln_f" not in k}, config, "missing transformer.ln_f.weight"),
+        "extra": (dict(sd, **{"transformer.h.1.ln_1.weight": torch.ones(32)}), config, "unexpected transformer.h.1.ln_1.weight"),
+        "shapes": (sd, dict(config, n_embd=64), "tensor shapes do not fit its config"),
+        "config": (sd, {"hidden_size": 32, "num_layers": 1}, "its config is not a GPT config"),
+    }
+    out = {}
+    for name, (weights, cfg, message) in kinds.items():
+        path = tmp_path / f"{name}.pt"
+        torch.save({"model": weights, "config": cfg, "step": 1}, path)
+        out[name] = (path, message)
+    weights_only = tmp_path / "weights_only.pt"
+    torch.save({"model": sd, "config": config, "step": 1}, weights_only)
+    return out, weights_only
+
+
+def test_foreign_checkpoints_are_refused_everywhere(tmp_path, hellaswag_sample, shakespeare, capsys):
+    bad, weights_only = foreign_checkpoints(tmp_path)
+    for path, message in bad.values():
+        with pytest.raises(tg.UsageError, match=re.escape(message)):
+            tg.GPT.from_pretrained(path)
+        with pytest.raises(tg.UsageError, match=re.escape(message)):
+            tg.load_checkpoint(str(path), resume=True)
+    tg.GPT.from_pretrained(weights_only)  # weights and a config are enough to sample, fine-tune or export
+    with pytest.raises(tg.UsageError, match="no training state to resume"):
+        tg.load_checkpoint(str(weights_only), resume=True)
+    # each command that reads a checkpoint, once through a real process
+    path, message = bad["shapes"]
+    assert_one_line_error(run_cli(["--init_from", path, "--export", tmp_path / "export"], tmp_path, check=False), f"{path.name}: ", message)
+    assert not (tmp_path / "export").exists()
+    path, message = bad["missing"]
+    assert message in main_error(["--init_from", path, "--data", shakespeare, "--log_dir", tmp_path / "l1"] + TRAIN[2:], capsys)
+    assert "no training state to resume" in main_error(["--resume", weights_only, "--data", shakespeare, "--log_dir", tmp_path / "l2"] + TRAIN, capsys)
+    p = subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), "-m", str(bad["config"][0]), "--data", str(hellaswag_sample), "-d", "cpu"],
+                       cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
+    assert p.stderr.startswith("error: ") and "its config is not a GPT config" in p.stderr
+
+
+def test_resume_skips_a_foreign_checkpoint(tmp_path, shakespeare):
+    log_dir = tmp_path / "log"
+    run_cli(tiny_run_args(shakespeare, log_dir, max_steps=2, checkpoint_every=2, val_every=0), tmp_path)
+    ckpt = torch.load(log_dir / "model_00002.pt", weights_only=True)
+    ckpt["optimizer"]["state"] = {0: {"exp_avg": torch.zeros(3, 3), "exp_avg_sq": torch.zeros(3, 3), "step": torch.tensor(1.0)}}
+    torch.save(ckpt, log_dir / "model_00004.pt")  # newer, but its optimizer is another model's
+    with pytest.raises(tg.UsageError, match="optimizer state does not fit its model"):
+        tg.load_checkpoint(str(log_dir / "model_00004.pt"), resume=True)
+    path, _ = tg.find_resume_checkpoint(str(log_dir))
+    assert path.endswith("model_00002.pt")
+
+
+def test_bad_hugging_face_directories_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, good = hf_tiny(tmp_path)
+    def variant(name, edit):
+        d = tmp_path / name
+        shutil.copytree(good, d)
+        edit(d)
+        return d
+    def drop_ln_f(d):
+        weights = load_file(d / "model.safetensors")
+        save_file({k: v for k, v in weights.items() if "ln_f" not in k}, d / "model.safetensors", metadata={"format": "pt"})
+    cases = [
+        (variant("bert", lambda d: (d / "config.json").write_text(json.dumps(dict(json.loads((d / "config.json").read_text()), model_type="bert")))), "a 'bert' model, not GPT-2"),
+        (variant("noweights", lambda d: (d / "model.safetensors").unlink()), "no weights"),
+        (variant("badjson", lambda d: (d / "config.json").write_text("{not json")), "not a readable JSON config"),
+        (variant("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000])), "could not load it as GPT-2"),
+        (variant("partial", drop_ln_f), "its weights lack 2 of GPT-2's tensors"),
+    ]
+    for d, message in cases:
+        with pytest.raises(tg.UsageError, match=re.escape(message)) as e:
+            tg.GPT.from_pretrained(d)
+        assert "\n" not in str(e.value) and str(d) in str(e.value)
+    assert_one_line_error(run_cli(["--init_from", cases[0][0], "--sample", "hi"], tmp_path, check=False), "not GPT-2")
+
+
+def test_output_locations_are_checked_before_work(tmp_path, shakespeare, capsys):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    _, weights_only = foreign_checkpoints(tmp_path)
+    for args, message in [
+        (["--data", shakespeare, "--log_dir", a_file] + TRAIN, "notes.txt: --log_dir must be a directory, but it is a file"),
+        (["--data", shakespeare, "--log_dir", a_file / "run1"] + TRAIN, "--log_dir must be a directory, but"),
+        (["--init_from", weights_only, "--export", a_file], "notes.txt: --export must be a directory"),
+    ]:
+        assert message in main_error(args, capsys)
+    assert_one_line_error(run_cli(["--data", shakespeare, "--log_dir", a_file] + TRAIN, tmp_path, check=False), "--log_dir must be a directory")
+    assert a_file.read_text() == "mine"
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    (mine / "README.md").write_text("my notes")
+    assert "already holds other files (README.md)" in main_error(["--init_from", weights_only, "--export", mine], capsys)
+    assert (mine / "config.json").read_text() == "{}"
+    # an earlier export is replaced: it holds only what an export writes
+    tg.main(["--init_from", str(weights_only), "--export", str(tmp_path / "exp")])
+    tg.main(["--init_from", str(weights_only), "--export", str(tmp_path / "exp")])
+    # an unwritable place (root may write anywhere: check the test's premise first)
+    ro = tmp_path / "ro"
+    ro.mkdir(mode=0o555)
+    if not os.access(ro, os.W_OK):
+        assert "--log_dir is not writable" in main_error(["--data", shakespeare, "--log_dir", ro / "log"] + TRAIN, capsys)

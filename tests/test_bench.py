@@ -1,14 +1,19 @@
 """bench.py runs its modes end to end on tiny settings and prints lines that parse. No timing is checked."""
+import argparse
 import re
 import subprocess
 import sys
 
+import torch
+
+import bench
 from conftest import ROOT, run_env
 
 NUM = r"([0-9]+(?:\.[0-9]+)?)"
+ROW = rf"^\s+{NUM} tok/s \| {NUM} ms/step \| {NUM} GFLOP/s \| MFU {NUM}% of measured (bf16|fp32) matmul peak .* \| loss {NUM}$"
 
 
-def bench(*args, timeout=120):
+def run_bench(*args, timeout=120):
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), *args], cwd=ROOT, env=run_env(),
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -16,25 +21,45 @@ def bench(*args, timeout=120):
 
 
 def test_train_compare_hf_prints_every_variant_and_the_ratio_line_last():
-    out = bench("--model", "d2", "--batch_size", "2", "--seq_len", "32", "--steps", "2", "--compile", "0", "--compare", "hf")
+    out = run_bench("--model", "d2", "--batch_size", "2", "--seq_len", "32", "--steps", "2", "--compile", "0", "--compare", "hf")
     lines = out.strip().splitlines()
     assert re.fullmatch(rf"ratio vs hf fp32: {NUM}  vs hf same settings: {NUM}", lines[-1]), lines[-1]
-    rows = re.findall(rf"^\s+{NUM} tok/s \| {NUM} ms/step \(forward {NUM}, backward {NUM}, clip\+optimizer {NUM}\) \| "
-                      rf"{NUM} GFLOP/s \| MFU {NUM}% \(forward\+backward alone {NUM}%\) of measured (bf16|fp32) matmul peak", out, re.M)
+    rows = re.findall(ROW, out, re.M)
     assert len(rows) == 3, out
-    assert [r[-1] for r in rows][1] == "fp32"  # the Hugging Face baseline runs in fp32
-    for tok_s, step_ms, fwd, bwd, opt, *_ in rows:
-        # the split adds up to the step (medians of each part, so only roughly)
-        assert float(tok_s) > 0 and float(step_ms) > 0
-        assert 0.5 < (float(fwd) + float(bwd) + float(opt)) / float(step_ms) < 1.5
+    assert [r[4] for r in rows] == ["bf16", "fp32", "bf16"]  # the Hugging Face baseline runs in fp32
+    assert all(float(r[0]) > 0 and float(r[1]) > 0 for r in rows)
     assert "GPT2LMHeadModel" in out and "peak RSS" in out
     # ours and theirs start from different random weights but train on the same tokens: both near ln(50257) ~ 10.8
-    losses = [float(m) for m in re.findall(rf"loss {NUM}$", out, re.M)]
-    assert len(losses) == 3 and all(5 < l < 12 for l in losses), losses
+    losses = [float(r[5]) for r in rows]
+    assert all(5 < loss < 12 for loss in losses), losses
+
+
+def test_ladder_without_compile_runs_its_rungs_on_the_same_weights():
+    out = run_bench("--model", "d2", "--batch_size", "2", "--seq_len", "32", "--steps", "2", "--compile", "0",
+                    "--dtype", "float32", "--compare", "ladder")
+    names = re.findall(r"^(\S.*)\n" + ROW, out, re.M)
+    assert [n[0] for n in names] == ["fp32, default AdamW, full logits", "+ fused AdamW", "+ chunked loss", "+ fp32 autocast"], out
+    # same seed, same batch, same steps: the fp32 rungs differ only in rounding (fused AdamW, the chunked loss)
+    losses = [float(n[-1]) for n in names]
+    assert max(losses) - min(losses) < 2e-4, losses
+    assert re.search(rf"^speed-up over the first: 1\.00x(, {NUM}x){{3}}$", out, re.M), out
+
+
+def test_ladder_ends_with_our_defaults_then_build_nanogpts_full_logits_under_compile():
+    args = argparse.Namespace(compile=1, loss_chunk_size=None, compare="ladder")
+    ladder = bench.train_variants(args, torch.bfloat16)
+    assert [(v.dtype, v.compile, v.fused, v.loss_chunk_size) for v in ladder] == [
+        (torch.float32, False, False, 0),
+        (torch.float32, False, True, 0),
+        (torch.float32, False, True, None),
+        (torch.bfloat16, False, True, None),
+        (torch.bfloat16, True, True, None),  # train_gpt2.py's defaults: the loss path by device
+        (torch.bfloat16, True, True, 0),  # build-nanogpt: full logits and F.cross_entropy, compiled
+    ]
 
 
 def test_memory_mode_reports_the_same_loss_for_full_logits_and_chunked_loss():
-    out = bench("--mode", "memory", "--model", "d2", "--batch_size", "2", "--seq_len", "32", "--dtype", "float32", "--repeats", "1")
+    out = run_bench("--mode", "memory", "--model", "d2", "--batch_size", "2", "--seq_len", "32", "--dtype", "float32", "--repeats", "1")
     rows = re.findall(rf"^(full logits|chunked loss) .*? fp32: peak RSS {NUM} GiB .*?losses ([0-9., ]+), step times", out, re.M)
     assert [r[0] for r in rows] == ["full logits", "chunked loss"] and all(float(r[1]) > 0 for r in rows), out
     full, chunked = ([float(x) for x in r[2].split(", ")] for r in rows)
@@ -44,22 +69,9 @@ def test_memory_mode_reports_the_same_loss_for_full_logits_and_chunked_loss():
 
 
 def test_sample_mode_decodes_the_same_tokens_with_and_without_the_cache():
-    out = bench("--mode", "sample", "--model", "d1", "--max_new_tokens", "12", "--repeats", "1")
+    out = run_bench("--mode", "sample", "--model", "d1", "--max_new_tokens", "12", "--repeats", "1")
     assert "identical tokens: True" in out, out
     assert re.search(rf"^sampling speed-up with the KV cache: {NUM}x$", out, re.M), out
-
-
-def test_hellaswag_mode_predicts_the_same_batched_and_one_at_a_time(hellaswag_sample):
-    out = bench("--mode", "hellaswag", "--model", "d1", "--data", str(hellaswag_sample), "--limit", "6",
-                "--hellaswag_batch_size", "4", "--repeats", "1")
-    assert "6 examples" in out and "identical predictions: True" in out, out
-    assert re.search(rf"^batched HellaSwag speed-up: {NUM}x$", out, re.M), out
-
-
-def test_data_mode_times_the_text_and_npy_loaders(shakespeare):
-    out = bench("--mode", "data", "--model", "d2", "--data", str(shakespeare), "--batches", "20", "--repeats", "1")
-    rates = re.findall(rf"^(input\.txt \(tokens in memory\)|3 \.npy shards \(memory-mapped\))\s+{NUM} batches/s", out, re.M)
-    assert len(rates) == 2 and all(float(r) > 0 for _, r in rates), out
 
 
 def test_bad_input_is_one_line_error():

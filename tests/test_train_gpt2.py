@@ -589,6 +589,28 @@ def test_ddp_exit_joins_gloo_threads(tmp_path, shakespeare_file):
         assert int(after) <= int(before), out.stdout[-3000:]
 
 
+def test_ddp_compile_hellaswag_and_auto_batch_size(tmp_path, shakespeare, hellaswag_sample):
+    """torchrun x2 with torch.compile under DDP, HellaSwag split over the ranks, and --batch_size auto."""
+    rows = hellaswag_sample.read_text().splitlines(keepends=True)[:16]
+    data = tmp_path / "hellaswag16.jsonl"
+    data.write_text("".join(rows))
+    log_dir = tmp_path / "log"
+    out = wait_ok(torchrun(tiny_run_args(shakespeare, log_dir, batch_size="auto", compile=1, max_steps=2, val_every=0,
+                                         hellaswag_every=2, hellaswag_data=data, checkpoint_every=0), tmp_path), timeout=600)
+    # the CPU rule: the largest power of two with B*T <= 8192 and B*T*ranks <= --total_batch_size (here 512/(64*2))
+    assert "--batch_size auto: micro-batch 4" in out and "= 4 x 64 x 2 ranks x 1 accumulation steps" in out, out[-3000:]
+    log = read_log(log_dir)
+    assert all(math.isfinite(log[(s, "train")]) for s in range(2))
+    # each rank scored 8 rows: the logged accuracy is over all 16 only if the all-reduce summed both ranks' counts
+    import hellaswag
+
+    model = tg.GPT.from_pretrained(log_dir / "model_00002.pt").eval()
+    _, n_norm, n_total = hellaswag.evaluate(model, "cpu", data=str(data))
+    assert n_total == 16
+    assert f"HellaSwag accuracy: {n_norm}/16=" in out.split("step     1")[-1], out[-3000:]
+    assert log[(2, "hella")] == round(n_norm / 16, 4)
+
+
 def assert_resumed_equal(reference, log, from_step):
     steps = [k for k in reference if k[0] > from_step]
     assert steps

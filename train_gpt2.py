@@ -152,8 +152,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
             loss += ((lse - target_logit) * vc).sum()
             # d(loss)/d(logits) = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
-            grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place: one chunk-sized buffer, not three
-            grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+            grad = softmax_minus_one_hot_(logits, lse, safe_t)
             grad *= (vc / n_valid)[:, None]
             grad = grad.to(x.dtype)
             grad_x[i : i + chunk_size] = grad @ weight
@@ -165,6 +164,60 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
+def softmax_minus_one_hot_(logits, lse, safe_t):
+    """d(cross-entropy)/d(logits) per row, in place in the float32 logits: one chunk-sized buffer, not three."""
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+    return grad
+
+
+# ---- chunked loss for fp16: the gradient is made in backward, once the loss scale is known
+
+
+class LinearCrossEntropyScaled(torch.autograd.Function):
+    """LinearCrossEntropy for float16 inputs, whose gradients need GradScaler's loss scale.
+
+    (softmax - one_hot) / n_valid is mostly far below fp16's smallest number (6e-8) when cast before the scale is
+    applied: at 65536 tokens every probability under ~4e-3 becomes 0. The scale only arrives as grad_loss in
+    backward, so forward keeps x, weight and each row's logsumexp (as much memory as LinearCrossEntropy's saved
+    gradients) and backward makes each chunk's logits again, scales them by grad_loss / n_valid in float32 and
+    only then casts: the precision of an ordinary fp16 lm_head under the same scale, for one more lm_head matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_size):
+        valid = targets != -1
+        n_valid = valid.sum().clamp(min=1)
+        lse = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for i in range(0, x.size(0), chunk_size):
+            tc, vc = targets[i : i + chunk_size], valid[i : i + chunk_size]
+            logits = (x[i : i + chunk_size] @ weight.t()).float()
+            lse[i : i + chunk_size] = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
+            loss += ((lse[i : i + chunk_size] - target_logit) * vc).sum()
+        ctx.save_for_backward(x, weight, targets, lse, n_valid)
+        ctx.chunk_size = chunk_size
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, targets, lse, n_valid = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        scale = grad_loss.float() / n_valid  # loss scale / accumulation steps / tokens, in float32
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, x.size(0), chunk_size):
+            xc, tc = x[i : i + chunk_size], targets[i : i + chunk_size]
+            logits = (xc @ weight.t()).float()
+            grad = softmax_minus_one_hot_(logits, lse[i : i + chunk_size], tc.clamp(min=0))
+            grad *= ((tc != -1) * scale)[:, None]
+            grad = grad.to(x.dtype)
+            grad_x[i : i + chunk_size] = grad @ weight
+            grad_w += (grad.t() @ xc).float()
+        return grad_x, grad_w.to(weight.dtype), None, None
 
 
 # Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
@@ -179,7 +232,9 @@ def chunked_cross_entropy(x, weight, targets, chunk_size):
     else:
         x = x.to(weight.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(x, weight, targets, chunk_size)
+        # fp16 cannot hold the gradients before GradScaler's scale multiplies them: they wait for backward
+        fn = LinearCrossEntropyScaled if x.dtype == torch.float16 else LinearCrossEntropy
+        return fn.apply(x, weight, targets, chunk_size)
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     for i in range(0, x.size(0), chunk_size):
         logits = (x[i : i + chunk_size] @ weight.t()).float()

@@ -190,6 +190,42 @@ def test_chunked_loss_under_bf16_autocast_is_close_in_loss_and_gradients():
     assert (g_full - g_chunked).norm() / g_full.norm() < 2e-2
 
 
+def loss_scaled_grads(x, w, t, dtype, scale, chunk):
+    """Gradients of x and w, computed in dtype through a loss multiplied by scale (as GradScaler does), unscaled."""
+    x, w = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+    if chunk:
+        loss = tg.chunked_cross_entropy(x, w, t, chunk)
+    else:  # full logits: an ordinary lm_head matmul and F.cross_entropy
+        loss = torch.nn.functional.cross_entropy((x @ w.t()).float(), t, ignore_index=-1)
+    (loss * scale).backward()
+    return x.grad.float() / scale, w.grad.float() / scale
+
+
+@pytest.mark.parametrize("dtype, scale", [(torch.float16, 2.0**16), (torch.bfloat16, 1.0)])
+def test_chunked_loss_gradients_under_loss_scaling_are_as_accurate_as_full_logits(dtype, scale):
+    # near-uniform logits over 8192 ids and 1024 rows: (softmax - one_hot) / n_valid is ~1e-7, near fp16's smallest
+    # number (6e-8); cast before the scale is applied (the old code) the gradient into the network was 0.7% off
+    # and the unseen ids' rows 13%, against 0.05% and 0.03% for full logits
+    torch.manual_seed(0)
+    N, C, V = 1024, 16, 8192
+    x, w = torch.randn(N, C), torch.randn(V, C) * 0.05
+    t = torch.randint(0, V, (N,))
+    t[:40] = -1
+    unseen = torch.ones(V, dtype=torch.bool)
+    unseen[t[t >= 0]] = False  # their gradient is made of the small softmax terms only
+    ref_x, ref_w = loss_scaled_grads(x, w, t, torch.float32, 1.0, 0)
+
+    def errors(gx, gw):
+        rel = lambda a, b: ((a - b).norm() / b.norm()).item()
+        return rel(gx, ref_x), rel(gw, ref_w), rel(gw[unseen], ref_w[unseen])
+
+    ordinary = errors(*loss_scaled_grads(x, w, t, dtype, scale, 0))
+    chunked = errors(*loss_scaled_grads(x, w, t, dtype, scale, 256))
+    assert max(ordinary) < (1e-3 if dtype == torch.float16 else 5e-3)
+    for e_chunked, e_ordinary in zip(chunked, ordinary):
+        assert e_chunked < 1.5 * e_ordinary, (chunked, ordinary)
+
+
 def greedy_without_cache(model, idx, n):
     for _ in range(n):
         logits, _ = model(idx[:, -model.config.block_size :])

@@ -79,11 +79,17 @@ class CausalSelfAttention(nn.Module):
             if T == k.size(2):  # prefill: nothing cached before this chunk
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # decoding: the new queries see every cached position and the causal part of their own
-                past = k.size(2) - T
-                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=decoding_mask(T, k.size(2), x.device))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+
+def decoding_mask(T, length, device):
+    """Which of the `length` cached positions each of the T newest queries sees; None for one query, which sees
+    them all: a mask keeps SDPA off its flash and memory-efficient kernels on GPUs."""
+    if T == 1:
+        return None
+    return torch.ones(T, length, dtype=torch.bool, device=device).tril(diagonal=length - T)
 
 
 class KVCache:
@@ -642,10 +648,16 @@ def pick_dtype(requested, device_type):
     if requested != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
     if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     if device_type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def cuda_has_native_bf16():
+    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
+    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
+    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def autocast_context(device_type, dtype):

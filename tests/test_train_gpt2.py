@@ -249,6 +249,31 @@ def test_generate_greedy_with_cache_matches_full_forward_and_transformers(tmp_pa
     assert torch.equal(long, greedy_without_cache(model, prompt, 70))
 
 
+def test_decoding_one_token_uses_no_mask_and_matches_the_full_forward():
+    assert tg.decoding_mask(1, 9, "cpu") is None  # one new query sees every cached position: SDPA's fast kernels
+    assert tg.decoding_mask(2, 5, "cpu").tolist() == [[True] * 4 + [False], [True] * 5]
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32)).eval()
+    idx = torch.randint(0, 50257, (2, 14))
+    with torch.no_grad():
+        full = model(idx)[0]
+        caches = [tg.KVCache(2, 2, 16, 32, torch.float32, "cpu") for _ in range(2)]
+        steps = [model.hidden_states(idx[:, :8], caches)]  # prefill
+        steps += [model.hidden_states(idx[:, i : i + 1], caches) for i in range(8, 12)]  # one token: no mask
+        steps.append(model.hidden_states(idx[:, 12:14], caches))  # two tokens: the causal mask
+        cached = model.lm_head(torch.cat(steps, dim=1))
+    assert torch.allclose(cached, full, atol=1e-5)
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+def test_auto_dtype_on_gpus_is_bf16_only_with_bf16_tensor_cores(monkeypatch, capability, expected):
+    # V100 (7.0) and T4 (7.5) emulate bf16, and torch.cuda.is_bf16_supported() says yes there: it must not decide
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert tg.pick_dtype("auto", "cuda") == expected
+    assert tg.pick_dtype("float32", "cuda") == torch.float32 and tg.pick_dtype("bfloat16", "cuda") == torch.bfloat16
+
+
 def test_generate_seeded_sampling_is_reproducible_and_never_picks_padding():
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=32)).eval()

@@ -931,8 +931,41 @@ def check_resume_compatible(checkpoint, args, world_size):
     diffs = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
     if checkpoint.get("world_size", world_size) != world_size:
         diffs.append(f"world size {checkpoint['world_size']} -> {world_size} (it changes each rank's data)")
+    diffs += resume_schedule_diffs(checkpoint, args)
     if diffs:
-        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the checkpoint's settings (changing --max_steps and the eval flags is fine), or --init_from CKPT to start a new run from its weights")
+        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the checkpoint's settings (the eval, logging and checkpoint flags may change; --extend to train to another --max_steps), or --init_from CKPT to start a new run from its weights")
+
+
+# ---- resume: the schedule and the precision are the checkpoint's
+
+# flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
+# would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
+# would jump from min_lr back to 6x min_lr), so they must match; --extend alone changes --max_steps
+RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip")
+
+
+def resume_schedule_diffs(checkpoint, args):
+    saved = checkpoint.get("args", {})
+    extend = getattr(args, "extend", False)
+    names = [k for k in RESUME_SCHEDULE if not (k == "max_steps" and extend)]
+    diffs = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in names if k in saved and saved[k] != getattr(args, k)]
+    if extend and args.max_steps < checkpoint["step"]:
+        diffs.append(f"--max_steps {args.max_steps} is before the checkpoint's step {checkpoint['step']}")
+    # the precision the checkpoint trained in; older checkpoints only say whether GradScaler (fp16) was on
+    before = saved.get("precision") or ("float16" if checkpoint.get("scaler") else None)
+    now = getattr(args, "precision", None)
+    if now and before != now and (before is not None or now == "float16"):
+        before = before or "bfloat16 or float32"
+        diffs.append(f"precision {before} -> {now} (--dtype {args.dtype}; pass --dtype {before})")
+    return diffs
+
+
+def lr_decay_steps(args, checkpoint):
+    """Where the cosine ends: --max_steps, or for a resumed run the checkpoint's, which --extend keeps."""
+    if checkpoint is None:
+        return args.max_steps
+    saved = checkpoint["args"]
+    return saved.get("lr_decay_steps", saved["max_steps"])
 
 
 # ---- setup: each function below prepares one thing train() needs
@@ -943,6 +976,7 @@ def setup_device(args, ctx):
     dtype = pick_dtype(args.dtype, ctx.device_type)
     if dtype == torch.float16 and ctx.device_type != "cuda":
         raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or float32")
+    args.precision = str(dtype).replace("torch.", "")  # saved in checkpoints: a resume must train in the same
     if ctx.device_type == "cuda":
         # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -957,6 +991,7 @@ def setup_device(args, ctx):
 def load_or_build_model(args, ctx):
     """(model, checkpoint): the model of the checkpoint to resume (checkpoint is then its dict), or a new one."""
     if not args.resume:
+        args.lr_decay_steps = lr_decay_steps(args, None)
         if list_checkpoints(args.log_dir) and not args.overwrite:
             raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite to start over there, or choose another --log_dir")
         if args.init_from == "scratch":
@@ -969,6 +1004,7 @@ def load_or_build_model(args, ctx):
     if args.batch_size == "auto":  # the micro-batch the run chose
         args.batch_size = checkpoint["args"]["batch_size"]
     check_resume_compatible(checkpoint, args, ctx.world_size)
+    args.lr_decay_steps = lr_decay_steps(args, checkpoint)
     checkpoint["path"] = path
     model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
@@ -1213,7 +1249,7 @@ def train(args, ctx):
                 break
 
             t0 = time.time()
-            lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+            lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.lr_decay_steps)
             try:
                 loss, norm = train_step(train_model, optimizer, scaler, train_loader, accum_steps, ctx, dtype, lr, args.grad_clip)
             except TrainingDiverged as e:
@@ -1316,6 +1352,7 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps (0 = only at the end); the last step always writes one")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="keep the newest N checkpoints (and any marked with a model_XXXXX.pt.keep file)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from the newest checkpoint in --log_dir, or from PATH")
+    g.add_argument("--extend", action="store_true", help="with --resume: train on to a new --max_steps; the LR schedule stays the checkpoint's (cosine to its max_steps), the added steps run at --min_lr")
     g.add_argument("--overwrite", action="store_true", help="start a new run in a --log_dir that holds an earlier run's checkpoints (deletes them)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
@@ -1347,6 +1384,8 @@ def check_args(args):
         check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))  # also raises on an unknown --model
     if args.batch_size != "auto":
         grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
+    if args.extend and not args.resume:
+        raise UsageError("--extend continues a run: pass it with --resume")
     if (args.sample is not None or args.export) and args.init_from == "scratch":
         raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
 

@@ -692,9 +692,53 @@ def test_resume_refuses_changed_settings_and_skips_damaged_checkpoints(tmp_path,
     newest = log_dir / "model_00004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     (log_dir / ".model_00006.pt.tmp").write_bytes(b"half-written")  # what a writer killed mid-save leaves
-    p = run_cli(tiny_run_args(shakespeare, log_dir, max_steps=6, checkpoint_every=2, val_every=0) + ["--resume"], tmp_path)
+    p = run_cli(tiny_run_args(shakespeare, log_dir, max_steps=6, checkpoint_every=2, val_every=0) + ["--resume", "--extend"], tmp_path)
     assert "skipping" in p.stdout and "resuming from" in p.stdout and "model_00002.pt at step 2" in p.stdout
     assert sorted(read_log(log_dir)) == [(s, "train") for s in range(6)]
+
+
+def test_resume_keeps_the_schedule_unless_extended_and_refuses_another_precision(tmp_path, shakespeare, capsys):
+    log_dir = tmp_path / "log"
+    run = dict(max_steps=4, checkpoint_every=2, val_every=0, min_lr=1e-4)
+    run_cli(tiny_run_args(shakespeare, log_dir, **run), tmp_path)
+    refused = [
+        (dict(max_steps=6), "--max_steps 4 -> 6"),  # would move the cosine: --extend says what to do instead
+        (dict(max_lr=1e-3), "--max_lr 0.003 -> 0.001"),
+        (dict(warmup_steps=3), "--warmup_steps 2 -> 3"),
+        (dict(dtype="bfloat16"), "precision float32 -> bfloat16"),
+        (dict(max_steps=1), "--max_steps 1 is before the checkpoint's step 4"),
+    ]
+    for change, expected in refused:
+        argv = tiny_run_args(shakespeare, log_dir, **{**run, **change}) + ["--resume"] + (["--extend"] if change == dict(max_steps=1) else [])
+        with pytest.raises(SystemExit) as e:
+            tg.main([str(a) for a in argv])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and expected in err and err.count("\n") == 0, (change, err)
+    # --extend: on to step 6 with the checkpoint's schedule, whose cosine ended at step 4: min_lr from there
+    p = run_cli(tiny_run_args(shakespeare, log_dir, **{**run, "max_steps": 6}) + ["--resume", "--extend"], tmp_path)
+    lrs = re.findall(r"step +(\d+) \| .* lr ([0-9.e+-]+) ", p.stdout)
+    assert [(int(s), float(lr)) for s, lr in lrs] == [(4, 1e-4), (5, 1e-4)]
+    ckpt = torch.load(log_dir / "model_00006.pt", weights_only=True)
+    assert ckpt["args"]["max_steps"] == 6 and ckpt["args"]["lr_decay_steps"] == 4 and ckpt["args"]["precision"] == "float32"
+
+
+@pytest.mark.parametrize("saved, scaler, now, refused", [
+    ("bfloat16", {}, "float16", "precision bfloat16 -> float16"),  # GradScaler would find no state: refused
+    ("float16", {"scale": 65536.0}, "bfloat16", "precision float16 -> bfloat16"),
+    (None, {}, "float16", "precision bfloat16 or float32 -> float16"),  # older checkpoints: the scaler tells fp16
+    (None, {"scale": 65536.0}, "bfloat16", "precision float16 -> bfloat16"),
+    (None, {}, "bfloat16", None),
+    ("bfloat16", {}, "bfloat16", None),
+])
+def test_resume_refuses_another_precision(saved, scaler, now, refused):
+    checkpoint = {"args": {"precision": saved} if saved else {}, "scaler": scaler, "step": 10}
+    args = tg.parse_args(["--dtype", now])
+    args.precision = now
+    if refused is None:
+        tg.check_resume_compatible(checkpoint, args, 1)
+        return
+    with pytest.raises(tg.UsageError, match=refused):
+        tg.check_resume_compatible(checkpoint, args, 1)
 
 
 def test_resume_follows_moved_data_and_refuses_other_data(tmp_path, shakespeare):
@@ -702,13 +746,13 @@ def test_resume_follows_moved_data_and_refuses_other_data(tmp_path, shakespeare)
     run_cli(tiny_run_args(shakespeare, log_dir, max_steps=2, checkpoint_every=2, val_every=0), tmp_path)
     other = tmp_path / "other.txt"
     other.write_text(shakespeare.read_text()[:300_000])
-    p = run_cli(tiny_run_args(other, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume"], tmp_path, check=False)
+    p = run_cli(tiny_run_args(other, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume", "--extend"], tmp_path, check=False)
     assert p.returncode == 2 and "not the data the checkpoint was trained on" in p.stderr and "Traceback" not in p.stderr
     # the same data at another path (a cluster job's scratch directory): resume goes on
     moved = tmp_path / "scratch" / "input.txt"
     moved.parent.mkdir()
     moved.write_bytes(shakespeare.read_bytes())
-    p = run_cli(tiny_run_args(moved, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume"], tmp_path)
+    p = run_cli(tiny_run_args(moved, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume", "--extend"], tmp_path)
     assert "the data moved" in p.stdout and "at step 2" in p.stdout
     assert sorted(read_log(log_dir)) == [(s, "train") for s in range(4)]
 

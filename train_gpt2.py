@@ -1012,23 +1012,29 @@ def load_or_build_model(args, ctx):
 
 
 def find_batch_size(fits, largest):
-    """The largest power-of-two micro-batch <= largest for which fits(B) is True (halving from the top)."""
-    B = 1 << (max(1, largest).bit_length() - 1)
-    while B > 1 and not fits(B):
-        B //= 2
-    if not fits(B):
+    """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
+    With largest = total_batch_size // (T * world_size) every divisor is a micro-batch the total batch allows."""
+    candidates = [b for b in range(1, max(1, largest) + 1) if largest % b == 0]
+    if fits(candidates[-1]):
+        return candidates[-1]
+    lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), candidates[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(candidates[mid]) else (lo, mid)
+    if lo < 0:
         raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory; use a smaller --model or --seq_len")
-    return B
+    return candidates[lo]
 
 
-def cuda_fits(model, B, T, device, dtype):
-    """Whether a forward and backward of micro-batch B runs without running out of GPU memory."""
+def cuda_fits(model, B, T, device, dtype, budget=None):
+    """Whether a forward and backward of micro-batch B runs, and with budget (bytes) whether its peak stays below."""
     x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
+    torch.cuda.reset_peak_memory_stats(device)
     try:
         with autocast_context(device.split(":")[0], dtype):
             _, loss = model(x, x)
         loss.backward()
-        return True
+        return budget is None or torch.cuda.max_memory_allocated(device) <= budget
     except torch.cuda.OutOfMemoryError:
         return False
     finally:
@@ -1038,13 +1044,23 @@ def cuda_fits(model, B, T, device, dtype):
 
 
 def choose_batch_size(args, model, ctx, dtype):
-    """--batch_size, or for 'auto' the largest power of two that fits (the same on every rank)."""
+    """--batch_size, or for 'auto' the largest micro-batch that fits and divides the total batch (the same on
+    every rank)."""
     if args.batch_size != "auto":
         return args.batch_size
     T = args.seq_len
+    if args.total_batch_size % (T * ctx.world_size):
+        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len*world_size = {T}*{ctx.world_size}, so no micro-batch adds up to it")
     largest = args.total_batch_size // (T * ctx.world_size)
     if ctx.device_type == "cuda":
-        B = find_batch_size(lambda b: cuda_fits(model, b, T, ctx.device, dtype), largest)
+        budget = cuda_step_budget(model, ctx)
+
+        def fits(b):
+            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T)  # the loss path training will use
+            return cuda_fits(model, b, T, ctx.device, dtype, budget)
+
+        B = find_batch_size(fits, largest)
+        model.loss_chunk_size = None
     else:  # no reliable out-of-memory signal off CUDA: the OS kills the process instead
         B = find_batch_size(lambda b: b * T <= 8192, largest)  # ~6 GB for gpt2 at T=1024
     if ctx.ddp:  # every rank must use the same B
@@ -1052,6 +1068,46 @@ def choose_batch_size(args, model, ctx, dtype):
         torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
         B = int(b.item())
     return B
+
+
+# ---- --batch_size auto and the loss path on GPUs: what the memory allows
+
+# share of the GPU memory a probed step may peak at: the rest is for what the uncompiled probe does not show
+# (compile's workspace, the allocator's fragmentation, the val and HellaSwag passes)
+BATCH_PROBE_MEMORY_FRACTION = 0.85
+
+
+def training_state_bytes(num_params, ddp):
+    """GPU bytes training holds that a forward+backward probe does not allocate: AdamW's two float32 moments per
+    parameter, and under DDP its float32 gradient buckets."""
+    return num_params * (8 + (4 if ddp else 0))
+
+
+def cuda_step_budget(model, ctx):
+    """Bytes a probed forward+backward may peak at (the model's own parameters included)."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    usable = free + torch.cuda.memory_reserved(ctx.device)  # what the other processes on this GPU leave us
+    return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
+
+
+# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
+FULL_LOGITS_MEMORY_FRACTION = 0.25
+
+
+def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes):
+    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
+    micro-batch's float32 logits take at most FULL_LOGITS_MEMORY_FRACTION of the free memory; else chunks.
+    CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
+    if device_type == "cuda" and n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
+        return 0
+    return default_loss_chunk_size(torch.device(device_type))
+
+
+def training_loss_chunk_size(model, ctx, B, T):
+    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
+    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
+    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free)
 
 
 def grad_accum_steps(total_batch_size, B, T, world_size):
@@ -1195,6 +1251,7 @@ def train(args, ctx):
         say(f"--batch_size auto: micro-batch {B}")
         args.batch_size = B
     accum_steps = grad_accum_steps(args.total_batch_size, B, T, ctx.world_size)
+    model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T)
     train_loader, val_loader = make_loaders(args, ctx, B)
     if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
         import hellaswag
@@ -1216,6 +1273,7 @@ def train(args, ctx):
     say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
     say(f"device {ctx.device} x {ctx.world_size} | dtype {str(dtype).replace('torch.', '')} | compile {bool(args.compile)}")
     say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {accum_steps} accumulation steps")
+    say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
     flops_per_step = flops_per_token(config, T) * args.total_batch_size
     peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device_type == "cuda" and dtype != torch.float32 else None
 
@@ -1332,7 +1390,7 @@ def parse_args(argv=None):
     g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to ignore them")
     g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
     g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
-    g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the largest power of two that fits in GPU memory")
+    g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the largest that fits in GPU memory (with AdamW's state and a margin) and divides the total batch")
     g.add_argument("--seq_len", type=int, default=1024, help="sequence length T")
     g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19, ~0.5M as in GPT-3); reached by gradient accumulation")
     g.add_argument("--max_steps", type=int, default=19073, help="19073 steps x 524288 tokens = 10B tokens, one epoch of FineWeb-Edu sample-10BT")

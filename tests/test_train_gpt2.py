@@ -441,18 +441,57 @@ def test_gradient_accumulation_equals_one_big_batch():
         assert torch.allclose(g, p.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_find_batch_size_halves_until_it_fits():
+def test_find_batch_size_picks_the_largest_fitting_divisor_of_the_total_batch():
+    # a GPU with a byte budget: 1 GB for the model and its optimizer state, 96 MB per sequence
     tried = []
 
     def fits(b):
         tried.append(b)
-        return b <= 12
+        return 1e9 + b * 96e6 <= 2.3e9  # up to B=13
 
-    assert tg.find_batch_size(fits, 64) == 8
-    assert tried[:4] == [64, 32, 16, 8]
-    assert tg.find_batch_size(lambda b: True, 48) == 32  # powers of two only
+    assert tg.find_batch_size(fits, 48) == 12  # 48 = total_batch_size // (T * world_size); powers of two gave 8
+    assert len(tried) <= 5  # bisection over the 10 divisors of 48, from the top
+    tried.clear()
+    assert tg.find_batch_size(fits, 64) == 8 and tried[0] == 64
+    assert tg.find_batch_size(lambda b: True, 48) == 48
+    assert tg.find_batch_size(lambda b: b <= 4, 7) == 1  # 7 is prime: only 1 divides it
     with pytest.raises(tg.UsageError, match="not even a micro-batch of 1"):
         tg.find_batch_size(lambda b: False, 64)
+
+
+def test_choose_batch_size_auto_divides_the_total_batch_on_cpu():
+    model = tg.GPT(tg.GPTConfig(block_size=1024, n_layer=1, n_head=2, n_embd=32))
+    ctx = tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    args = tg.parse_args(["--batch_size", "auto", "--seq_len", "1024", "--total_batch_size", str(12 * 1024)])
+    B = tg.choose_batch_size(args, model, ctx, torch.float32)
+    assert B == 6  # B*T <= 8192 and B divides 12; the old power of two (8) failed the total batch's check
+    assert tg.grad_accum_steps(args.total_batch_size, B, 1024, 1) == 2
+    args.total_batch_size = 1000
+    with pytest.raises(tg.UsageError, match="not a multiple of seq_len"):
+        tg.choose_batch_size(args, model, ctx, torch.float32)
+
+
+def test_batch_probe_budget_counts_the_optimizer_state_and_a_margin(monkeypatch):
+    # the memory queries of a GPU with 40 GB free and 2 GB already ours; nothing else is faked
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * 2**30)
+    model = tg.GPT(tg.GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
+    n = model.num_params()
+    assert tg.training_state_bytes(n, ddp=False) == 8 * n and tg.training_state_bytes(n, ddp=True) == 12 * n
+    for ddp in (False, True):
+        ctx = tg.DistContext(ddp=ddp, rank=0, local_rank=0, world_size=1, device="cuda:0")
+        assert tg.cuda_step_budget(model, ctx) == int(42 * 2**30 * 0.85) - tg.training_state_bytes(n, ddp)
+
+
+@pytest.mark.parametrize("free_gb, device, expected", [(79, "cuda:0", 0), (40, "cuda:0", 4096), (79, "cpu", 1024)])
+def test_training_loss_path_is_full_logits_on_gpus_with_room(monkeypatch, free_gb, device, expected):
+    # gpt2 at B=64, T=1024: float32 logits of 13.2 GB; full logits (build-nanogpt's path) when they take at most
+    # a quarter of the free memory (an 80 GB GPU), chunks otherwise (a 40 GB one) and always on CPUs
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free_gb * 2**30, 80 * 2**30))
+    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
+    ctx = tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device=device)
+    assert tg.training_loss_chunk_size(model, ctx, 64, 1024) == expected
+    assert tg.training_loss_chunk_size(model, ctx, 8, 1024) == (0 if device != "cpu" else 1024)
 
 
 def test_flops_and_peak_table():

@@ -79,11 +79,17 @@ class CausalSelfAttention(nn.Module):
             if T == k.size(2):  # prefill: nothing cached before this chunk
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:  # decoding: the new queries see every cached position and the causal part of their own
-                past = k.size(2) - T
-                mask = torch.ones(T, k.size(2), dtype=torch.bool, device=x.device).tril(diagonal=past)
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=decoding_mask(T, k.size(2), x.device))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
+
+
+def decoding_mask(T, length, device):
+    """Which of the `length` cached positions each of the T newest queries sees; None for one query, which sees
+    them all: a mask keeps SDPA off its flash and memory-efficient kernels on GPUs."""
+    if T == 1:
+        return None
+    return torch.ones(T, length, dtype=torch.bool, device=device).tril(diagonal=length - T)
 
 
 class KVCache:
@@ -152,8 +158,7 @@ class LinearCrossEntropy(torch.autograd.Function):
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
             loss += ((lse - target_logit) * vc).sum()
             # d(loss)/d(logits) = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
-            grad = logits.sub_(lse[:, None]).exp_()  # the softmax, in place: one chunk-sized buffer, not three
-            grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+            grad = softmax_minus_one_hot_(logits, lse, safe_t)
             grad *= (vc / n_valid)[:, None]
             grad = grad.to(x.dtype)
             grad_x[i : i + chunk_size] = grad @ weight
@@ -165,6 +170,60 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss, grad_w * grad_loss, None, None
+
+
+def softmax_minus_one_hot_(logits, lse, safe_t):
+    """d(cross-entropy)/d(logits) per row, in place in the float32 logits: one chunk-sized buffer, not three."""
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+    return grad
+
+
+# ---- chunked loss for fp16: the gradient is made in backward, once the loss scale is known
+
+
+class LinearCrossEntropyScaled(torch.autograd.Function):
+    """LinearCrossEntropy for float16 inputs, whose gradients need GradScaler's loss scale.
+
+    (softmax - one_hot) / n_valid is mostly far below fp16's smallest number (6e-8) when cast before the scale is
+    applied: at 65536 tokens every probability under ~4e-3 becomes 0. The scale only arrives as grad_loss in
+    backward, so forward keeps x, weight and each row's logsumexp (as much memory as LinearCrossEntropy's saved
+    gradients) and backward makes each chunk's logits again, scales them by grad_loss / n_valid in float32 and
+    only then casts: the precision of an ordinary fp16 lm_head under the same scale, for one more lm_head matmul.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_size):
+        valid = targets != -1
+        n_valid = valid.sum().clamp(min=1)
+        lse = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
+        loss = torch.zeros((), dtype=torch.float32, device=x.device)
+        for i in range(0, x.size(0), chunk_size):
+            tc, vc = targets[i : i + chunk_size], valid[i : i + chunk_size]
+            logits = (x[i : i + chunk_size] @ weight.t()).float()
+            lse[i : i + chunk_size] = torch.logsumexp(logits, dim=-1)
+            target_logit = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
+            loss += ((lse[i : i + chunk_size] - target_logit) * vc).sum()
+        ctx.save_for_backward(x, weight, targets, lse, n_valid)
+        ctx.chunk_size = chunk_size
+        return loss / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        x, weight, targets, lse, n_valid = ctx.saved_tensors
+        chunk_size = ctx.chunk_size
+        scale = grad_loss.float() / n_valid  # loss scale / accumulation steps / tokens, in float32
+        grad_x = torch.empty_like(x)
+        grad_w = torch.zeros_like(weight, dtype=torch.float32)
+        for i in range(0, x.size(0), chunk_size):
+            xc, tc = x[i : i + chunk_size], targets[i : i + chunk_size]
+            logits = (xc @ weight.t()).float()
+            grad = softmax_minus_one_hot_(logits, lse[i : i + chunk_size], tc.clamp(min=0))
+            grad *= ((tc != -1) * scale)[:, None]
+            grad = grad.to(x.dtype)
+            grad_x[i : i + chunk_size] = grad @ weight
+            grad_w += (grad.t() @ xc).float()
+        return grad_x, grad_w.to(weight.dtype), None, None
 
 
 # Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
@@ -179,7 +238,9 @@ def chunked_cross_entropy(x, weight, targets, chunk_size):
     else:
         x = x.to(weight.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(x, weight, targets, chunk_size)
+        # fp16 cannot hold the gradients before GradScaler's scale multiplies them: they wait for backward
+        fn = LinearCrossEntropyScaled if x.dtype == torch.float16 else LinearCrossEntropy
+        return fn.apply(x, weight, targets, chunk_size)
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     for i in range(0, x.size(0), chunk_size):
         logits = (x[i : i + chunk_size] @ weight.t()).float()
@@ -669,10 +730,16 @@ def pick_dtype(requested, device_type):
     if requested != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
     if device_type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
     if device_type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
+
+
+def cuda_has_native_bf16():
+    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
+    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
+    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def autocast_context(device_type, dtype):
@@ -1001,8 +1068,41 @@ def check_resume_compatible(checkpoint, args, world_size):
     diffs = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
     if checkpoint.get("world_size", world_size) != world_size:
         diffs.append(f"world size {checkpoint['world_size']} -> {world_size} (it changes each rank's data)")
+    diffs += resume_schedule_diffs(checkpoint, args)
     if diffs:
-        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the checkpoint's settings (changing --max_steps and the eval flags is fine), or --init_from CKPT to start a new run from its weights")
+        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the checkpoint's settings (the eval, logging and checkpoint flags may change; --extend to train to another --max_steps), or --init_from CKPT to start a new run from its weights")
+
+
+# ---- resume: the schedule and the precision are the checkpoint's
+
+# flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
+# would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
+# would jump from min_lr back to 6x min_lr), so they must match; --extend alone changes --max_steps
+RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip")
+
+
+def resume_schedule_diffs(checkpoint, args):
+    saved = checkpoint.get("args", {})
+    extend = getattr(args, "extend", False)
+    names = [k for k in RESUME_SCHEDULE if not (k == "max_steps" and extend)]
+    diffs = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in names if k in saved and saved[k] != getattr(args, k)]
+    if extend and args.max_steps < checkpoint["step"]:
+        diffs.append(f"--max_steps {args.max_steps} is before the checkpoint's step {checkpoint['step']}")
+    # the precision the checkpoint trained in; older checkpoints only say whether GradScaler (fp16) was on
+    before = saved.get("precision") or ("float16" if checkpoint.get("scaler") else None)
+    now = getattr(args, "precision", None)
+    if now and before != now and (before is not None or now == "float16"):
+        before = before or "bfloat16 or float32"
+        diffs.append(f"precision {before} -> {now} (--dtype {args.dtype}; pass --dtype {before})")
+    return diffs
+
+
+def lr_decay_steps(args, checkpoint):
+    """Where the cosine ends: --max_steps, or for a resumed run the checkpoint's, which --extend keeps."""
+    if checkpoint is None:
+        return args.max_steps
+    saved = checkpoint["args"]
+    return saved.get("lr_decay_steps", saved["max_steps"])
 
 
 # ---- setup: each function below prepares one thing train() needs
@@ -1013,6 +1113,7 @@ def setup_device(args, ctx):
     dtype = pick_dtype(args.dtype, ctx.device_type)
     if dtype == torch.float16 and ctx.device_type != "cuda":
         raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or float32")
+    args.precision = str(dtype).replace("torch.", "")  # saved in checkpoints: a resume must train in the same
     if ctx.device_type == "cuda":
         # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1027,6 +1128,7 @@ def setup_device(args, ctx):
 def load_or_build_model(args, ctx):
     """(model, checkpoint): the model of the checkpoint to resume (checkpoint is then its dict), or a new one."""
     if not args.resume:
+        args.lr_decay_steps = lr_decay_steps(args, None)
         if list_checkpoints(args.log_dir) and not args.overwrite:
             raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite to start over there, or choose another --log_dir")
         if args.init_from == "scratch":
@@ -1039,6 +1141,7 @@ def load_or_build_model(args, ctx):
     if args.batch_size == "auto":  # the micro-batch the run chose
         args.batch_size = checkpoint["args"]["batch_size"]
     check_resume_compatible(checkpoint, args, ctx.world_size)
+    args.lr_decay_steps = lr_decay_steps(args, checkpoint)
     checkpoint["path"] = path
     model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
@@ -1046,23 +1149,29 @@ def load_or_build_model(args, ctx):
 
 
 def find_batch_size(fits, largest):
-    """The largest power-of-two micro-batch <= largest for which fits(B) is True (halving from the top)."""
-    B = 1 << (max(1, largest).bit_length() - 1)
-    while B > 1 and not fits(B):
-        B //= 2
-    if not fits(B):
+    """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
+    With largest = total_batch_size // (T * world_size) every divisor is a micro-batch the total batch allows."""
+    candidates = [b for b in range(1, max(1, largest) + 1) if largest % b == 0]
+    if fits(candidates[-1]):
+        return candidates[-1]
+    lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), candidates[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(candidates[mid]) else (lo, mid)
+    if lo < 0:
         raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory; use a smaller --model or --seq_len")
-    return B
+    return candidates[lo]
 
 
-def cuda_fits(model, B, T, device, dtype):
-    """Whether a forward and backward of micro-batch B runs without running out of GPU memory."""
+def cuda_fits(model, B, T, device, dtype, budget=None):
+    """Whether a forward and backward of micro-batch B runs, and with budget (bytes) whether its peak stays below."""
     x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
+    torch.cuda.reset_peak_memory_stats(device)
     try:
         with autocast_context(device.split(":")[0], dtype):
             _, loss = model(x, x)
         loss.backward()
-        return True
+        return budget is None or torch.cuda.max_memory_allocated(device) <= budget
     except torch.cuda.OutOfMemoryError:
         return False
     finally:
@@ -1072,13 +1181,23 @@ def cuda_fits(model, B, T, device, dtype):
 
 
 def choose_batch_size(args, model, ctx, dtype):
-    """--batch_size, or for 'auto' the largest power of two that fits (the same on every rank)."""
+    """--batch_size, or for 'auto' the largest micro-batch that fits and divides the total batch (the same on
+    every rank)."""
     if args.batch_size != "auto":
         return args.batch_size
     T = args.seq_len
+    if args.total_batch_size % (T * ctx.world_size):
+        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len*world_size = {T}*{ctx.world_size}, so no micro-batch adds up to it")
     largest = args.total_batch_size // (T * ctx.world_size)
     if ctx.device_type == "cuda":
-        B = find_batch_size(lambda b: cuda_fits(model, b, T, ctx.device, dtype), largest)
+        budget = cuda_step_budget(model, ctx)
+
+        def fits(b):
+            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T)  # the loss path training will use
+            return cuda_fits(model, b, T, ctx.device, dtype, budget)
+
+        B = find_batch_size(fits, largest)
+        model.loss_chunk_size = None
     else:  # no reliable out-of-memory signal off CUDA: the OS kills the process instead
         B = find_batch_size(lambda b: b * T <= 8192, largest)  # ~6 GB for gpt2 at T=1024
     if ctx.ddp:  # every rank must use the same B
@@ -1086,6 +1205,46 @@ def choose_batch_size(args, model, ctx, dtype):
         torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
         B = int(b.item())
     return B
+
+
+# ---- --batch_size auto and the loss path on GPUs: what the memory allows
+
+# share of the GPU memory a probed step may peak at: the rest is for what the uncompiled probe does not show
+# (compile's workspace, the allocator's fragmentation, the val and HellaSwag passes)
+BATCH_PROBE_MEMORY_FRACTION = 0.85
+
+
+def training_state_bytes(num_params, ddp):
+    """GPU bytes training holds that a forward+backward probe does not allocate: AdamW's two float32 moments per
+    parameter, and under DDP its float32 gradient buckets."""
+    return num_params * (8 + (4 if ddp else 0))
+
+
+def cuda_step_budget(model, ctx):
+    """Bytes a probed forward+backward may peak at (the model's own parameters included)."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    usable = free + torch.cuda.memory_reserved(ctx.device)  # what the other processes on this GPU leave us
+    return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
+
+
+# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
+FULL_LOGITS_MEMORY_FRACTION = 0.25
+
+
+def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes):
+    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
+    micro-batch's float32 logits take at most FULL_LOGITS_MEMORY_FRACTION of the free memory; else chunks.
+    CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
+    if device_type == "cuda" and n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
+        return 0
+    return default_loss_chunk_size(torch.device(device_type))
+
+
+def training_loss_chunk_size(model, ctx, B, T):
+    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
+    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
+    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free)
 
 
 def grad_accum_steps(total_batch_size, B, T, world_size):
@@ -1229,6 +1388,7 @@ def train(args, ctx):
         say(f"--batch_size auto: micro-batch {B}")
         args.batch_size = B
     accum_steps = grad_accum_steps(args.total_batch_size, B, T, ctx.world_size)
+    model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T)
     train_loader, val_loader = make_loaders(args, ctx, B)
     if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
         import hellaswag
@@ -1250,6 +1410,7 @@ def train(args, ctx):
     say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
     say(f"device {ctx.device} x {ctx.world_size} | dtype {str(dtype).replace('torch.', '')} | compile {bool(args.compile)}")
     say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {accum_steps} accumulation steps")
+    say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
     flops_per_step = flops_per_token(config, T) * args.total_batch_size
     peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device_type == "cuda" and dtype != torch.float32 else None
 
@@ -1283,7 +1444,7 @@ def train(args, ctx):
                 break
 
             t0 = time.time()
-            lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.max_steps)
+            lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.lr_decay_steps)
             try:
                 loss, norm = train_step(train_model, optimizer, scaler, train_loader, accum_steps, ctx, dtype, lr, args.grad_clip)
             except TrainingDiverged as e:
@@ -1366,7 +1527,7 @@ def parse_args(argv=None):
     g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to ignore them")
     g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
     g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
-    g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the largest power of two that fits in GPU memory")
+    g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the largest that fits in GPU memory (with AdamW's state and a margin) and divides the total batch")
     g.add_argument("--seq_len", type=int, default=1024, help="sequence length T")
     g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19, ~0.5M as in GPT-3); reached by gradient accumulation")
     g.add_argument("--max_steps", type=int, default=19073, help="19073 steps x 524288 tokens = 10B tokens, one epoch of FineWeb-Edu sample-10BT")
@@ -1387,6 +1548,7 @@ def parse_args(argv=None):
     g.add_argument("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps (0 = only at the end); the last step always writes one")
     g.add_argument("--keep_checkpoints", type=int, default=2, help="keep the newest N checkpoints (and any marked with a model_XXXXX.pt.keep file)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from the newest checkpoint in --log_dir, or from PATH")
+    g.add_argument("--extend", action="store_true", help="with --resume: train on to a new --max_steps; the LR schedule stays the checkpoint's (cosine to its max_steps), the added steps run at --min_lr")
     g.add_argument("--overwrite", action="store_true", help="start a new run in a --log_dir that holds an earlier run's checkpoints (deletes them)")
     g = p.add_argument_group("system")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
@@ -1439,6 +1601,8 @@ def check_args(args):
         check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))  # also raises on an unknown --model
     if args.batch_size != "auto":
         grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
+    if args.extend and not args.resume:
+        raise UsageError("--extend continues a run: pass it with --resume")
     if (args.sample is not None or args.export) and args.init_from == "scratch":
         raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
     if args.export:

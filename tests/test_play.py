@@ -68,7 +68,7 @@ def test_real_cpu_run(tmp_path, monkeypatch, shakespeare):
     log_dir = tmp_path / "cpu_run"
     cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data", str(shakespeare), "--model", "d2",
            "--batch_size", "4", "--seq_len", "64", "--total_batch_size", "256", "--max_steps", "20",
-           "--warmup_steps", "3", "--val_every", "10", "--val_steps", "2", "--hellaswag_every", "0",
+           "--warmup_steps", "3", "--val_every", "10", "--val_tokens", "512", "--hellaswag_every", "0",
            "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", str(log_dir),
            "--device", "cpu", "--dtype", "float32", "--compile", "0"]
     run = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)

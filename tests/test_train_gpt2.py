@@ -51,7 +51,7 @@ def tiny_run_args(data, log_dir, **overrides):
     """A d2 model on Tiny Shakespeare: a few seconds for ~10 steps on CPU."""
     flags = dict(
         data=data, model="d2", batch_size=4, seq_len=64, total_batch_size=512, max_steps=12, warmup_steps=2,
-        max_lr=3e-3, val_every=4, val_steps=2, hellaswag_every=0, sample_every=0, checkpoint_every=6,
+        max_lr=3e-3, val_every=4, val_tokens=512, hellaswag_every=0, sample_every=0, checkpoint_every=6,
         log_dir=log_dir, device="cpu", dtype="float32", compile=0,
     )
     flags.update(overrides)

@@ -828,9 +828,9 @@ def test_val_tokens_flags(tmp_path, shakespeare, capsys):
 
 
 def small_text(tmp_path, shakespeare):
-    """The first 30,000 characters of Tiny Shakespeare: 32 batches of 4 x 64 train tokens, 8 steps of 1024."""
+    """The first 8,000 characters of Tiny Shakespeare: 7 batches of 4 x 64 train tokens, and 225 val tokens."""
     path = tmp_path / "small.txt"
-    path.write_text(shakespeare.read_text()[:30000])
+    path.write_text(shakespeare.read_text()[:8000])
     return path
 
 
@@ -841,22 +841,25 @@ def test_log_truncation_drops_the_resumed_steps_epoch_line(tmp_path):
     assert log.read_text() == "6 train 8.0\n7 epoch 2\n7 train 7.5\n8 val 7.0\n"
 
 
+SMALL_RUN = dict(max_steps=20, checkpoint_every=10, val_every=5, val_tokens=128, total_batch_size=256, warmup_steps=4)
+
+
 def test_epoch_lines_and_shuffle_sigkill_then_resume_is_exact(tmp_path, shakespeare):
     data = small_text(tmp_path, shakespeare)
-    assert tg.DataLoaderLite(4, 64, 0, 1, "train", data).epoch_tokens() == 32 * 256
-    epoch_lines = {(8, "epoch"): 2, (16, "epoch"): 3}  # 4 batches a step: batch 32 (the first of epoch 2) in step 8
+    assert tg.DataLoaderLite(4, 64, 0, 1, "train", data).epoch_tokens() == 7 * 256
+    epoch_lines = {(7, "epoch"): 2, (14, "epoch"): 3}  # a batch a step: batch 7 (the first of epoch 2) in step 7
     # in order: the epoch lines, and a warning at start
-    p = wait_ok(run_cli_popen(tiny_run_args(data, tmp_path / "plain", **RESUME_RUN), tmp_path))
-    assert "warning: this run reads its train data 3 times over" in p and "step 8: epoch 2 of the train data begins" in p, p
+    p = run_cli(tiny_run_args(data, tmp_path / "plain", **{**SMALL_RUN, "max_steps": 15, "checkpoint_every": 0}), tmp_path)
+    assert "warning: this run reads its train data 2.14 times over" in p.stdout and "step 7: epoch 2 of the train data begins" in p.stdout, p.stdout
     in_order = read_log(tmp_path / "plain")
     assert {k: v for k, v in in_order.items() if k[1] == "epoch"} == epoch_lines
-    # shuffled: the same epochs (each reads all 32 batches), other batches, and exact resume in the middle of epoch 2
-    args = lambda name: tiny_run_args(data, tmp_path / name, **RESUME_RUN) + ["--shuffle"]
+    # shuffled: the same epochs (each reads all 7 batches), in another order, and exact resume in the middle of epoch 2
+    args = lambda name: tiny_run_args(data, tmp_path / name, **SMALL_RUN) + ["--shuffle"]
     wait_ok(run_cli_popen(args("ref"), tmp_path))
     reference = read_log(tmp_path / "ref")
     assert {k: v for k, v in reference.items() if k[1] == "epoch"} == epoch_lines
     assert reference[(0, "val")] == in_order[(0, "val")] and reference[(0, "train")] != in_order[(0, "train")]
-    kill_after(run_cli_popen(args("log"), tmp_path), tmp_path / "log" / "model_00012.pt")
-    assert not (tmp_path / "log" / "model_00024.pt").exists()
+    kill_after(run_cli_popen(args("log"), tmp_path), tmp_path / "log" / "model_00010.pt")
+    assert not (tmp_path / "log" / "model_00020.pt").exists()
     wait_ok(run_cli_popen(args("log") + ["--resume"], tmp_path))
-    assert_resumed_equal(reference, read_log(tmp_path / "log"), 12)
+    assert_resumed_equal(reference, read_log(tmp_path / "log"), 10)

@@ -475,6 +475,7 @@ class DataLoaderLite:
         self.process_rank, self.num_processes = process_rank, num_processes
         self.split, self.data_root = split, data_root
         self.shuffle, self.seed = shuffle, seed
+        self._fds = {}  # shard -> file descriptor, for _prefetch
         self.shards = find_shards(data_root, split)
         if shuffle and sum(self._windows_per_shard()) < num_processes:
             raise UsageError(f"the {split} split of {data_root} holds fewer than {num_processes} batches of B={B} x T={T}, one for each rank; lower --batch_size or --seq_len")
@@ -528,6 +529,21 @@ class DataLoaderLite:
         # in order, rank r reads the batches at BT*r + k*BT*world that fit in each shard
         return BT * sum((len(s) - 1 - BT * (r + 1)) // (BT * world) + 1 for s in self.shards for r in range(world) if len(s) - 1 >= BT * (r + 1))
 
+    def _prefetch(self, shard, position):
+        """Have the OS start reading the next window from disk while the GPU computes: random windows defeat its
+        readahead, and a cold 128 KiB read costs ~0.5 ms, near 1% of a GPU step."""
+        data = self.shards[shard]
+        if not isinstance(data, np.memmap) or not hasattr(os, "posix_fadvise"):
+            return
+        if shard not in self._fds:
+            self._fds[shard] = os.open(data.filename, os.O_RDONLY)
+        start = data.offset + position * data.itemsize
+        os.posix_fadvise(self._fds[shard], start, (self.B * self.T + 1) * data.itemsize, os.POSIX_FADV_WILLNEED)
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
     def _batch(self, shard, position):
         B, T = self.B, self.T
         buf = torch.from_numpy(self.shards[shard][position : position + B * T + 1].astype(np.int64))
@@ -544,6 +560,8 @@ class DataLoaderLite:
                 self._plan = (self.epoch, *self.epoch_plan(self.epoch))
             shard, offset = self._plan[1][self.index], self._plan[2][self.index]
             self.index += 1
+            if self.index < len(self._plan[1]):
+                self._prefetch(int(self._plan[1][self.index]), int(self._plan[2][self.index]))
             return self._batch(int(shard), int(offset))
         # move on only when the next batch is asked for, so that `epoch` is that of the last batch returned
         if not self._fits():

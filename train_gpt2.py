@@ -596,18 +596,30 @@ def find_shards(data_root, split):
 class DataLoaderLite:
     """Batches of B sequences of T tokens from a split's shards.
 
-    Rank r reads the B*T+1 tokens at B*T*r, then steps by B*T*num_processes, so that in one pass the ranks
-    together read each batch-sized piece of the split once. A rank moves to the next shard only when its next
-    batch no longer fits in this one, and wraps around to the first shard after the last.
+    In order (the default, the seed's): rank r reads the B*T+1 tokens at B*T*r, then steps by B*T*num_processes, so
+    that in one pass the ranks together read each batch-sized piece of the split once. A rank moves to the next shard
+    only when its next batch no longer fits in this one, and wraps around to the first shard after the last.
+
+    shuffle=True: each epoch visits the shards in a random order and, within each shard, its batch-sized windows (the
+    B*T+1 tokens at each multiple of B*T) in a random order, both drawn from (seed, epoch). Every rank computes the
+    same list and takes every num_processes-th window of it, so each window is read once per epoch by one rank; the
+    last (windows % num_processes) of an epoch's list are left out, so that all ranks start each epoch together. The
+    state is (epoch, windows read), and the plan of an epoch is recomputed from it on resume.
+
+    epoch: the pass over the data that the last batch came from (0 = the first).
     """
 
-    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root="edu_fineweb10B"):
+    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root="edu_fineweb10B", shuffle=False, seed=0):
         assert split in ("train", "val")
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
         self.split, self.data_root = split, data_root
+        self.shuffle, self.seed = shuffle, seed
+        self._fds = {}  # shard -> file descriptor, for _prefetch
         self.shards = find_shards(data_root, split)
-        if not any(len(s) >= B * T * (process_rank + 1) + 1 for s in self.shards):
+        if shuffle and sum(self._windows_per_shard()) < num_processes:
+            raise UsageError(f"the {split} split of {data_root} holds fewer than {num_processes} batches of B={B} x T={T}, one for each rank; lower --batch_size or --seq_len")
+        if not shuffle and not any(len(s) >= B * T * (process_rank + 1) + 1 for s in self.shards):
             longest = max(len(s) for s in self.shards)
             raise UsageError(
                 f"the {split} split of {data_root} is too small: its longest shard has {longest} tokens, "
@@ -616,12 +628,18 @@ class DataLoaderLite:
         self.reset()
 
     def reset(self):
+        self.epoch = 0
+        if self.shuffle:
+            self.index, self._plan = 0, None  # windows of this rank read in this epoch; (epoch, shards, offsets)
+            return
         self.current_shard = -1
         self._next_shard()
 
     def _next_shard(self):
         # skip shards too short to hold this rank's first batch
         while True:
+            if self.current_shard == len(self.shards) - 1:
+                self.epoch += 1  # wrapping around: the data repeats
             self.current_shard = (self.current_shard + 1) % len(self.shards)
             self.current_position = self.B * self.T * self.process_rank
             if self._fits():
@@ -630,20 +648,74 @@ class DataLoaderLite:
     def _fits(self):
         return self.current_position + self.B * self.T + 1 <= len(self.shards[self.current_shard])
 
-    def next_batch(self):
+    def _windows_per_shard(self):
+        return [(len(s) - 1) // (self.B * self.T) for s in self.shards]
+
+    def epoch_plan(self, epoch):
+        """(shard, offset) arrays of the windows this rank reads in `epoch`, in order (shuffle=True)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        counts = self._windows_per_shard()
+        order = rng.permutation(len(self.shards))
+        shards = np.concatenate([np.full(counts[s], s, dtype=np.int64) for s in order])
+        offsets = np.concatenate([rng.permutation(counts[s]).astype(np.int64) * self.B * self.T for s in order])
+        usable = len(shards) // self.num_processes * self.num_processes
+        return shards[self.process_rank : usable : self.num_processes], offsets[self.process_rank : usable : self.num_processes]
+
+    def epoch_tokens(self):
+        """The tokens that all ranks together read in one epoch."""
+        BT, world = self.B * self.T, self.num_processes
+        if self.shuffle:
+            return sum(self._windows_per_shard()) // world * world * BT
+        # in order, rank r reads the batches at BT*r + k*BT*world that fit in each shard
+        return BT * sum((len(s) - 1 - BT * (r + 1)) // (BT * world) + 1 for s in self.shards for r in range(world) if len(s) - 1 >= BT * (r + 1))
+
+    def _prefetch(self, shard, position):
+        """Have the OS start reading the next window from disk while the GPU computes: random windows defeat its
+        readahead, and a cold 128 KiB read costs ~0.5 ms, near 1% of a GPU step."""
+        data = self.shards[shard]
+        if not isinstance(data, np.memmap) or not hasattr(os, "posix_fadvise"):
+            return
+        if shard not in self._fds:
+            self._fds[shard] = os.open(data.filename, os.O_RDONLY)
+        start = data.offset + position * data.itemsize
+        os.posix_fadvise(self._fds[shard], start, (self.B * self.T + 1) * data.itemsize, os.POSIX_FADV_WILLNEED)
+
+    def __del__(self):
+        for fd in getattr(self, "_fds", {}).values():
+            os.close(fd)
+
+    def _batch(self, shard, position):
         B, T = self.B, self.T
-        buf = self.shards[self.current_shard][self.current_position : self.current_position + B * T + 1]
-        buf = torch.from_numpy(buf.astype(np.int64))
+        buf = torch.from_numpy(self.shards[shard][position : position + B * T + 1].astype(np.int64))
         x = buf[:-1].view(B, T)  # inputs
         y = buf[1:].view(B, T)  # targets: the next token at each position
-        self.current_position += B * T * self.num_processes
+        return x, y
+
+    def next_batch(self):
+        if self.shuffle:
+            if self._plan is None or self._plan[0] != self.epoch:
+                self._plan = (self.epoch, *self.epoch_plan(self.epoch))
+            if self.index == len(self._plan[1]):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._plan = (self.epoch, *self.epoch_plan(self.epoch))
+            shard, offset = self._plan[1][self.index], self._plan[2][self.index]
+            self.index += 1
+            if self.index < len(self._plan[1]):
+                self._prefetch(int(self._plan[1][self.index]), int(self._plan[2][self.index]))
+            return self._batch(int(shard), int(offset))
+        # move on only when the next batch is asked for, so that `epoch` is that of the last batch returned
         if not self._fits():
             self._next_shard()
+        x, y = self._batch(self.current_shard, self.current_position)
+        self.current_position += self.B * self.T * self.num_processes
         return x, y
 
     def state_dict(self):
         # the shard sizes identify the data (not its path: a cluster job may find it at another path when resumed)
-        return {"shard": self.current_shard, "position": self.current_position, "shard_tokens": [len(s) for s in self.shards]}
+        state = {"epoch": self.epoch, "shard_tokens": [len(s) for s in self.shards]}
+        if self.shuffle:
+            return {**state, "shuffle": True, "seed": self.seed, "index": self.index}
+        return {**state, "shard": self.current_shard, "position": self.current_position}
 
     def load_state_dict(self, state):
         saved, here = state.get("shard_tokens"), [len(s) for s in self.shards]
@@ -652,7 +724,62 @@ class DataLoaderLite:
                 f"the {self.split} data in {self.data_root} ({len(here)} shards, {sum(here)} tokens) is not the data the "
                 f"checkpoint was trained on ({len(saved)} shards, {sum(saved)} tokens); point --data at that data"
             )
-        self.current_shard, self.current_position = state["shard"], state["position"]
+        if bool(state.get("shuffle")) != self.shuffle:
+            raise UsageError(f"the checkpoint's data order is {'shuffled' if state.get('shuffle') else 'in order'}: resume {'with' if state.get('shuffle') else 'without'} --shuffle")
+        self.epoch = state.get("epoch", 0)
+        if self.shuffle:
+            self.seed, self.index, self._plan = state["seed"], state["index"], None
+        else:
+            self.current_shard, self.current_position = state["shard"], state["position"]
+
+
+class ValSet:
+    """The tokens of the val loss: the first n_tokens of the val split (its shards read as one stream), as
+    n_tokens // T windows; window i holds tokens i*T .. i*T+T (T inputs, and the next token of each as its target).
+
+    Rank r takes windows r, r + num_processes, ...; in micro-batches of B. Every rank runs the same number of
+    micro-batches (the last ones padded with windows whose targets are -1, ignored): forward passes stay in step
+    across ranks, and the mean over tokens is the same whatever B and the number of ranks.
+    """
+
+    def __init__(self, B, T, process_rank=0, num_processes=1, data_root="edu_fineweb10B", n_tokens=10485760):
+        self.B, self.T = B, T
+        self.process_rank, self.num_processes = process_rank, num_processes
+        self.shards = find_shards(data_root, "val")
+        self.starts = np.cumsum([0] + [len(s) for s in self.shards])  # where each shard begins in the stream
+        self.split_tokens = int(self.starts[-1])
+        self.n_windows = min(n_tokens // T, (self.split_tokens - 1) // T)  # the last window needs one more target
+        if self.n_windows < 1:
+            raise UsageError(f"the val split of {data_root} ({self.split_tokens} tokens) or --val_tokens {n_tokens} is shorter than one window of --seq_len {T} (+1)")
+        self.n_tokens = self.n_windows * T
+
+    def _read(self, start, length):
+        """Tokens start .. start+length of the stream, across shard boundaries."""
+        parts, end = [], start + length
+        i = int(np.searchsorted(self.starts, start, side="right")) - 1
+        while start < end:
+            take = min(end, int(self.starts[i + 1])) - start
+            parts.append(self.shards[i][start - self.starts[i] : start - self.starts[i] + take])
+            start, i = start + take, i + 1
+        return np.concatenate(parts).astype(np.int64)
+
+    def num_batches(self):
+        """Micro-batches per rank: enough for the rank with the most windows."""
+        per_rank = -(-self.n_windows // self.num_processes)  # ceil
+        return -(-per_rank // self.B)
+
+    def batches(self):
+        """(x, y, number of real targets) for each of this rank's micro-batches."""
+        B, T = self.B, self.T
+        mine = range(self.process_rank, self.n_windows, self.num_processes)
+        for b in range(self.num_batches()):
+            windows = mine[b * B : (b + 1) * B]
+            x = torch.zeros(B, T, dtype=torch.long)
+            y = torch.full((B, T), -1, dtype=torch.long)  # padding rows: ignored by the loss
+            for row, i in enumerate(windows):
+                buf = torch.from_numpy(self._read(i * T, T + 1))
+                x[row], y[row] = buf[:-1], buf[1:]
+            yield x, y, len(windows) * T
 
 
 def ensure_text_data(path):
@@ -951,7 +1078,7 @@ def truncate_log(log_file, step):
         if len(parts) != 3 or not parts[0].isdigit():
             continue
         s, stream = int(parts[0]), parts[1]
-        if s < step or (s == step and stream != "train"):
+        if s < step or (s == step and stream not in ("train", "epoch")):  # a step's epoch line is logged with its train line
             kept.append(line)
     with open(log_file + ".tmp", "w") as f:
         f.writelines(kept)
@@ -1060,7 +1187,7 @@ class StopSignal:
 
 # flags that decide the model and which tokens each step sees: a run can only resume with the same ones
 # --data may change (the loader checks that the shards are the same); these change the run itself
-RESUME_MUST_MATCH = ("model", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed")
+RESUME_MUST_MATCH = ("model", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed", "shuffle")
 
 
 def check_resume_compatible(checkpoint, args, world_size):
@@ -1261,10 +1388,26 @@ def check_seq_len(T, config):
 
 
 def make_loaders(args, ctx, B):
-    """The train loader, and the val loader (None when --val_every is 0)."""
-    train_loader = DataLoaderLite(B, args.seq_len, ctx.rank, ctx.world_size, "train", args.data)
-    val_loader = DataLoaderLite(B, args.seq_len, ctx.rank, ctx.world_size, "val", args.data) if args.val_every else None
-    return train_loader, val_loader
+    """The train loader, and the val set (None when --val_every is 0); says how many epochs the run is."""
+    say = print if ctx.master else (lambda *a, **k: None)
+    T = args.seq_len
+    train_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "train", args.data, shuffle=args.shuffle, seed=args.seed)
+    epoch_tokens = train_loader.epoch_tokens()
+    epochs = args.max_steps * args.total_batch_size / epoch_tokens
+    say(f"train data: {epoch_tokens:,} tokens an epoch ({'shuffled' if args.shuffle else 'in order'}); {args.max_steps} steps x {args.total_batch_size:,} tokens = {epochs:.3g} epochs")
+    if epochs > 1:
+        say(f"warning: this run reads its train data {epochs:.3g} times over (log.txt marks each new epoch with `STEP epoch N`)")
+    if not args.val_every:
+        return train_loader, None
+    val_tokens = args.val_tokens
+    if args.val_steps is not None:
+        val_tokens = args.val_steps * B * T * ctx.world_size
+        say(f"--val_steps is deprecated: --val_steps {args.val_steps} here means --val_tokens {val_tokens} ({args.val_steps} x {B} x {T} x {ctx.world_size} ranks); use --val_tokens")
+    val_set = ValSet(B, T, ctx.rank, ctx.world_size, args.data, val_tokens)
+    if val_set.n_tokens != val_tokens:
+        say(f"note: --val_tokens {val_tokens} cut to {val_set.n_tokens}, whole windows of {T} that the val split ({val_set.split_tokens:,} tokens) holds")
+    say(f"val loss: the mean over the first {val_set.n_tokens:,} tokens of the val split ({val_set.n_windows} windows of {T})")
+    return train_loader, val_set
 
 
 def wrap_model(model, args, ctx):
@@ -1303,17 +1446,22 @@ def start_or_resume(args, ctx, checkpoint, optimizer, scaler, train_loader, samp
 
 
 @torch.no_grad()
-def evaluate_val(model, val_loader, steps, ctx, dtype):
+def evaluate_val(model, val_set, ctx, dtype):
+    """The mean loss per token over the val set: summed losses and token counts of all ranks, so that it does not
+    depend on the micro-batch or the number of ranks (each rank runs the same number of forward passes)."""
     model.eval()
-    val_loader.reset()
-    total = torch.zeros((), device=ctx.device)
-    for _ in range(steps):
-        x, y = val_loader.next_batch()
+    acc = torch.float32 if ctx.device_type == "mps" else torch.float64  # MPS has no float64
+    total = torch.zeros(2, dtype=acc, device=ctx.device)  # summed loss, tokens
+    for x, y, n in val_set.batches():
         x, y = x.to(ctx.device), y.to(ctx.device)
         with autocast_context(ctx.device_type, dtype):
             _, loss = model(x, y)
-        total += loss.detach().float()
-    return all_reduce_mean(total / steps, ctx).item()
+        if n:  # a micro-batch of padding only has a NaN mean (0/0)
+            total[0] += loss.detach().to(acc) * n
+            total[1] += n
+    if ctx.ddp:
+        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+    return (total[0] / total[1]).item()
 
 
 @torch.no_grad()
@@ -1389,7 +1537,7 @@ def train(args, ctx):
         args.batch_size = B
     accum_steps = grad_accum_steps(args.total_batch_size, B, T, ctx.world_size)
     model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T)
-    train_loader, val_loader = make_loaders(args, ctx, B)
+    train_loader, val_set = make_loaders(args, ctx, B)
     if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
         import hellaswag
 
@@ -1422,7 +1570,7 @@ def train(args, ctx):
             last_step = step == args.max_steps
             if step != evals_done_at:
                 if args.val_every and (step % args.val_every == 0 or last_step):
-                    val_loss = evaluate_val(train_model, val_loader, args.val_steps, ctx, dtype)
+                    val_loss = evaluate_val(train_model, val_set, ctx, dtype)
                     say(f"validation loss: {val_loss:.4f}")
                     log_line(ctx, log_file, f"{step} val {val_loss:.4f}")
                 if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
@@ -1445,6 +1593,7 @@ def train(args, ctx):
 
             t0 = time.time()
             lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.lr_decay_steps)
+            epoch = train_loader.epoch
             try:
                 loss, norm = train_step(train_model, optimizer, scaler, train_loader, accum_steps, ctx, dtype, lr, args.grad_clip)
             except TrainingDiverged as e:
@@ -1454,6 +1603,9 @@ def train(args, ctx):
             dt = time.time() - t0
             mfu = f" | mfu {100 * flops_per_step / dt / (peak * ctx.world_size):.1f}%" if peak else ""
             say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{mfu}")
+            if train_loader.epoch != epoch:  # (rank 0's data) this step began a new pass over the train data
+                say(f"step {step}: epoch {train_loader.epoch + 1} of the train data begins; the data repeats from here")
+                log_line(ctx, log_file, f"{step} epoch {train_loader.epoch + 1}")
             log_line(ctx, log_file, f"{step} train {loss:.6f}")
     finally:
         stop.restore()
@@ -1531,6 +1683,7 @@ def parse_args(argv=None):
     g.add_argument("--seq_len", type=int, default=1024, help="sequence length T")
     g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19, ~0.5M as in GPT-3); reached by gradient accumulation")
     g.add_argument("--max_steps", type=int, default=19073, help="19073 steps x 524288 tokens = 10B tokens, one epoch of FineWeb-Edu sample-10BT")
+    g.add_argument("--shuffle", action="store_true", help="each epoch, read the train shards and the batches within each shard in a new random order (from --seed and the epoch); default: the same order every epoch")
     g.add_argument("--warmup_steps", type=int, default=715, help="375M tokens of linear warmup, as in GPT-3")
     g.add_argument("--max_lr", type=float, default=6e-4)
     g.add_argument("--min_lr", type=float, default=6e-5, help="cosine decay ends here (10%% of max_lr)")
@@ -1538,7 +1691,8 @@ def parse_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--val_every", type=int, default=250, help="val loss every N steps (0 = off)")
-    g.add_argument("--val_steps", type=int, default=20, help="batches per val loss")
+    g.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8, help="the val loss is the mean loss over the first N tokens of the val split, whatever the batch size and number of GPUs (default: 20 x 64 x 1024 x 8, the 8-GPU reproduction's); cut to what the split holds")
+    g.add_argument("--val_steps", type=int, default=None, help="deprecated: use --val_tokens; N micro-batches of every rank (N x batch_size x seq_len x GPUs tokens)")
     g.add_argument("--hellaswag_every", type=int, default=250, help="HellaSwag acc_norm every N steps (0 = off)")
     g.add_argument("--hellaswag_data", default=None, help="a local HellaSwag jsonl (default: download the val split)")
     g.add_argument("--sample_every", type=int, default=250, help="print samples every N steps (0 = off)")
@@ -1588,10 +1742,12 @@ def check_export_dir(path):
 
 def check_args(args):
     """Mistakes that need no data or model to find, caught before any work starts."""
-    positive = ["seq_len", "total_batch_size", "val_steps", "keep_checkpoints", "num_samples"]
+    positive = ["seq_len", "total_batch_size", "val_tokens", "keep_checkpoints", "num_samples"]
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.val_steps is not None and args.val_steps < 1:
+        raise UsageError(f"--val_steps must be >= 1, got {args.val_steps} (and it is deprecated: use --val_tokens)")
     for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_new_tokens"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")

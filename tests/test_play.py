@@ -68,7 +68,7 @@ def test_real_cpu_run(tmp_path, monkeypatch, shakespeare):
     log_dir = tmp_path / "cpu_run"
     cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data", str(shakespeare), "--model", "d2",
            "--batch_size", "4", "--seq_len", "64", "--total_batch_size", "256", "--max_steps", "20",
-           "--warmup_steps", "3", "--val_every", "10", "--val_steps", "2", "--hellaswag_every", "0",
+           "--warmup_steps", "3", "--val_every", "10", "--val_tokens", "512", "--hellaswag_every", "0",
            "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", str(log_dir),
            "--device", "cpu", "--dtype", "float32", "--compile", "0"]
     run = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
@@ -113,7 +113,7 @@ def test_overlaid_runs_with_hellaswag_and_resumed_steps(tmp_path, monkeypatch):
     first += ["", "39 tra"]
     log_a = write_log(tmp_path / "run_a" / "log.txt", first)
     log_b = write_log(tmp_path / "run_b" / "log.txt", [f"{s} train {9.0 - 0.1 * s:.6f}" for s in range(25)]
-                      + [f"{s} val {9.1 - 0.1 * s:.4f}" for s in range(0, 25, 8)])
+                      + [f"{s} val {9.1 - 0.1 * s:.4f}" for s in range(0, 25, 8)] + ["12 epoch 2"])
     a, b = read_streams(log_a), read_streams(log_b)
     assert min(a["train"].values()) > 1.0  # the resumed values replaced the stale ones
 
@@ -127,6 +127,7 @@ def test_overlaid_runs_with_hellaswag_and_resumed_steps(tmp_path, monkeypatch):
     assert "OpenAI GPT-2 350M: 0.3752" in run_a and "GPT-3 Medium 350M: 0.436" in run_a
     assert f"min train loss: {min(b['train'].values()):.4f}" in run_b
     assert "no hella lines" in run_b
+    assert "2 epochs (new at steps 12)" in run_b and "epochs" not in run_a  # the run's `STEP epoch N` lines
     height, width, _ = assert_png(tmp_path / "run_a" / "log_compare_plot.png").shape
     assert width > 2 * height, "two panels: loss and HellaSwag"
 

@@ -52,7 +52,7 @@ def tiny_run_args(data, log_dir, **overrides):
     """A d2 model on Tiny Shakespeare: a few seconds for ~10 steps on CPU."""
     flags = dict(
         data=data, model="d2", batch_size=4, seq_len=64, total_batch_size=512, max_steps=12, warmup_steps=2,
-        max_lr=3e-3, val_every=4, val_steps=2, hellaswag_every=0, sample_every=0, checkpoint_every=6,
+        max_lr=3e-3, val_every=4, val_tokens=512, hellaswag_every=0, sample_every=0, checkpoint_every=6,
         log_dir=log_dir, device="cpu", dtype="float32", compile=0,
     )
     flags.update(overrides)
@@ -1041,3 +1041,169 @@ def test_output_locations_are_checked_before_work(tmp_path, shakespeare, capsys)
     ro.mkdir(mode=0o555)
     if not os.access(ro, os.W_OK):
         assert "--log_dir is not writable" in main_error(["--data", shakespeare, "--log_dir", ro / "log"] + TRAIN, capsys)
+
+
+# -----------------------------------------------------------------------------
+# the val set, shuffled epochs, epoch accounting
+
+
+def test_shuffled_loader_reads_every_window_once_per_epoch_across_ranks(tmp_path):
+    B, T = 2, 8  # windows of 16 tokens (+1 target)
+    sizes = [16 * 5 + 1, 16 * 3 + 7, 16 * 6 + 1]  # 5 + 3 + 6 = 14 windows, whole for 2 ranks
+    write_shards(tmp_path / "d", sizes)
+    all_windows = {o + 16 * k for o, n in zip(np.cumsum([0] + sizes), sizes) for k in range((n - 1) // 16)}
+    loaders = [tg.DataLoaderLite(B, T, r, 2, "train", tmp_path / "d", shuffle=True, seed=5) for r in range(2)]
+    assert loaders[0].epoch_tokens() == 14 * 16
+    orders = []
+    for epoch in range(3):
+        firsts = [[], []]
+        for _ in range(7):
+            for r, loader in enumerate(loaders):
+                x, y = loader.next_batch()
+                assert torch.equal(y.flatten()[:-1], x.flatten()[1:]) and loader.epoch == epoch
+                firsts[r].append(x.flatten()[0].item())
+        assert set(firsts[0]).isdisjoint(firsts[1])
+        assert set(firsts[0] + firsts[1]) == all_windows  # each window once in the epoch
+        orders.append(firsts[0] + firsts[1])
+    assert len({tuple(o) for o in orders}) == 3  # a new order each epoch
+    # the same seed gives the same plan; another seed another one; in order is the seed's order
+    again = tg.DataLoaderLite(B, T, 0, 2, "train", tmp_path / "d", shuffle=True, seed=5)
+    assert [again.next_batch()[0].flatten()[0].item() for _ in range(7)] == orders[0][:7]
+    other = tg.DataLoaderLite(B, T, 0, 2, "train", tmp_path / "d", shuffle=True, seed=6)
+    assert [other.next_batch()[0].flatten()[0].item() for _ in range(7)] != orders[0][:7]
+    # an odd number of windows: the one left over is read by nobody that epoch, and the ranks stay in step
+    write_shards(tmp_path / "odd", [16 * 5 + 1, 16 * 4 + 1])
+    odd = [tg.DataLoaderLite(B, T, r, 2, "train", tmp_path / "odd", shuffle=True, seed=5) for r in range(2)]
+    seen = [loader.next_batch()[0].flatten()[0].item() for _ in range(4) for loader in odd]
+    assert len(set(seen)) == 8 and odd[0].epoch == odd[1].epoch == 0
+    odd[0].next_batch()
+    assert odd[0].epoch == 1
+
+
+def test_shuffled_loader_state_dict_resumes_exactly_across_epochs(tmp_path):
+    write_shards(tmp_path / "d", [50, 70, 60])
+    a = tg.DataLoaderLite(2, 4, 1, 2, "train", tmp_path / "d", shuffle=True, seed=1)
+    for _ in range(25):  # 6 + 8 + 7 = 21 windows of 8 tokens: 10 a rank an epoch, so 5 into the third epoch
+        a.next_batch()
+    state = a.state_dict()
+    assert state["epoch"] == 2 and state["index"] == 5 and len(json.dumps(state)) < 200  # small: the plan is recomputed from (seed, epoch)
+    b = tg.DataLoaderLite(2, 4, 1, 2, "train", tmp_path / "d", shuffle=True, seed=1)
+    b.load_state_dict(state)
+    for _ in range(10):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0]) and a.epoch == b.epoch
+    in_order = tg.DataLoaderLite(2, 4, 1, 2, "train", tmp_path / "d")
+    with pytest.raises(tg.UsageError, match="resume with --shuffle"):
+        in_order.load_state_dict(state)
+
+
+def test_in_order_loader_counts_epochs_when_it_wraps(tmp_path):
+    write_shards(tmp_path / "d", [33, 40])  # two batches of 16 in each shard
+    loader = tg.DataLoaderLite(2, 8, 0, 1, "train", tmp_path / "d")
+    assert loader.epoch_tokens() == 4 * 16
+    epochs = []
+    for _ in range(9):
+        loader.next_batch()
+        epochs.append(loader.epoch)
+    assert epochs == [0, 0, 0, 0, 1, 1, 1, 1, 2]
+    # 3 ranks over [16*7+1, 16*5+3, 16*9+1]: every whole batch (see test_dataloader_ranks_see_every_token_once_per_pass)
+    write_shards(tmp_path / "e", [16 * 7 + 1, 16 * 5 + 3, 16 * 9 + 1])
+    assert tg.DataLoaderLite(2, 8, 0, 3, "train", tmp_path / "e").epoch_tokens() == (7 + 5 + 9) * 16
+
+
+VAL_EVAL = """
+import sys, types
+import torch
+import train_gpt2 as tg
+data, B, n_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ctx = tg.setup_distributed("cpu")
+torch.manual_seed(0)
+model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32))
+model = tg.wrap_model(model, types.SimpleNamespace(compile=0), ctx)  # DDP under torchrun, as in training
+val = tg.ValSet(B, 64, ctx.rank, ctx.world_size, data, n_tokens)
+loss = tg.evaluate_val(model, val, ctx, torch.float32)
+print(f"val {val.n_tokens} {loss!r}", flush=True)
+if ctx.ddp:
+    torch.distributed.destroy_process_group()
+"""
+
+
+def test_val_loss_is_the_same_for_any_batch_size_and_process_count(tmp_path):
+    # two val shards (windows cross from one into the other); 13 windows of 64: the ranks hold 7 and 6, B=4 pads
+    write_shards(tmp_path / "d", [300, 600], split="val")
+    n_tokens = 13 * 64 + 10  # not whole windows: cut to 13
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32))
+    tokens = torch.arange(13 * 64 + 1)  # write_shards: token i of the stream is i
+    with torch.no_grad():
+        expected = model.eval()(tokens[:-1].view(13, 64), tokens[1:].view(13, 64))[1].item()  # one forward, all 13
+    ctx = tg.DistContext(False, 0, 0, 1, "cpu")
+    got = {}
+    for B in (4, 8, 32):
+        val = tg.ValSet(B, 64, 0, 1, tmp_path / "d", n_tokens)
+        assert val.n_tokens == 13 * 64
+        got[(1, B)] = tg.evaluate_val(model, val, ctx, torch.float32)
+    script = tmp_path / "val.py"
+    script.write_text(VAL_EVAL)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), tmp_path / "d", "4", str(n_tokens)]
+    p = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    ranks = re.findall(r"val (\d+) (\S+)", p.stdout)
+    assert [n for n, _ in ranks] == [str(13 * 64)] * 2
+    got.update({(2, r): float(loss) for r, (_, loss) in enumerate(ranks)})
+    assert all(abs(v - expected) < 1e-5 for v in got.values()), (got, expected)
+
+
+def test_val_tokens_flags(tmp_path, shakespeare, capsys):
+    ctx = tg.DistContext(False, 0, 0, 1, "cpu")
+    args = tg.parse_args(["--data", str(shakespeare), "--seq_len", "64", "--max_steps", "10", "--total_batch_size", "512"])
+    assert args.val_tokens == 20 * 64 * 1024 * 8  # the seed's 8-GPU val set
+    _, val = tg.make_loaders(args, ctx, 4)
+    out = capsys.readouterr().out
+    assert val.n_tokens == 528 * 64 and "note: --val_tokens 10485760 cut to 33792" in out, out  # 33802 val tokens
+    args.val_steps = 2  # deprecated: 2 micro-batches of 4 x 64 on each of 1 rank
+    _, val = tg.make_loaders(args, ctx, 4)
+    out = capsys.readouterr().out
+    assert val.n_tokens == 512 and "--val_steps is deprecated" in out and "--val_tokens 512" in out, out
+    for bad in (["--val_tokens", "0"], ["--val_steps", "0"]):
+        with pytest.raises(SystemExit) as e:
+            tg.main(["--data", str(shakespeare), "--device", "cpu", *bad])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and f"{bad[0]} must be >= 1" in err and err.count("\n") == 0, err
+
+
+def small_text(tmp_path, shakespeare):
+    """The first 8,000 characters of Tiny Shakespeare: 7 batches of 4 x 64 train tokens, and 225 val tokens."""
+    path = tmp_path / "small.txt"
+    path.write_text(shakespeare.read_text()[:8000])
+    return path
+
+
+def test_log_truncation_drops_the_resumed_steps_epoch_line(tmp_path):
+    log = tmp_path / "log.txt"
+    log.write_text("6 train 8.0\n7 epoch 2\n7 train 7.5\n8 val 7.0\n8 epoch 3\n8 train 7.2\n")
+    tg.truncate_log(str(log), 8)
+    assert log.read_text() == "6 train 8.0\n7 epoch 2\n7 train 7.5\n8 val 7.0\n"
+
+
+SMALL_RUN = dict(max_steps=20, checkpoint_every=10, val_every=5, val_tokens=128, total_batch_size=256, warmup_steps=4)
+
+
+def test_epoch_lines_and_shuffle_sigkill_then_resume_is_exact(tmp_path, shakespeare):
+    data = small_text(tmp_path, shakespeare)
+    assert tg.DataLoaderLite(4, 64, 0, 1, "train", data).epoch_tokens() == 7 * 256
+    epoch_lines = {(7, "epoch"): 2, (14, "epoch"): 3}  # a batch a step: batch 7 (the first of epoch 2) in step 7
+    # in order: the epoch lines, and a warning at start
+    p = run_cli(tiny_run_args(data, tmp_path / "plain", **{**SMALL_RUN, "max_steps": 15, "checkpoint_every": 0}), tmp_path)
+    assert "warning: this run reads its train data 2.14 times over" in p.stdout and "step 7: epoch 2 of the train data begins" in p.stdout, p.stdout
+    in_order = read_log(tmp_path / "plain")
+    assert {k: v for k, v in in_order.items() if k[1] == "epoch"} == epoch_lines
+    # shuffled: the same epochs (each reads all 7 batches), in another order, and exact resume in the middle of epoch 2
+    args = lambda name: tiny_run_args(data, tmp_path / name, **SMALL_RUN) + ["--shuffle"]
+    wait_ok(run_cli_popen(args("ref"), tmp_path))
+    reference = read_log(tmp_path / "ref")
+    assert {k: v for k, v in reference.items() if k[1] == "epoch"} == epoch_lines
+    assert reference[(0, "val")] == in_order[(0, "val")] and reference[(0, "train")] != in_order[(0, "train")]
+    kill_after(run_cli_popen(args("log"), tmp_path), tmp_path / "log" / "model_00010.pt")
+    assert not (tmp_path / "log" / "model_00020.pt").exists()
+    wait_ok(run_cli_popen(args("log") + ["--resume"], tmp_path))
+    assert_resumed_equal(reference, read_log(tmp_path / "log"), 10)

@@ -49,7 +49,8 @@ for _ in range(cfg["steps"]):
 state = tg.state_bytes_per_rank(model, optimizer)
 cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device_type == "cuda" else None
 result = dict(rank=ctx.rank, base_rss=base * 1024, peak_rss=rss_kib() * 1024, cuda_peak=cuda_peak, **state)
-print("RESULT " + json.dumps(result), flush=True)
+with open(f"{cfg['out']}.{ctx.rank}", "w") as f:  # a file per rank: their stdout lines can interleave
+    json.dump(result, f)
 torch.distributed.destroy_process_group()
 """
 
@@ -89,10 +90,11 @@ def bench_memory_procs(args):
             f.write(_MEMORY_WORKER)
         for _ in range(repeats):
             for name in results:  # interleaved: DDP, FSDP, DDP, FSDP, ...
-                c = json.dumps(dict(cfg, fsdp=name == "FSDP"))
+                out = os.path.join(tmp, f"{name}{len(results[name])}")
+                c = json.dumps(dict(cfg, fsdp=name == "FSDP", out=out))
                 cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}", worker, c]
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-                ranks = [json.loads(line[7:]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+                ranks = [json.load(open(f"{out}.{r}")) for r in range(procs) if os.path.exists(f"{out}.{r}")]
                 if p.returncode != 0 or len(ranks) != procs:
                     raise RuntimeError(f"{name} run failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
                 results[name].append(ranks)

@@ -1421,7 +1421,7 @@ def wrap_model(model, args, ctx):
     return wrapped
 
 
-def start_or_resume(args, ctx, checkpoint, optimizer, scaler, train_loader, sample_generator, log_file):
+def start_or_resume(args, ctx, checkpoint, model, optimizer, scaler, train_loader, sample_generator, log_file):
     """(start step, last val loss): the checkpoint's, with the optimizer, data and RNG states restored;
     or step 0 with a fresh log (and the earlier run's checkpoints deleted if --overwrite)."""
     if checkpoint is None:
@@ -1430,7 +1430,7 @@ def start_or_resume(args, ctx, checkpoint, optimizer, scaler, train_loader, samp
                 prune_checkpoints(args.log_dir, keep=0)
             open(log_file, "w").close()
         return 0, None
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    load_optimizer_state(model, optimizer, checkpoint["optimizer"])
     scaler.load_state_dict(checkpoint.get("scaler", {}))
     train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
     set_rng_state(checkpoint["rng"][ctx.rank], sample_generator)
@@ -1491,9 +1491,9 @@ def train_step(train_model, optimizer, scaler, train_loader, grad_accum_steps, c
     for micro_step in range(grad_accum_steps):
         x, y = train_loader.next_batch()
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        # DDP all-reduces gradients in backward; do it only once, after the last micro-step
+        # DDP all-reduces (FSDP reduce-scatters) gradients in backward; do it only once, after the last micro-step
         sync = not ctx.ddp or micro_step == grad_accum_steps - 1
-        with contextlib.nullcontext() if sync else train_model.no_sync():
+        with gradient_sync(train_model, sync):
             with autocast_context(ctx.device_type, dtype):
                 _, loss = train_model(x, y)
             # each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps makes
@@ -1546,13 +1546,16 @@ def train(args, ctx):
         except (OSError, ValueError) as e:
             raise UsageError(f"--hellaswag_data: {e}") from None
 
-    train_model = wrap_model(model, args, ctx)
+    if args.fsdp:
+        train_model, dtype = shard_model(model, args, ctx, dtype)  # dtype float32 then: FSDP casts to bf16 itself
+    else:
+        train_model = wrap_model(model, args, ctx)
     optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, ctx.device_type)
     # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
     sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
     log_file = os.path.join(args.log_dir, "log.txt")
-    start_step, val_loss = start_or_resume(args, ctx, checkpoint, optimizer, scaler, train_loader, sample_generator, log_file)
+    start_step, val_loss = start_or_resume(args, ctx, checkpoint, model, optimizer, scaler, train_loader, sample_generator, log_file)
     checkpoint = None  # free its tensors
 
     say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
@@ -1576,14 +1579,16 @@ def train(args, ctx):
                 if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
                     model.eval()
                     n_correct, n_correct_norm, n_total = hellaswag.evaluate(
-                        model, ctx.device, data=args.hellaswag_data, rank=ctx.rank, world_size=ctx.world_size,
+                        # under FSDP each forward needs every rank: all ranks score all examples, in step
+                        model, ctx.device, data=args.hellaswag_data, rank=0 if args.fsdp else ctx.rank, world_size=1 if args.fsdp else ctx.world_size,
                         autocast_dtype=None if dtype == torch.float32 else dtype,
                     )
                     say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
                     log_line(ctx, log_file, f"{step} hella {n_correct_norm / n_total:.4f}")
-                if ctx.master and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step):
+                # under FSDP every rank runs the sampling forward passes (each all-gathers the weights); rank 0 prints
+                if (ctx.master or args.fsdp) and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step):
                     for i, text in enumerate(sample(model, args.sample_prompt, 4, 32, sample_generator, dtype)):
-                        print(f"sample {i}: {text}")
+                        say(f"sample {i}: {text}")
 
             stopping = stop.agreed(ctx, ctx.device)
             if step > start_step and (last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)):
@@ -1606,6 +1611,8 @@ def train(args, ctx):
             if train_loader.epoch != epoch:  # (rank 0's data) this step began a new pass over the train data
                 say(f"step {step}: epoch {train_loader.epoch + 1} of the train data begins; the data repeats from here")
                 log_line(ctx, log_file, f"{step} epoch {train_loader.epoch + 1}")
+            if step == start_step:  # the optimizer state exists after the first step
+                say(state_memory_line(model, optimizer, ctx))
             log_line(ctx, log_file, f"{step} train {loss:.6f}")
     finally:
         stop.restore()
@@ -1619,15 +1626,15 @@ def log_line(ctx, log_file, line):
 
 def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, sample_generator):
     """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
-    params_ok = torch.stack([p.isfinite().all() for p in model.parameters()]).all().item()
-    if not params_ok:
+    if not params_finite(model, ctx):
         raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}")
     loader_states = gather_objects(train_loader.state_dict(), ctx)
     rng_states = gather_objects(get_rng_state(sample_generator), ctx)
+    model_state, optimizer_state = full_state_dicts(model, optimizer, ctx)  # gathered on rank 0 under FSDP
     if ctx.master:
         checkpoint = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
+            "model": model_state,
+            "optimizer": optimizer_state,
             "scaler": scaler.state_dict(),
             "config": asdict(model.config),
             "args": vars(args),
@@ -1643,6 +1650,125 @@ def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_
         print(f"saved {path}")
     if ctx.ddp:
         torch.distributed.barrier()  # nobody exits or moves on before the file is complete
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: parameters, gradients and optimizer state sharded over the ranks (--fsdp)
+#
+# DDP keeps everything on every GPU: 4 bytes of weights, 4 of gradients and 8 of AdamW moments per parameter. FSDP2
+# (torch.distributed.fsdp.fully_shard) keeps 1/world_size of each; a block's weights are all-gathered just before
+# its forward and backward, and its gradients reduce-scattered after. Parameters become DTensors, with the names of
+# the plain model, so the fused AdamW, clip_grad_norm_ (a global norm over all shards) and the checkpoint format
+# stay those of a single process: a checkpoint moves between one process, DDP and FSDP.
+
+
+def is_sharded(model):
+    return hasattr(model, "set_requires_gradient_sync")  # an FSDPModule; no import needed for the plain model
+
+
+def local_part(t):
+    """This rank's shard of a DTensor; a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def shard_model(model, args, ctx, dtype):
+    """(train_model, autocast dtype). Each Block is one FSDP group, the root holds the rest: wte and lm_head are
+    one tied parameter, and both modules live in the root, so the tie survives sharding. The root is sharded in
+    place, so `model` and train_model are the same module (its forward all-gathers: every rank must call it)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if dtype == torch.float16:
+        raise UsageError("--fsdp runs in bfloat16 or float32 (float16 would need a sharded gradient scaler): use --dtype bfloat16 or float32")
+    mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
+    # bf16: FSDP casts the gathered weights to bf16 for compute, keeps the fp32 master shards, and reduces gradients
+    # in fp32. Autocast on top would only re-cast the same weights, so it is switched off (LayerNorm runs in bf16)
+    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+        if args.compile:
+            block.compile()  # per block: each compiled graph sits between two all-gathers; in place, names unchanged
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # sampling and HellaSwag call these instead of forward(): they must gather the root's weights too
+    register_fsdp_forward_method(model, "generate")
+    register_fsdp_forward_method(model, "logits_at")
+    if ctx.master:
+        compute = "float32" if dtype == torch.float32 else f"{str(dtype).replace('torch.', '')} (FSDP casts the weights; no autocast)"
+        print(f"FSDP: {len(model.transformer.h)} blocks + root sharded over {ctx.world_size} ranks | compute {compute} | gradients reduced in float32")
+    return model, torch.float32
+
+
+def gradient_sync(train_model, sync):
+    """Context for one micro-step's backward: reduce gradients over ranks (sync) or only accumulate them locally.
+    DDP: no_sync(). FSDP: no reduce-scatter until the last micro-step; meanwhile each rank accumulates unsharded
+    gradients of the whole model (a full gradient's memory, traded for world_size times less traffic)."""
+    if is_sharded(train_model):
+        train_model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else train_model.no_sync()
+
+
+def params_finite(model, ctx):
+    """Whether all parameters are finite; under FSDP each rank checks its shards and all ranks agree."""
+    ok = torch.stack([local_part(p).isfinite().all() for p in model.parameters()]).all().float()
+    if is_sharded(model):
+        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def full_state_dicts(model, optimizer, ctx):
+    """(model state_dict, optimizer state_dict) of the whole model on rank 0, (None, None) on the others.
+    Under FSDP every rank must call it: the shards are gathered one tensor at a time and moved to CPU (cpu_offload),
+    so no GPU ever holds the whole optimizer state. The optimizer's is converted to a plain AdamW's format."""
+    if not is_sharded(model):
+        return (model.state_dict(), optimizer.state_dict()) if ctx.master else (None, None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not ctx.master:
+        return None, None
+    # keyed by parameter name here; a plain optimizer numbers its parameters 0, 1, ... in param-group order
+    index = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
+    return model_state, {
+        "state": {index[name]: state for name, state in optim_state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]],
+    }
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Load a plain AdamW state_dict (from any of single process, DDP, FSDP) into the optimizer; under FSDP each
+    rank keeps its shards of the full tensors (every rank has read the checkpoint)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    named = {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def state_bytes_per_rank(model, optimizer):
+    """Bytes this rank holds of parameters, gradients and optimizer state (its shards under FSDP)."""
+    size = lambda t: local_part(t).numel() * local_part(t).element_size()  # noqa: E731
+    params = list(model.parameters())
+    return {
+        "parameters": sum(size(p) for p in params),
+        "gradients": sum(size(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(size(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+    }
+
+
+def state_memory_line(model, optimizer, ctx):
+    b = state_bytes_per_rank(model, optimizer)
+    how = f"FSDP, 1/{ctx.world_size} each" if is_sharded(model) else "a full copy" + (" on every rank" if ctx.ddp else "")
+    return "state per rank: " + " | ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in b.items()) + f" ({how})"
 
 
 # -----------------------------------------------------------------------------
@@ -1708,6 +1834,7 @@ def parse_args(argv=None):
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="autocast dtype; auto = bfloat16 where the device has it natively, float16 on older GPUs, else float32")
     g.add_argument("--compile", type=int, default=1, choices=[0, 1], help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of a full copy per GPU (DDP); for models that do not fit one GPU (gpt2-medium to gpt2-xl)")
     g.add_argument("--seed", type=int, default=1337)
     g = p.add_argument_group("sampling and export (with --init_from; no training)")
     g.add_argument("--sample", default=None, metavar="PROMPT", help="print samples continuing PROMPT and exit")
@@ -1759,6 +1886,8 @@ def check_args(args):
         grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
     if args.extend and not args.resume:
         raise UsageError("--extend continues a run: pass it with --resume")
+    if args.fsdp and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ) and args.sample is None and not args.export:
+        raise UsageError("--fsdp shards the model over the processes of a torchrun launch: run `torchrun --standalone --nproc_per_node=N train_gpt2.py --fsdp ...`, or drop --fsdp")
     if (args.sample is not None or args.export) and args.init_from == "scratch":
         raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
     if args.export:

@@ -1207,3 +1207,81 @@ def test_epoch_lines_and_shuffle_sigkill_then_resume_is_exact(tmp_path, shakespe
     assert not (tmp_path / "log" / "model_00020.pt").exists()
     wait_ok(run_cli_popen(args("log") + ["--resume"], tmp_path))
     assert_resumed_equal(reference, read_log(tmp_path / "log"), 10)
+
+
+# -----------------------------------------------------------------------------
+# FSDP2 (--fsdp, torchrun x2, gloo): the DDP reference run's losses, plain checkpoints, exact resume, sharded state
+
+
+def state_per_rank(out):
+    """The 'state per rank: ...' line: {'parameters': bytes, 'gradients': ..., 'optimizer': ...} (MiB, 3 decimals)."""
+    line = re.search(r"state per rank: (.*)", out).group(1)
+    return {k: float(v) * 2**20 for k, v in re.findall(r"(\w+) ([\d.]+) MiB", line)}
+
+
+def norms(out):
+    return {int(s): float(n) for s, n in re.findall(r"step +(\d+) \| loss \S+ \| lr \S+ \| norm (\S+)", out)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, reference_runs):
+    """The reference DDP run's flags (2 ranks x 2 accumulation steps, clipping active) under --fsdp, uninterrupted."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    out = wait_ok(torchrun(tiny_run_args(reference_runs["data"], tmp / "log", **RESUME_RUN) + ["--fsdp"], tmp))
+    return {"log": read_log(tmp / "log"), "out": out, "dir": tmp / "log"}
+
+
+def test_fsdp_matches_ddp_and_writes_plain_checkpoints(reference_runs, fsdp_run):
+    ddp, fsdp = reference_runs["ddp"], fsdp_run["log"]
+    assert fsdp.keys() == ddp.keys()
+    for key in ddp:
+        assert abs(fsdp[key] - ddp[key]) < 1e-4, key
+    assert "FSDP: 2 blocks + root sharded over 2 ranks" in fsdp_run["out"]
+    # today's format: the plain model's keys (tied lm_head included) and a plain AdamW state_dict (int ids)
+    ckpt = torch.load(fsdp_run["dir"] / "model_00024.pt", weights_only=True)
+    plain = tg.GPT(tg.GPTConfig(**ckpt["config"]))
+    assert ckpt["model"].keys() == plain.state_dict().keys()
+    assert torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"])
+    optimizer = plain.configure_optimizers(0.1, 1e-3, "cpu")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert [i for g in ckpt["optimizer"]["param_groups"] for i in g["params"]] == list(range(len(params)))
+    for i, p in enumerate(params):
+        assert ckpt["optimizer"]["state"][i]["exp_avg"].shape == p.shape
+        assert ckpt["optimizer"]["state"][i]["step"].item() == 24
+    optimizer.load_state_dict(ckpt["optimizer"])
+    plain.load_state_dict(ckpt["model"])
+
+
+def test_fsdp_resume_is_exact_and_its_checkpoint_resumes_under_ddp(tmp_path, reference_runs, fsdp_run):
+    args = lambda log_dir: tiny_run_args(reference_runs["data"], log_dir, **RESUME_RUN) + ["--resume"]  # noqa: E731
+    for name in ("fsdp", "ddp"):
+        (tmp_path / name).mkdir()
+        for f in ("model_00012.pt", "log.txt"):
+            (tmp_path / name / f).write_bytes((fsdp_run["dir"] / f).read_bytes())
+    wait_ok(torchrun(args(tmp_path / "fsdp") + ["--fsdp"], tmp_path))
+    assert_resumed_equal(fsdp_run["log"], read_log(tmp_path / "fsdp"), 12)
+    # the FSDP checkpoint under DDP: the same next losses and gradient norms (FSDP's norm is over all shards)
+    out = wait_ok(torchrun(args(tmp_path / "ddp"), tmp_path))
+    log, fsdp = read_log(tmp_path / "ddp"), fsdp_run["log"]
+    assert log.keys() == fsdp.keys()
+    for key in log:
+        assert abs(log[key] - fsdp[key]) < 1e-4, key
+    ddp_norms, fsdp_norms = norms(out), norms(fsdp_run["out"])
+    assert sorted(ddp_norms) == list(range(12, 24))
+    for step, n in ddp_norms.items():
+        assert n == pytest.approx(fsdp_norms[step], rel=1e-3), step
+    # memory per rank: DDP holds the whole state, FSDP half of it on each of 2 ranks
+    full, sharded = state_per_rank(out), state_per_rank(fsdp_run["out"])
+    n_bytes = tg.GPT(tg.model_config("d2", 50304)).num_params() * 4
+    assert full["parameters"] == pytest.approx(n_bytes, abs=2**20 / 1000)
+    assert full["gradients"] == full["parameters"] and full["optimizer"] == pytest.approx(2 * n_bytes, abs=2**20 / 1000)
+    for k in full:
+        assert 0.49 < sharded[k] / full[k] < 0.51, (k, sharded, full)
+
+
+def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, shakespeare, capsys, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(SystemExit) as e:
+        tg.main([str(a) for a in tiny_run_args(shakespeare, tmp_path / "log")] + ["--fsdp"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "torchrun" in err and "--fsdp" in err and err.count("\n") == 0

@@ -8,25 +8,32 @@ other programs hits all of them alike.
     python bench.py --model gpt2 --batch_size auto --seq_len 1024            # one GPU: tokens/s and MFU
     python bench.py --mode memory --model gpt2 --batch_size 8 --seq_len 1024 # peak memory: full logits vs chunked loss
     python bench.py --mode sample                                            # sampling: KV cache vs a forward per token
+    python bench.py --mode memory --procs 2 --fsdp                           # memory per rank: DDP vs FSDP, under torchrun
+    python bench.py --mode data                                              # DataLoaderLite: in order vs --shuffle
 
 A mode is one function `bench_NAME(args)` registered in MODES at the bottom; its docstring is its --help line.
 """
 
 import argparse
+import json
 import multiprocessing
 import os
 import resource
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
 from train_gpt2 import (
     GPT,
     GPT2_VOCAB,
+    DataLoaderLite,
     UsageError,
     autocast_context,
     batch_size_arg,
@@ -39,7 +46,10 @@ from train_gpt2 import (
     positive_int,
     setup_device,
     setup_distributed,
+    shard_model,
+    state_bytes_per_rank,
     train_step,
+    wrap_model,
 )
 
 # -----------------------------------------------------------------------------
@@ -304,7 +314,11 @@ def memory_run(args, loss_chunk_size):
 
 
 def bench_memory(args):
-    """peak memory of training steps: full logits vs the chunked loss, each in a fresh process"""
+    """peak memory of training steps: full logits vs the chunked loss, each in a fresh process; with --procs N: memory per rank of DDP (and FSDP with --fsdp), each under torchrun"""
+    if args.worker_out:
+        return memory_worker(args)
+    if args.procs > 1:
+        return bench_memory_procs(args)
     t_start = time.time()
     check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))
     what = "max_memory_allocated" if pick_device(args.device).startswith("cuda") else "peak RSS"
@@ -327,6 +341,72 @@ def bench_memory(args):
     print(f"peak memory with the chunked loss: {100 * (peak[1] / peak[0] - 1):+.1f}% (the steps' own memory above "
           f"the model: {100 * (own[1] / max(1, own[0]) - 1):+.1f}%); largest loss difference {diff:.2e}; "
           f"total time {time.time() - t_start:.1f}s")
+
+
+# -----------------------------------------------------------------------------
+# Memory per rank: DDP vs FSDP, each under torchrun with --procs processes
+
+
+def memory_worker(args):
+    """One rank of a --procs run, set up as train() sets up: DDP (wrap_model) or FSDP (shard_model), then --steps
+    train_steps. Writes its state bytes and peak memory to --_worker_out.RANK (the ranks' stdout lines interleave)."""
+    ctx, dtype = setup(args)
+    base_rss = peak_rss_bytes()
+    model = GPT(model_config(args.model, args.vocab_size)).to(ctx.device)
+    model.loss_chunk_size = args.loss_chunk_size
+    if args.fsdp:
+        train_model, dtype = shard_model(model, args, ctx, dtype)
+    else:
+        train_model = wrap_model(model, args, ctx)
+    optimizer = model.configure_optimizers(0.1, 6e-4, ctx.device_type)
+    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
+    batch = FixedBatch(args.batch_size, args.seq_len, ctx.device)
+    for _ in range(args.steps):
+        timed_step(train_model, optimizer, scaler, batch, ctx, dtype)
+    cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device_type == "cuda" else None
+    with open(f"{args.worker_out}.{ctx.rank}", "w") as f:
+        json.dump(dict(state_bytes_per_rank(model, optimizer), base_rss=base_rss, peak_rss=peak_rss_bytes(),
+                       cuda_peak=cuda_peak), f)
+    torch.distributed.destroy_process_group()
+
+
+def bench_memory_procs(args):
+    # auto: one GPU per rank if there are enough, else CPU processes with gloo
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.device_count() >= args.procs else "cpu"
+    flags = [f"--{k}={getattr(args, k)}" for k in ("model", "vocab_size", "batch_size", "seq_len", "steps", "dtype", "compile")]
+    flags += [f"--device={device}"] + ([f"--loss_chunk_size={args.loss_chunk_size}"] if args.loss_chunk_size else [])
+    results = {name: [] for name in ["DDP"] + (["FSDP"] if args.fsdp else [])}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.repeats):
+            for name, runs in results.items():  # interleaved: DDP, FSDP, DDP, FSDP, ...
+                out = os.path.join(tmp, f"{name}{r}")
+                p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                    f"--nproc_per_node={args.procs}", os.path.abspath(__file__), "--mode=memory", "--procs=1",
+                                    f"--_worker_out={out}", *flags] + (["--fsdp"] if name == "FSDP" else []),
+                                   capture_output=True, text=True)
+                files = [f"{out}.{rank}" for rank in range(args.procs)]
+                if p.returncode != 0 or not all(map(os.path.exists, files)):
+                    print(p.stdout[-3000:] + p.stderr[-3000:], file=sys.stderr)
+                    raise UsageError(f"the {name} run under torchrun failed (exit {p.returncode}); its output is above")
+                runs.append([json.load(open(f)) for f in files])
+    print(f"bench memory per rank: --model {args.model}, {args.procs} ranks on {device}, B={args.batch_size}, "
+          f"T={args.seq_len}, after {args.steps} training steps, --dtype {args.dtype}; median of {args.repeats} run(s) "
+          f"per variant, interleaved, max over ranks (RSS varies with the machine's load)")
+    rows = {}
+    for name, runs in results.items():
+        per_rank = lambda f: median([max(f(r) for r in ranks) for ranks in runs])  # noqa: E731
+        row = {k: per_rank(lambda r: r[k]) for k in ("parameters", "gradients", "optimizer")}
+        row["sharded total"] = sum(row.values())
+        row["peak RSS"] = per_rank(lambda r: r["peak_rss"])
+        row["RSS over start"] = per_rank(lambda r: r["peak_rss"] - r["base_rss"])
+        if runs[0][0]["cuda_peak"] is not None:
+            row["peak CUDA"] = per_rank(lambda r: r["cuda_peak"])
+        rows[name] = row
+    print(f"{'MiB per rank':<12}" + "".join(f"{c:>16}" for c in rows["DDP"]))
+    for name, row in rows.items():
+        print(f"{name:<12}" + "".join(f"{v / 2**20:>16.1f}" for v in row.values()))
+    if args.fsdp:
+        print(f"{'FSDP / DDP':<12}" + "".join(f"{rows['FSDP'][c] / rows['DDP'][c]:>16.3f}" for c in rows["DDP"]))
 
 
 # -----------------------------------------------------------------------------
@@ -376,12 +456,82 @@ def bench_sample(args):
 
 
 # -----------------------------------------------------------------------------
+# Data loading: DataLoaderLite in order vs --shuffle, pages from the disk vs cached
+
+
+def write_shards(root, shards, tokens):
+    """Paths of `shards` .npy train shards of random tokens in root (kept when already there at that size)."""
+    rng, paths = np.random.default_rng(0), []
+    for i in range(shards):
+        path = os.path.join(root, f"bench_train_{i:06d}.npy")
+        if not os.path.exists(path) or np.load(path, mmap_mode="r").shape != (tokens,):
+            np.save(path, rng.integers(0, GPT2_VOCAB, tokens, dtype=np.uint16))
+        paths.append(path)
+    return paths
+
+
+def evict_pages(paths):
+    """Drop the files from the page cache, so that the next reads come from the disk as a fresh run's do."""
+    for path in paths:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())  # dirty pages cannot be dropped
+            if hasattr(os, "posix_fadvise"):  # not on macOS: there 'cold' is cached too
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def time_batches(loader, n, gap_s):
+    """Mean seconds of next_batch over n batches, gap_s apart: the micro-step that the OS reads ahead during."""
+    total = 0.0
+    for _ in range(n):
+        t0 = time.perf_counter()
+        loader.next_batch()
+        total += time.perf_counter() - t0
+        time.sleep(gap_s)
+    return total / n
+
+
+def bench_data(args):
+    """DataLoaderLite's time per batch: in order vs --shuffle, from the disk (pages evicted) vs cached, as a share of a micro-step on an H100"""
+    B, T = args.batch_size, args.seq_len
+    with tempfile.TemporaryDirectory() as tmp:
+        root = args.data_dir or tmp
+        os.makedirs(root, exist_ok=True)
+        paths = write_shards(root, args.shards, args.shard_tokens)
+        loaders = {
+            "in order": DataLoaderLite(B, T, split="train", data_root=root),
+            "--shuffle": DataLoaderLite(B, T, split="train", data_root=root, shuffle=True, seed=1337),
+        }
+        times = {(name, cache): [] for name in loaders for cache in ("cold", "warm")}
+        for _ in range(args.repeats):  # interleaved
+            for name, loader in loaders.items():
+                state = loader.state_dict()
+                evict_pages(paths)
+                times[(name, "cold")].append(time_batches(loader, args.batches, args.gap_ms / 1000))
+                loader.load_state_dict(state)  # the same batches again, now from cached pages
+                times[(name, "warm")].append(time_batches(loader, args.batches, args.gap_ms / 1000))
+    flops = flops_per_token(model_config(args.model, args.vocab_size), T) * B * T
+    h100 = flops / gpu_peak_flops("H100")  # the least a micro-step takes on an H100 SXM: 100% MFU at its bf16 peak
+    print(f"bench data: DataLoaderLite B={B}, T={T} ({B * T * 2 / 1024:g} KiB a batch) over {args.shards} shards of "
+          f"{args.shard_tokens:,} tokens in {args.data_dir or 'a temporary directory'}; {args.repeats} interleaved "
+          f"repeats of {args.batches} batches, {args.gap_ms:g} ms apart")
+    print(f"{'':26s} {'median':>10s} {'min':>10s} {'max':>10s}   share of a micro-step on an H100")
+    for (name, cache), ts in times.items():
+        print(f"{name + ', ' + cache + ' pages':26s} {median(ts) * 1e6:8.1f}us {min(ts) * 1e6:8.1f}us "
+              f"{max(ts) * 1e6:8.1f}us   {100 * median(ts) / h100:.3g}%")
+    for cache in ("cold", "warm"):
+        print(f"--shuffle / in order, {cache}: {median(times[('--shuffle', cache)]) / median(times[('in order', cache)]):.2f}x")
+    print(f"a --model {args.model} micro-step of {B} x {T} takes at least {h100 * 1000:.3g} ms on an H100 SXM: "
+          f"{flops / 1e12:.3g} TFLOP at its {gpu_peak_flops('H100') / 1e12:.0f} TFLOP/s bf16 datasheet peak")
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 MODES = {
     "train": bench_train,
     "memory": bench_memory,
     "sample": bench_sample,
+    "data": bench_data,
 }
 SMALL_MODEL = "d4"  # sampling compares the algorithm, not the model
 
@@ -393,8 +543,8 @@ def parse_args(argv=None):
     g = p.add_argument_group("model and shape")
     g.add_argument("--model", default=None, help=f"gpt2, gpt2-medium, ..., or dN (default: gpt2; {SMALL_MODEL} for sample)")
     g.add_argument("--vocab_size", type=int, default=50304, help="ours (default: %(default)s); the Hugging Face model has 50257")
-    g.add_argument("--batch_size", type=batch_size_arg, default=None, help="micro-batch B, or sequences sampled at once (default: 4; 16 on a GPU except for sample); 'auto': train_gpt2.py's choice")
-    g.add_argument("--seq_len", type=positive_int, default=None, help="T (default: 256 on CPU, 1024 on GPU)")
+    g.add_argument("--batch_size", type=batch_size_arg, default=None, help="micro-batch B (per rank for --procs), or sequences sampled at once (default: 4; 16 on a GPU except for sample; 2 for --procs; 64 for data); 'auto': train_gpt2.py's choice")
+    g.add_argument("--seq_len", type=positive_int, default=None, help="T (default: 256 on CPU, 1024 on GPU; 128 for --procs; 1024 for data)")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu, the default), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="autocast dtype, as in train_gpt2.py (default: auto)")
     g.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default: 1 for train, 0 for memory)")
@@ -406,22 +556,40 @@ def parse_args(argv=None):
                         "full logits under compile; --compile 0 leaves out the compiled rungs (default: none)")
     g.add_argument("--warmup", type=positive_int, default=1, help="train: untimed steps per variant; the first one compiles (default: 1)")
     g.add_argument("--steps", type=positive_int, default=None, help="timed steps per variant (default: 5 for train; 2 for memory)")
-    g.add_argument("--repeats", type=positive_int, default=None, help="memory, sample: interleaved rounds (default: 2 for memory, 3 for sample)")
+    g.add_argument("--repeats", type=positive_int, default=None, help="memory, sample, data: interleaved rounds (default: 2 for memory, 3 for sample, 5 for data)")
     g.add_argument("--max_new_tokens", type=positive_int, default=256, help="sample: tokens generated per sequence (default: 256)")
+    g = p.add_argument_group("memory per rank (--mode memory)")
+    g.add_argument("--procs", type=positive_int, default=1, help="N > 1: memory per rank of DDP under torchrun with N processes (default: 1: full logits vs chunked loss)")
+    g.add_argument("--fsdp", action="store_true", help="with --procs: FSDP (train_gpt2.py --fsdp) beside DDP")
+    g.add_argument("--_worker_out", dest="worker_out", default=None, help=argparse.SUPPRESS)  # a rank of a --procs run
+    g = p.add_argument_group("data (--mode data)")
+    g.add_argument("--batches", type=positive_int, default=100, help="batches per timing (default: %(default)s)")
+    g.add_argument("--gap_ms", type=float, default=20, help="sleep between batches: the micro-step the loader feeds (default: %(default)s)")
+    g.add_argument("--shards", type=positive_int, default=4, help="shards of random tokens (default: %(default)s)")
+    g.add_argument("--shard_tokens", type=positive_int, default=100_000_000, help="tokens per shard (default: 100M, as fineweb.py writes)")
+    g.add_argument("--data_dir", default=None, help="where the shards are written (default: a temporary directory)")
     args = p.parse_args(argv)
 
     on_gpu = pick_device(args.device).startswith("cuda")
     args.model = args.model or (SMALL_MODEL if args.mode == "sample" else "gpt2")
-    # sample: 4 sequences, as train_gpt2.py --sample (--num_samples 4) and its in-training samples do
-    args.batch_size = args.batch_size or (16 if on_gpu and args.mode != "sample" else 4)
-    args.seq_len = args.seq_len or (1024 if on_gpu else 256)
+    if args.mode == "data":  # gpt2's micro-batch in train_gpt2.py
+        B, T = 64, 1024
+    elif args.procs > 1:  # the state bytes per rank are exact at any shape: a small one is enough
+        B, T = 2, 128
+    else:  # sample: 4 sequences, as train_gpt2.py --sample (--num_samples 4) and its in-training samples do
+        B, T = (16 if on_gpu and args.mode != "sample" else 4), (1024 if on_gpu else 256)
+    args.batch_size, args.seq_len = args.batch_size or B, args.seq_len or T
     args.compile = (1 if args.mode == "train" else 0) if args.compile is None else args.compile
     args.steps = args.steps or (2 if args.mode == "memory" else 5)
-    args.repeats = args.repeats or (2 if args.mode == "memory" else 3)
+    args.repeats = args.repeats or {"memory": 2, "data": 5}.get(args.mode, 3)
     if args.batch_size == "auto" and args.mode != "train":
         p.error("--batch_size auto is for --mode train")
     if args.compare != "none" and args.mode != "train":
         p.error("--compare is for --mode train")
+    if (args.procs > 1 or args.fsdp) and args.mode != "memory":
+        p.error("--procs and --fsdp are for --mode memory")
+    if args.fsdp and args.procs == 1 and not args.worker_out:
+        p.error("--fsdp shards over processes: add --procs N (N >= 2)")
     return args
 
 

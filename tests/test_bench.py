@@ -79,3 +79,28 @@ def test_bad_input_is_one_line_error():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown --model 'd0x'") and "Traceback" not in proc.stderr
+
+
+def test_data_mode_times_both_orders_cold_and_warm_against_an_h100_micro_step():
+    out = run_bench("--mode", "data", "--shard_tokens", "200000", "--batches", "5", "--repeats", "1",
+                    "--batch_size", "4", "--seq_len", "64", "--gap_ms", "1")
+    rows = re.findall(rf"^(in order|--shuffle), (cold|warm) pages +{NUM}us +{NUM}us +{NUM}us +([0-9.e+]+)%$", out, re.M)
+    assert [r[:2] for r in rows] == [("in order", "cold"), ("in order", "warm"), ("--shuffle", "cold"), ("--shuffle", "warm")], out
+    # the floor: gpt2's FLOPs for 4 x 64 tokens at the H100's datasheet peak, and each share is median / floor
+    floor = bench.flops_per_token(bench.model_config("gpt2"), 64) * 4 * 64 / bench.gpu_peak_flops("H100")
+    assert f"a --model gpt2 micro-step of 4 x 64 takes at least {floor * 1000:.3g} ms on an H100 SXM" in out, out
+    for r in rows:
+        assert float(r[2]) > 0 and abs(float(r[5]) / (100 * float(r[2]) * 1e-6 / floor) - 1) < 0.01, r
+    assert len(re.findall(rf"^--shuffle / in order, (cold|warm): {NUM}x$", out, re.M)) == 2, out
+
+
+def test_memory_procs_fsdp_holds_half_the_parameters_and_gradients_of_ddp_per_rank():
+    out = run_bench("--mode", "memory", "--procs", "2", "--fsdp", "--model", "d2", "--batch_size", "2", "--seq_len", "32",
+                    "--steps", "1", "--repeats", "1", "--dtype", "float32", timeout=240)
+    table = {m[0]: m[1].split() for m in re.findall(r"^(DDP|FSDP|FSDP / DDP) +([0-9. ]+)$", out, re.M)}
+    assert list(table) == ["DDP", "FSDP", "FSDP / DDP"], out
+    # DDP: a full fp32 copy per rank. FSDP: every dim-0 size of d2 is even, the root (wte = lm_head, wpe, ln_f) is
+    # sharded too, so each of 2 ranks holds exactly half the parameters and, after a step, half the gradients
+    n = sum(p.numel() for p in bench.GPT(bench.model_config("d2")).parameters())
+    assert table["DDP"][0] == f"{4 * n / 2**20:.1f}", out
+    assert table["FSDP / DDP"][:2] == ["0.500", "0.500"], out

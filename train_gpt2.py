@@ -204,9 +204,10 @@ class LinearCrossEntropy(torch.autograd.Function):
         for i in range(0, x.size(0), chunk_size):
             xc, tc, vc = x[i : i + chunk_size], targets[i : i + chunk_size], valid[i : i + chunk_size]
             logits = (xc @ weight.t()).float()
-            if cap is not None:
-                logits = softcap(logits, cap)
-                dcap = 1 - (logits / cap).square()  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
+            if cap is not None:  # in place, as softcap() computes it: the chunk's buffer is ours
+                t = logits.div_(cap).tanh_()
+                dcap = t.square().neg_().add_(1)  # d(cap * tanh(z / cap)) / dz = 1 - tanh^2
+                logits = t.mul_(cap)
             lse = torch.logsumexp(logits, dim=-1)
             safe_t = tc.clamp(min=0)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)

@@ -46,8 +46,10 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    arch: str = "gpt2"  # gpt2, or modern: see "The modern block" below; checkpoints without it are gpt2
 
 
+ARCHS = ("gpt2", "modern")
 # sizes of OpenAI's released checkpoints (all with block_size 1024 and vocab 50257)
 MODEL_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -56,6 +58,55 @@ MODEL_SIZES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 
+# ---- the modern block (--arch modern)
+# The GPT class below builds either OpenAI's GPT-2 or a block with the changes that sped up speedruns since
+# (modded-nanogpt): rotary position embeddings instead of the learned wpe, RMSNorm without a gain instead of
+# LayerNorm (also on the embedding output, and on q and k per head: QK-norm), ReLU^2 instead of GELU, no biases,
+# zero-initialized output projections and lm_head, an lm_head untied from wte, and logits soft-capped with tanh.
+# Every matrix of a block stays under transformer.h and the norms have no parameters, so an optimizer can
+# group the 2-D block weights (Muon) apart from the embedding and the head.
+
+ROTARY_BASE = 10000
+LOGIT_SOFTCAP = 15.0  # logits = cap * tanh(logits / cap): bounded, so no token's logit runs away
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) over the last dimension, no learned gain (the next matmul can scale as it likes)."""
+
+    def forward(self, x):
+        return rms_norm(x)
+
+
+class ReLUSquared(nn.Module):
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+def make_norm(config):
+    return nn.LayerNorm(config.n_embd) if config.arch == "gpt2" else RMSNorm()
+
+
+def rotary_tables(head_size, block_size):
+    """cos and sin (block_size, head_size / 2) of the angles position * ROTARY_BASE^(-2i / head_size)."""
+    inv_freq = ROTARY_BASE ** (-torch.arange(0, head_size, 2, dtype=torch.float32) / head_size)
+    angles = torch.outer(torch.arange(block_size, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate the pairs (x[..., i], x[..., i + d/2]) of x (B, n_head, T, d) by the angles of their positions:
+    q.k then depends only on how far apart two positions are."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def softcap(logits, cap):
+    return cap * torch.tanh(logits.float() / cap)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
@@ -63,14 +114,17 @@ class CausalSelfAttention(nn.Module):
         assert config.n_embd % config.n_head == 0
         self.n_head = config.n_head
         self.n_embd = config.n_embd
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads in one matmul
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        bias = config.arch == "gpt2"  # the modern block has no biases
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=bias)  # q, k, v for all heads in one matmul
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=bias)
         self.c_proj.RESIDUAL_PROJ = True  # scaled at init, see GPT._init_weights
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rotary=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rotary is not None:  # modern: QK-norm, then rotate q and k by their positions (keys are cached rotated)
+            q, k = (apply_rotary(rms_norm(t), *rotary).type_as(v) for t in (q, k))
         if kv_cache is None:
             # flash attention where the device has it; is_causal builds no (T, T) mask
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
@@ -111,26 +165,28 @@ class KVCache:
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.gelu = nn.GELU(approximate="tanh")  # the approximation OpenAI's GPT-2 was trained with
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        bias = config.arch == "gpt2"
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=bias)
+        # GPT-2: the tanh approximation of GELU OpenAI trained with; modern: ReLU^2 (relu(x).square())
+        self.act = nn.GELU(approximate="tanh") if bias else ReLUSquared()
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=bias)
         self.c_proj.RESIDUAL_PROJ = True
 
     def forward(self, x):
-        return self.c_proj(self.gelu(self.c_fc(x)))
+        return self.c_proj(self.act(self.c_fc(x)))
 
 
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, kv_cache=None):
+    def forward(self, x, kv_cache=None, rotary=None):
         # pre-LayerNorm: the residual stream itself is never normalized, so gradients flow straight to the input
-        x = x + self.attn(self.ln_1(x), kv_cache)
+        x = x + self.attn(self.ln_1(x), kv_cache, rotary)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -141,10 +197,11 @@ class LinearCrossEntropy(torch.autograd.Function):
     The logits are made chunk by chunk; each chunk's gradients (softmax - one_hot) are turned into the gradients
     of x and weight right away, so memory holds one chunk of logits instead of all of them (13 GB in float32 for
     B=64, T=1024, vocab 50304) and nothing is recomputed in backward.
+    cap: the logits are cap * tanh(x @ weight.T / cap) (the modern arch's soft-cap); None: not capped.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size):
+    def forward(ctx, x, weight, targets, chunk_size, cap=None):
         valid = targets != -1
         n_valid = valid.sum().clamp(min=1)
         grad_x = torch.empty_like(x)
@@ -152,7 +209,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for i in range(0, x.size(0), chunk_size):
             xc, tc, vc = x[i : i + chunk_size], targets[i : i + chunk_size], valid[i : i + chunk_size]
-            logits = (xc @ weight.t()).float()
+            logits, dcap = softcap_chunk_((xc @ weight.t()).float(), cap)
             lse = torch.logsumexp(logits, dim=-1)
             safe_t = tc.clamp(min=0)
             target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
@@ -160,6 +217,8 @@ class LinearCrossEntropy(torch.autograd.Function):
             # d(loss)/d(logits) = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
             grad = softmax_minus_one_hot_(logits, lse, safe_t)
             grad *= (vc / n_valid)[:, None]
+            if cap is not None:
+                grad *= dcap
             grad = grad.to(x.dtype)
             grad_x[i : i + chunk_size] = grad @ weight
             grad_w += (grad.t() @ xc).float()
@@ -169,7 +228,16 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
-        return grad_x * grad_loss, grad_w * grad_loss, None, None
+        return grad_x * grad_loss, grad_w * grad_loss, None, None, None
+
+
+def softcap_chunk_(logits, cap):
+    """(cap * tanh(logits / cap), its derivative 1 - tanh^2) in place in a chunk's float32 logits; cap None: as is."""
+    if cap is None:
+        return logits, None
+    t = logits.div_(cap).tanh_()
+    dcap = t.square().neg_().add_(1)
+    return t.mul_(cap), dcap
 
 
 def softmax_minus_one_hot_(logits, lse, safe_t):
@@ -193,45 +261,47 @@ class LinearCrossEntropyScaled(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_size):
+    def forward(ctx, x, weight, targets, chunk_size, cap=None):
         valid = targets != -1
         n_valid = valid.sum().clamp(min=1)
         lse = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
         loss = torch.zeros((), dtype=torch.float32, device=x.device)
         for i in range(0, x.size(0), chunk_size):
             tc, vc = targets[i : i + chunk_size], valid[i : i + chunk_size]
-            logits = (x[i : i + chunk_size] @ weight.t()).float()
+            logits, _ = softcap_chunk_((x[i : i + chunk_size] @ weight.t()).float(), cap)
             lse[i : i + chunk_size] = torch.logsumexp(logits, dim=-1)
             target_logit = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
             loss += ((lse[i : i + chunk_size] - target_logit) * vc).sum()
         ctx.save_for_backward(x, weight, targets, lse, n_valid)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.cap = chunk_size, cap
         return loss / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
         x, weight, targets, lse, n_valid = ctx.saved_tensors
-        chunk_size = ctx.chunk_size
+        chunk_size, cap = ctx.chunk_size, ctx.cap
         scale = grad_loss.float() / n_valid  # loss scale / accumulation steps / tokens, in float32
         grad_x = torch.empty_like(x)
         grad_w = torch.zeros_like(weight, dtype=torch.float32)
         for i in range(0, x.size(0), chunk_size):
             xc, tc = x[i : i + chunk_size], targets[i : i + chunk_size]
-            logits = (xc @ weight.t()).float()
+            logits, dcap = softcap_chunk_((xc @ weight.t()).float(), cap)
             grad = softmax_minus_one_hot_(logits, lse[i : i + chunk_size], tc.clamp(min=0))
             grad *= ((tc != -1) * scale)[:, None]
+            if cap is not None:
+                grad *= dcap
             grad = grad.to(x.dtype)
             grad_x[i : i + chunk_size] = grad @ weight
             grad_w += (grad.t() @ xc).float()
-        return grad_x, grad_w.to(weight.dtype), None, None
+        return grad_x, grad_w.to(weight.dtype), None, None, None
 
 
 # Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def chunked_cross_entropy(x, weight, targets, chunk_size):
-    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) without the full logits."""
+def chunked_cross_entropy(x, weight, targets, chunk_size, cap=None):
+    """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) without the full logits (soft-capped if cap)."""
     if torch.is_autocast_enabled(x.device.type):  # the lm_head matmul in the autocast dtype, as nn.Linear would do it
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
@@ -240,10 +310,12 @@ def chunked_cross_entropy(x, weight, targets, chunk_size):
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         # fp16 cannot hold the gradients before GradScaler's scale multiplies them: they wait for backward
         fn = LinearCrossEntropyScaled if x.dtype == torch.float16 else LinearCrossEntropy
-        return fn.apply(x, weight, targets, chunk_size)
+        return fn.apply(x, weight, targets, chunk_size, cap)
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     for i in range(0, x.size(0), chunk_size):
         logits = (x[i : i + chunk_size] @ weight.t()).float()
+        if cap is not None:
+            logits = softcap(logits, cap)
         loss += F.cross_entropy(logits, targets[i : i + chunk_size], ignore_index=-1, reduction="sum")
     return loss / (targets != -1).sum().clamp(min=1)
 
@@ -257,36 +329,50 @@ def default_loss_chunk_size(device):
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
+        if config.arch not in ARCHS:
+            raise UsageError(f"unknown arch {config.arch!r}: use one of {', '.join(ARCHS)}")
+        modern = config.arch == "modern"
+        if modern and (config.n_embd // config.n_head) % 2:
+            raise UsageError(f"--arch modern needs an even head size for rotary embeddings, got {config.n_embd}/{config.n_head}")
         self.config = config
-        self.transformer = nn.ModuleDict(
-            dict(
-                wte=nn.Embedding(config.vocab_size, config.n_embd),
-                wpe=nn.Embedding(config.block_size, config.n_embd),
-                h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-                ln_f=nn.LayerNorm(config.n_embd),
-            )
-        )
+        layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not modern:  # modern: positions enter as rotations of q and k instead
+            layers["wpe"] = nn.Embedding(config.block_size, config.n_embd)
+        layers.update(h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]), ln_f=make_norm(config))
+        self.transformer = nn.ModuleDict(layers)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.ZERO_INIT = modern
         self.loss_chunk_size = None  # rows per chunk of the training loss; 0 = full logits; None = by device
-        # weight tying (as in GPT-2): the token embedding is also the output projection; saves 38M parameters
-        self.transformer.wte.weight = self.lm_head.weight
+        self.softcap = LOGIT_SOFTCAP if modern else None
+        if modern:  # rotary cos/sin, derived from the config: not saved in checkpoints
+            cos, sin = rotary_tables(config.n_embd // config.n_head, config.block_size)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        else:
+            # weight tying (as in GPT-2): the token embedding is also the output projection; saves 38M parameters
+            self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
         # OpenAI's GPT-2 init. Each block adds two projections into the residual stream; scaling them by
         # 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth.
+        # The modern arch starts those projections and the lm_head at zero instead: every block starts as the
+        # identity and the first logits are uniform; gradients reach the other weights from the second step on.
         if isinstance(module, nn.Linear):
             std = 0.02
             if getattr(module, "RESIDUAL_PROJ", False):
                 std *= (2 * self.config.n_layer) ** -0.5
-            torch.nn.init.normal_(module.weight, mean=0.0, std=std)
+            if self.config.arch == "modern" and (getattr(module, "RESIDUAL_PROJ", False) or getattr(module, "ZERO_INIT", False)):
+                torch.nn.init.zeros_(module.weight)
+            else:
+                torch.nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 torch.nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self):
-        return sum(p.numel() for p in self.parameters())  # parameters() lists the tied wte/lm_head once
+        return sum(p.numel() for p in self.parameters())  # parameters() lists the tied wte/lm_head once (gpt2)
 
     def hidden_states(self, idx, kv_caches=None):
         """The final LayerNorm's output (B, T, n_embd). With kv_caches, idx continues the cached positions."""
@@ -294,28 +380,39 @@ class GPT(nn.Module):
         start = kv_caches[0].length if kv_caches else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} is longer than block_size {self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
-        x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+        if self.config.arch == "modern":
+            # the embedding normalized like every block input; positions are rotations of q and k
+            x = rms_norm(self.transformer.wte(idx))
+            rotary = (self.rotary_cos[start : start + T], self.rotary_sin[start : start + T])
+        else:
+            pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)
+            x = self.transformer.wte(idx) + self.transformer.wpe(pos)
+            rotary = None
         for i, block in enumerate(self.transformer.h):
-            x = block(x, kv_caches[i] if kv_caches else None)
+            x = block(x, kv_caches[i] if kv_caches else None, rotary)
         return self.transformer.ln_f(x)
+
+    def head(self, x):
+        """The logits of hidden states x: the lm_head, soft-capped (in float32) for the modern arch."""
+        logits = self.lm_head(x)
+        return logits if self.softcap is None else softcap(logits, self.softcap)
 
     def forward(self, idx, targets=None):
         """(logits, loss). Without targets: the logits of every position and no loss. With targets (-1 = ignored):
         the mean cross-entropy, and logits None when the loss was computed in chunks (see loss_chunk_size)."""
         x = self.hidden_states(idx)
         if targets is None:
-            return self.lm_head(x), None
+            return self.head(x), None
         chunk = self.loss_chunk_size if self.loss_chunk_size is not None else default_loss_chunk_size(idx.device)
         if not chunk:
-            logits = self.lm_head(x)
+            logits = self.head(x)
             return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        return None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), chunk)
+        return None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), chunk, self.softcap)
 
     def logits_at(self, idx, positions):
         """The logits of the positions where the (B, T) bool mask `positions` is True, as (N, vocab_size).
         Scoring a few tokens (HellaSwag endings) then skips most of the lm_head, a small model's largest matmul."""
-        return self.lm_head(self.hidden_states(idx)[positions])
+        return self.head(self.hidden_states(idx)[positions])
 
     # ---- optimization
 
@@ -341,6 +438,7 @@ class GPT(nn.Module):
         Keys and values are cached, so each new token runs the model on one position. Once the sequence is
         longer than block_size the context is cropped to the last block_size tokens; absolute position
         embeddings then shift every step, so the cache cannot be reused and each token costs a full forward.
+        (Rotary embeddings, --arch modern, are relative and could keep the cache; it is recomputed all the same.)
         top_k=1 (or temperature=0) is greedy decoding.
         """
         config = self.config
@@ -360,7 +458,7 @@ class GPT(nn.Module):
                     x = self.hidden_states(idx[:, -1:], caches)
             else:
                 x = self.hidden_states(idx[:, -config.block_size :])
-            logits = self.lm_head(x[:, -1, :]).float()
+            logits = self.head(x[:, -1, :]).float()
             logits[:, n_real:] = -float("inf")  # padded vocab rows are not tokens
             if temperature == 0 or top_k == 1:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
@@ -431,9 +529,11 @@ class GPT(nn.Module):
         """Write a Hugging Face GPT-2 directory (config.json + model.safetensors) that
         transformers.GPT2LMHeadModel.from_pretrained loads. A padded vocab is cut back to the 50257 real tokens.
         tokenizer: also write GPT-2's tokenizer, so pipeline() and lm-eval-harness need nothing else."""
+        c = self.config
+        if c.arch != "gpt2":
+            raise UsageError(f"cannot export an --arch {c.arch} model: Hugging Face's GPT-2 has no rotary embeddings, RMSNorm, ReLU^2 or logit soft-cap; only --arch gpt2 models export (use the .pt checkpoint with train_gpt2.py --sample and hellaswag.py)")
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        c = self.config
         vocab = min(c.vocab_size, GPT2_VOCAB)
         hf_config = GPT2Config(
             vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
@@ -503,8 +603,9 @@ def save_gpt2_tokenizer(directory, model_max_length=1024):
     hf.save_pretrained(directory)
 
 
-def model_config(name, vocab_size=50304, block_size=1024):
-    """--model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN = N layers of width 64*N with N heads (d12 = gpt2)."""
+def model_config(name, vocab_size=50304, block_size=1024, arch="gpt2"):
+    """--model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN = N layers of width 64*N with N heads (d12 = gpt2).
+    arch (--arch): gpt2, or modern (the same sizes with the modern block)."""
     if name in MODEL_SIZES:
         sizes = MODEL_SIZES[name]
     elif re.fullmatch(r"d[1-9][0-9]*", name):
@@ -512,7 +613,7 @@ def model_config(name, vocab_size=50304, block_size=1024):
         sizes = dict(n_layer=n, n_head=n, n_embd=64 * n)
     else:
         raise UsageError(f"unknown --model {name!r}: use one of {', '.join(MODEL_SIZES)} or dN (N layers, width 64*N, e.g. d6)")
-    return GPTConfig(block_size=block_size, vocab_size=vocab_size, **sizes)
+    return GPTConfig(block_size=block_size, vocab_size=vocab_size, arch=arch, **sizes)
 
 
 # -----------------------------------------------------------------------------
@@ -905,10 +1006,12 @@ def gpu_peak_flops(device_name):
 
 def flops_per_token(config, T):
     """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
-    (PaLM paper, appendix B). The position embedding does no matmul, so it is left out."""
+    (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the lm_head is one matmul
+    whether tied to wte (gpt2) or not (modern), and the modern block has the same matmuls (its norms, rotary
+    and soft-cap are elementwise, negligible): one formula for both archs."""
     N = sum(
         [
-            config.vocab_size * config.n_embd,  # lm_head (tied with wte)
+            config.vocab_size * config.n_embd,  # lm_head (tied with wte or not)
             config.n_layer * 12 * config.n_embd**2,  # attention 4 C^2, MLP 8 C^2
         ]
     )
@@ -1187,7 +1290,7 @@ class StopSignal:
 
 # flags that decide the model and which tokens each step sees: a run can only resume with the same ones
 # --data may change (the loader checks that the shards are the same); these change the run itself
-RESUME_MUST_MATCH = ("model", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed", "shuffle")
+RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed", "shuffle")
 
 
 def check_resume_compatible(checkpoint, args, world_size):
@@ -1259,8 +1362,10 @@ def load_or_build_model(args, ctx):
         if list_checkpoints(args.log_dir) and not args.overwrite:
             raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite to start over there, or choose another --log_dir")
         if args.init_from == "scratch":
-            return GPT(model_config(args.model, args.vocab_size)), None
-        return GPT.from_pretrained(args.init_from), None
+            return GPT(model_config(args.model, args.vocab_size, arch=args.arch)), None
+        model = GPT.from_pretrained(args.init_from)
+        check_init_arch(model.config, args)
+        return model, None
     if args.resume == "auto":
         path, checkpoint = find_resume_checkpoint(args.log_dir)
     else:
@@ -1273,6 +1378,12 @@ def load_or_build_model(args, ctx):
     model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
+
+
+def check_init_arch(config, args):
+    # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
+    if config.arch != args.arch:
+        raise UsageError(f"--init_from {args.init_from} is an --arch {config.arch} model, not {args.arch}: pass --arch {config.arch}")
 
 
 def find_batch_size(fits, largest):
@@ -1802,6 +1913,7 @@ def parse_args(argv=None):
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="edu_fineweb10B", help="a directory of uint16 .npy token shards (from fineweb.py), or a .txt file tokenized at start (last 10%% = val); input.txt is downloaded if missing")
     g.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN: N layers, width 64*N, N heads (d12 = gpt2)")
+    g.add_argument("--arch", default="gpt2", choices=list(ARCHS), help="gpt2: OpenAI's GPT-2 block; modern: rotary embeddings, RMSNorm, QK-norm, ReLU^2, no biases, zero-init projections, untied zero-init lm_head, logits soft-capped at 15 (not exportable to Hugging Face)")
     g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to ignore them")
     g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
     g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")

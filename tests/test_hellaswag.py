@@ -230,3 +230,26 @@ def test_cli_bad_files_and_cache_dir_are_one_line(hellaswag_sample, tmp_path):
         assert out.returncode != 0 and "Traceback" not in err and err.count("\n") == 0, err
         assert err.startswith("error: ") and message in err, err
     assert a_file.read_text() == "mine"
+
+
+def test_modern_arch_scores_match_reference(hellaswag_sample):
+    """--arch modern: rotary positions (padding on the right must not move them) and soft-capped logits."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=256, vocab_size=50304, n_layer=2, n_head=2, n_embd=64, arch="modern"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+        model.lm_head.weight *= 4  # logits far beyond the cap of 15, which the reference sees capped too
+    model.eval()
+    examples = hellaswag.load_examples(data=hellaswag_sample, limit=20)
+    tokens, mask, _ = examples[0]
+    logprobs = F.log_softmax(model(tokens)[0][:, :-1, :50257].float(), dim=-1)
+    token_losses = -logprobs.gather(-1, tokens[:, 1:, None])[..., 0] * mask[:, 1:]
+    torch.testing.assert_close(hellaswag.score_rows(model, tokens, mask)[0], token_losses.sum(1))
+    rows = read_rows(hellaswag_sample)[:20]
+    ref, ref_norm, labels, margins = reference_predictions(lambda idx: model(idx)[0], rows)
+    assert min(margins) > 1e-3
+    pred, pred_norm, _ = hellaswag.predict(model, "cpu", examples, batch_size=8)
+    assert pred.tolist() == ref and pred_norm.tolist() == ref_norm
+    expected = (sum(p == y for p, y in zip(ref, labels)), sum(p == y for p, y in zip(ref_norm, labels)), 20)
+    assert hellaswag.evaluate(model, "cpu", data=hellaswag_sample, limit=20) == expected

@@ -191,19 +191,21 @@ def test_chunked_loss_under_bf16_autocast_is_close_in_loss_and_gradients():
     assert (g_full - g_chunked).norm() / g_full.norm() < 2e-2
 
 
-def loss_scaled_grads(x, w, t, dtype, scale, chunk):
+def loss_scaled_grads(x, w, t, dtype, scale, chunk, cap=None):
     """Gradients of x and w, computed in dtype through a loss multiplied by scale (as GradScaler does), unscaled."""
     x, w = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
     if chunk:
-        loss = tg.chunked_cross_entropy(x, w, t, chunk)
+        loss = tg.chunked_cross_entropy(x, w, t, chunk, cap)
     else:  # full logits: an ordinary lm_head matmul and F.cross_entropy
-        loss = torch.nn.functional.cross_entropy((x @ w.t()).float(), t, ignore_index=-1)
+        logits = (x @ w.t()).float()
+        loss = torch.nn.functional.cross_entropy(logits if cap is None else tg.softcap(logits, cap), t, ignore_index=-1)
     (loss * scale).backward()
     return x.grad.float() / scale, w.grad.float() / scale
 
 
-@pytest.mark.parametrize("dtype, scale", [(torch.float16, 2.0**16), (torch.bfloat16, 1.0)])
-def test_chunked_loss_gradients_under_loss_scaling_are_as_accurate_as_full_logits(dtype, scale):
+# cap 0.5: the modern arch's soft-cap, small enough to bend these logits (~0.2)
+@pytest.mark.parametrize("dtype, scale, cap", [(torch.float16, 2.0**16, None), (torch.bfloat16, 1.0, None), (torch.float16, 2.0**16, 0.5)])
+def test_chunked_loss_gradients_under_loss_scaling_are_as_accurate_as_full_logits(dtype, scale, cap):
     # near-uniform logits over 8192 ids and 1024 rows: (softmax - one_hot) / n_valid is ~1e-7, near fp16's smallest
     # number (6e-8); cast before the scale is applied (the old code) the gradient into the network was 0.7% off
     # and the unseen ids' rows 13%, against 0.05% and 0.03% for full logits
@@ -214,14 +216,14 @@ def test_chunked_loss_gradients_under_loss_scaling_are_as_accurate_as_full_logit
     t[:40] = -1
     unseen = torch.ones(V, dtype=torch.bool)
     unseen[t[t >= 0]] = False  # their gradient is made of the small softmax terms only
-    ref_x, ref_w = loss_scaled_grads(x, w, t, torch.float32, 1.0, 0)
+    ref_x, ref_w = loss_scaled_grads(x, w, t, torch.float32, 1.0, 0, cap)
 
     def errors(gx, gw):
         rel = lambda a, b: ((a - b).norm() / b.norm()).item()
         return rel(gx, ref_x), rel(gw, ref_w), rel(gw[unseen], ref_w[unseen])
 
-    ordinary = errors(*loss_scaled_grads(x, w, t, dtype, scale, 0))
-    chunked = errors(*loss_scaled_grads(x, w, t, dtype, scale, 256))
+    ordinary = errors(*loss_scaled_grads(x, w, t, dtype, scale, 0, cap))
+    chunked = errors(*loss_scaled_grads(x, w, t, dtype, scale, 256, cap))
     assert max(ordinary) < (1e-3 if dtype == torch.float16 else 5e-3)
     for e_chunked, e_ordinary in zip(chunked, ordinary):
         assert e_chunked < 1.5 * e_ordinary, (chunked, ordinary)
@@ -1285,3 +1287,137 @@ def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, shakespeare, capsys, 
         tg.main([str(a) for a in tiny_run_args(shakespeare, tmp_path / "log")] + ["--fsdp"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "torchrun" in err and "--fsdp" in err and err.count("\n") == 0
+
+
+# --arch modern
+
+
+def modern_tiny(block_size=32, vocab_size=50304, seed=0, std=0.2):
+    """A d2-sized modern GPT with random weights (its zero-init lm_head would make every logit 0)."""
+    torch.manual_seed(seed)
+    model = tg.GPT(tg.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=64, arch="modern"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, std)
+    return model.eval()
+
+
+def test_modern_block_layout_and_init():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.model_config("d2", arch="modern"))
+    names = dict(model.named_parameters())
+    assert "transformer.wpe.weight" not in names and model.lm_head.weight is not model.transformer.wte.weight
+    # Muon's grouping: every block parameter is a matrix under transformer.h; outside it only wte and lm_head
+    assert {n for n in names if not n.startswith("transformer.h.")} == {"transformer.wte.weight", "lm_head.weight"}
+    assert all(p.dim() == 2 for p in names.values())  # no biases, no norm gains
+    assert len(names) == 2 + 2 * 4
+    for n, p in names.items():
+        zero = n == "lm_head.weight" or n.endswith("c_proj.weight")
+        assert (p.abs().max().item() == 0) == zero, n
+    assert abs(model.transformer.wte.weight.std().item() - 0.02) < 0.001
+    assert set(model.state_dict()) == set(names)  # the rotary tables are derived, not saved
+    assert model.num_params() == 2 * 50304 * 128 + 2 * 12 * 128**2
+    # zero lm_head: the first loss is exactly that of the uniform distribution
+    idx = torch.randint(0, 50257, (2, 16))
+    assert model(idx, idx)[1].item() == pytest.approx(math.log(50304), abs=1e-5)
+
+
+def test_modern_generate_with_cache_matches_full_forward():
+    model = modern_tiny(block_size=16, vocab_size=50257)
+    prompt = torch.tensor([[15496, 11, 314, 1101, 257], [40, 11, 314, 1101, 257], [1, 2, 3, 4, 5]])
+    ours = model.generate(prompt, 20, top_k=1)  # cached up to block_size, then cropped and recomputed
+    assert ours.shape == (3, 25)
+    assert torch.equal(ours, greedy_without_cache(model, prompt, 20))
+    assert len({tuple(r) for r in ours[:, 5:16].tolist()}) == 3  # the rows really differ
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    cos, sin = tg.rotary_tables(8, 40)
+    q, k = torch.randn(1, 1, 1, 8), torch.randn(1, 1, 1, 8)
+    dot = lambda i, j: (tg.apply_rotary(q, cos[i], sin[i]) * tg.apply_rotary(k, cos[j], sin[j])).sum().item()
+    assert dot(7, 3) == pytest.approx(dot(30, 26), abs=1e-5)
+    assert dot(7, 3) != pytest.approx(dot(7, 4), abs=1e-3)
+    assert tg.apply_rotary(q, cos[0], sin[0]).equal(q)  # position 0: no rotation
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_modern_chunked_softcap_loss_equals_full_logits_loss_and_gradients(ignore):
+    model = modern_tiny(block_size=64, std=0.3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)  # logits well beyond the cap: tanh far from linear
+    idx, targets = torch.randint(0, 50257, (3, 40)), torch.randint(0, 50257, (3, 40))
+    if ignore:
+        targets[0, :25] = -1
+    model.loss_chunk_size = 0
+    logits, loss_full = model(idx, targets)
+    assert logits.abs().max().item() < tg.LOGIT_SOFTCAP and model.lm_head(model.hidden_states(idx)).abs().max().item() > 2 * tg.LOGIT_SOFTCAP
+    loss_full.backward()
+    grads_full = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    model.loss_chunk_size = 32
+    _, loss_chunked = model(idx, targets)
+    loss_chunked.backward()
+    assert torch.allclose(loss_full, loss_chunked, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert torch.allclose(grads_full[n], p.grad, rtol=1e-4, atol=1e-6), n
+    with torch.no_grad():
+        assert torch.allclose(model(idx, targets)[1], loss_full, atol=1e-5)
+        # the cap changes the loss: without it the number would be different
+        uncapped = tg.chunked_cross_entropy(model.hidden_states(idx).view(-1, 64), model.lm_head.weight, targets.view(-1), 32)
+        assert abs(uncapped.item() - loss_full.item()) > 1.0
+        # and HellaSwag's logits_at gives the capped logits too
+        at = torch.rand(3, 40) < 0.3
+        assert torch.allclose(model.logits_at(idx, at), logits[at], atol=1e-5)
+
+
+def test_modern_checkpoint_loads_exactly_and_refuses_export(tmp_path, capsys):
+    model = modern_tiny()
+    path = tmp_path / "model_00000.pt"
+    tg.save_checkpoint({"model": model.state_dict(), "config": tg.asdict(model.config), "step": 0}, str(path))
+    again = tg.GPT.from_pretrained(path).eval()
+    assert again.config.arch == "modern"
+    idx = torch.randint(0, 50257, (2, 32))
+    with torch.no_grad():
+        assert torch.equal(again(idx)[0], model(idx)[0])
+    # a checkpoint from before --arch (no arch in its config) is a gpt2
+    old = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
+    config = tg.asdict(old.config)
+    del config["arch"]
+    tg.save_checkpoint({"model": old.state_dict(), "config": config, "step": 0}, str(tmp_path / "old.pt"))
+    assert tg.GPT.from_pretrained(tmp_path / "old.pt").config.arch == "gpt2"
+    # --export: one line naming the arch and what to do instead
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--init_from", str(path), "--export", str(tmp_path / "export")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "--arch modern" in err and "only --arch gpt2" in err
+    assert not (tmp_path / "export").exists()
+
+
+def test_modern_run_learns_resumes_exactly_and_samples(tmp_path, shakespeare, hellaswag_sample, capsys):
+    log_dir = tmp_path / "log"
+    run = dict(arch="modern", max_steps=16, val_every=8, checkpoint_every=8, sample_every=16, hellaswag_every=16, hellaswag_data=hellaswag_sample)
+    p = run_cli(tiny_run_args(shakespeare, log_dir, **run), tmp_path)
+    log = read_log(log_dir)
+    train = [log[(s, "train")] for s in range(16)]
+    assert train[0] == pytest.approx(math.log(50304), abs=1e-5)  # zero lm_head: uniform logits
+    assert min(train[-3:]) < 8.3
+    assert log[(16, "val")] < log[(0, "val")] - 2
+    assert (16, "hella") in log and "sample 0: Hello, I'm a language model," in p.stdout
+    assert torch.load(log_dir / "model_00016.pt", weights_only=True)["config"]["arch"] == "modern"
+    # resume from the step-8 checkpoint: the same losses as the uninterrupted run
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("model_00008.pt", "log.txt"):
+        (resumed / name).write_bytes((log_dir / name).read_bytes())
+    p = run_cli(tiny_run_args(shakespeare, resumed, **run) + ["--resume"], tmp_path)
+    assert "at step 8" in p.stdout
+    assert_resumed_equal(log, read_log(resumed), 8)
+    # resuming or fine-tuning it as another arch is refused, in one line
+    for args, expected in [
+        (tiny_run_args(shakespeare, resumed, **{**run, "arch": "gpt2"}) + ["--resume"], "--arch modern -> gpt2"),
+        (tiny_run_args(shakespeare, tmp_path / "ft", init_from=log_dir / "model_00016.pt"), "pass --arch modern"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            tg.main([str(a) for a in args])
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and expected in err and err.count("\n") == 0, err

@@ -751,6 +751,10 @@ def test_make_optimizer_muon_groups_and_schedule():
     assert tg.set_lr(opt, 50, args) == 1e-3 and muon["lr"] == 0.03 and gains["lr"] == 6e-4
     tg.set_lr(opt, 90, args)  # halfway through the decay (the last 20 steps)
     assert muon["lr"] == pytest.approx(0.0165) and gains["lr"] == pytest.approx(3.3e-4)
+    # a resumed run keeps its own flags' schedule (as with --max_steps), not the one saved in the checkpoint
+    again = tg.make_optimizer(model, tg.parse_args(["--optimizer", "muon", "--muon_lr", "0.05"]), "cpu")
+    again.load_state_dict(opt.state_dict())
+    assert again.param_groups[2]["initial_lr"] == 0.05 and again.param_groups[0]["initial_lr"] == 6e-4
     # the default recipe: the seed's AdamW, every group at --max_lr
     default = tg.parse_args([])
     opt = tg.make_optimizer(model, default, "cpu")
@@ -773,10 +777,10 @@ def test_muon_under_grad_scaler_equals_unscaled_step():
     models = []
     for scale in (None, 1024.0):
         torch.manual_seed(0)
-        model = tg.GPT(tg.GPTConfig(block_size=16, n_layer=1, n_head=2, n_embd=32))
+        model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
         opt = tg.make_optimizer(model, tg.parse_args(["--optimizer", "muon"]), "cpu")
         scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
-        x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
         for _ in range(2):
             opt.zero_grad()
             scaler.scale(model(x, x)[1]).backward()

@@ -908,14 +908,165 @@ def ensure_text_data(path):
 # Optimization
 
 
-def get_lr(step, max_lr, min_lr, warmup_steps, max_steps):
-    """Linear warmup to max_lr, cosine decay to min_lr at max_steps, min_lr after (GPT-3 paper)."""
+def get_lr(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", decay_frac=0.2):
+    """Linear warmup to max_lr, then down to min_lr at max_steps, min_lr after.
+    cosine: cosine decay over all the steps after warmup (GPT-3 paper).
+    wsd (warmup-stable-decay, a trapezoid): max_lr until the last decay_frac of the steps, then linear to min_lr."""
     if step < warmup_steps:
         return max_lr * (step + 1) / warmup_steps
     if step >= max_steps:
         return min_lr
+    if schedule == "wsd":
+        decay_steps = max(1, round(decay_frac * max_steps))
+        decay_start = max(warmup_steps, max_steps - decay_steps)
+        if step < decay_start:
+            return max_lr
+        return max_lr + (step - decay_start) / (max_steps - decay_start) * (min_lr - max_lr)
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def make_optimizer(model, args, device_type):
+    """The run's optimizer. Every param group gets its own schedule bounds: "initial_lr" (the peak) and "min_lr";
+    set_lr moves each group along the schedule between its own two.
+    adamw: GPT.configure_optimizers, the seed's. muon: Muon for the blocks' 2-D matrices, AdamW for the rest
+    (embeddings and lm_head with --weight_decay, biases and norm gains without), at --max_lr or --embed_lr."""
+    if args.optimizer == "adamw":
+        optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
+        bounds = [(args.max_lr, args.min_lr)] * len(optimizer.param_groups)
+        inner = [optimizer]
+    else:
+        in_muon = set(muon_param_names(model))
+        rest = [(n, p) for n, p in model.named_parameters() if n not in in_muon and p.requires_grad]
+        embed_lr = args.embed_lr or args.max_lr
+        final = args.min_lr / args.max_lr  # each group decays to this fraction of its peak, as AdamW's does
+        groups = [
+            {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay, "lr": embed_lr},
+            {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": args.max_lr},
+        ]
+        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+        adamw = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+        muon_params = [p for n, p in model.named_parameters() if n in in_muon]
+        muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay)
+        bounds = [(embed_lr, embed_lr * final), (args.max_lr, args.min_lr), (args.muon_lr, args.muon_lr * final)]
+        inner = [adamw, muon]
+        optimizer = MultiOptimizer(adamw, muon)
+
+    def set_bounds(opt=None):
+        for group, (peak, low) in zip(optimizer.param_groups, bounds):
+            group["initial_lr"], group["min_lr"] = peak, low
+
+    set_bounds()
+    for opt in inner:  # a resumed run's schedule is this run's flags (as --max_steps), not the checkpoint's
+        opt.register_load_state_dict_post_hook(set_bounds)
+    return optimizer
+
+
+def set_lr(optimizer, step, args):
+    """Each param group's learning rate for this step (the schedule between its own bounds); returns the first's."""
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(step, group["initial_lr"], group["min_lr"], args.warmup_steps, args.lr_decay_steps, args.schedule, args.decay_frac)
+    return optimizer.param_groups[0]["lr"]
+
+
+# -----------------------------------------------------------------------------
+# Muon
+#
+# Muon (Keller Jordan, 2024; the optimizer of modded-nanogpt's speed records) updates a weight matrix with its
+# momentum made (nearly) orthogonal: every singular value of the update becomes ~1, so the rare directions of the
+# gradient move as fast as the dominant ones. It is for the 2-D matrices inside the transformer blocks; embeddings,
+# the output head, biases and norm gains keep AdamW.
+
+# quintic Newton-Schulz coefficients from Keller Jordan's Muon: picked for the steepest slope at 0, so 5 iterations
+# lift even tiny singular values to 0.7..1.2 (not exactly 1; that is fine for training and much cheaper than an SVD)
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(G, steps=5):
+    """An approximately orthogonal matrix with G's singular vectors (U V^T of G = U S V^T), in bfloat16."""
+    a, b, c = NS_COEFFICIENTS
+    X = G.bfloat16()
+    wide = X.size(0) <= X.size(1)
+    if not wide:  # iterate on the smaller Gram matrix X X^T
+        X = X.T
+    X = X / (X.norm() + 1e-7)  # the Frobenius norm bounds the spectral norm: all singular values now <= 1
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X  # each singular value s -> a s + b s^3 + c s^5
+    return X if wide else X.T
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose update is orthogonalized by Newton-Schulz, for 2-D weights only.
+
+    The update of a (rows, cols) matrix is scaled by max(1, rows/cols)**0.5: an orthogonal update has RMS
+    1/sqrt(max(rows, cols)), and the scale makes it 1/sqrt(cols) for every shape, i.e. the same change of the
+    output per unit of input for a square, a tall (c_fc, c_attn) or a wide (c_proj) matrix. It is the scaling of
+    Keller Jordan's Muon and modded-nanogpt, so their learning rates (0.02-0.05) carry over. Weight decay is
+    decoupled (p -= lr * weight_decay * p) as in AdamW. The momentum buffers are the optimizer state."""
+
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps))
+        for group in self.param_groups:
+            if any(p.dim() != 2 for p in group["params"]):
+                raise ValueError("Muon updates 2-D weight matrices only; give the other parameters to AdamW")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, momentum = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p.grad)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - momentum)  # an average of past gradients
+                update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf  # Nesterov: look one step ahead
+                update = newton_schulz(update, group["ns_steps"])
+                if group["weight_decay"]:
+                    p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
+        return loss
+
+
+class MultiOptimizer:
+    """Several torch optimizers stepped as one (AdamW for some parameters, Muon for the others): the single object
+    train_step, GradScaler (unscale_ and step only need param_groups and step()) and checkpoints see."""
+
+    def __init__(self, *optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):
+        return [group for opt in self.optimizers for group in opt.param_groups]
+
+    def zero_grad(self, set_to_none=True):
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def step(self, closure=None):
+        for opt in self.optimizers:
+            opt.step()
+
+    def state_dict(self):
+        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state.get("optimizers", ())) != len(self.optimizers):
+            raise ValueError("the checkpoint's optimizer is not this run's (--optimizer differs)")
+        for opt, s in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(s)
+
+
+def muon_param_names(model):
+    """The parameters Muon updates: the 2-D matrices inside the transformer blocks (whatever the block is)."""
+    return [n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2 and p.requires_grad]
 
 
 # -----------------------------------------------------------------------------
@@ -1290,7 +1441,7 @@ class StopSignal:
 
 # flags that decide the model and which tokens each step sees: a run can only resume with the same ones
 # --data may change (the loader checks that the shards are the same); these change the run itself
-RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed", "shuffle")
+RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed", "shuffle", "optimizer", "schedule")
 
 
 def check_resume_compatible(checkpoint, args, world_size):
@@ -1308,7 +1459,8 @@ def check_resume_compatible(checkpoint, args, world_size):
 # flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
 # would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
 # would jump from min_lr back to 6x min_lr), so they must match; --extend alone changes --max_steps
-RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip")
+RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "decay_frac", "embed_lr",
+                   "muon_lr", "muon_momentum", "muon_weight_decay")
 
 
 def resume_schedule_diffs(checkpoint, args):
@@ -1593,9 +1745,10 @@ def sample(model, prompt, num_samples, max_new_tokens, generator, dtype, tempera
 # ---- one optimization step
 
 
-def train_step(train_model, optimizer, scaler, train_loader, grad_accum_steps, ctx, dtype, lr, grad_clip):
-    """One optimizer step over grad_accum_steps micro-batches. Returns (mean loss, gradient norm) as floats;
-    raises TrainingDiverged, before updating the weights, if the loss is not finite."""
+def train_step(train_model, optimizer, scaler, train_loader, grad_accum_steps, ctx, dtype, grad_clip):
+    """One optimizer step over grad_accum_steps micro-batches, at the learning rates set_lr put in the param
+    groups. Returns (mean loss, gradient norm) as floats; raises TrainingDiverged, before updating the weights,
+    if the loss is not finite."""
     train_model.train()
     optimizer.zero_grad(set_to_none=True)
     loss_accum = torch.zeros((), device=ctx.device)
@@ -1615,8 +1768,6 @@ def train_step(train_model, optimizer, scaler, train_loader, grad_accum_steps, c
     loss_accum = all_reduce_mean(loss_accum, ctx)
     scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    for group in optimizer.param_groups:
-        group["lr"] = lr
     loss_value, norm_value = loss_accum.item(), norm.item()
     # with fp16 an inf norm is an overflow that GradScaler skips; otherwise a non-finite norm means divergence
     if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not scaler.is_enabled()):
@@ -1661,7 +1812,7 @@ def train(args, ctx):
         train_model, dtype = shard_model(model, args, ctx, dtype)  # dtype float32 then: FSDP casts to bf16 itself
     else:
         train_model = wrap_model(model, args, ctx)
-    optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, ctx.device_type)
+    optimizer = make_optimizer(model, args, ctx.device_type)
     # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
     sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
@@ -1708,10 +1859,10 @@ def train(args, ctx):
                 break
 
             t0 = time.time()
-            lr = get_lr(step, args.max_lr, args.min_lr, args.warmup_steps, args.lr_decay_steps)
+            lr = set_lr(optimizer, step, args)
             epoch = train_loader.epoch
             try:
-                loss, norm = train_step(train_model, optimizer, scaler, train_loader, accum_steps, ctx, dtype, lr, args.grad_clip)
+                loss, norm = train_step(train_model, optimizer, scaler, train_loader, accum_steps, ctx, dtype, args.grad_clip)
             except TrainingDiverged as e:
                 raise TrainingDiverged(f"step {step}: {e}; stopping without a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}") from None
             if ctx.device_type == "cuda":
@@ -1927,6 +2078,15 @@ def parse_args(argv=None):
     g.add_argument("--min_lr", type=float, default=6e-5, help="cosine decay ends here (10%% of max_lr)")
     g.add_argument("--weight_decay", type=float, default=0.1, help="on 2-D parameters (matmul weights, embeddings) only")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g = p.add_argument_group("faster recipes (README: Faster than the seed)")
+    g.add_argument("--recipe", default="gpt2", choices=sorted(RECIPES), help="a preset of the flags below (and --max_lr ...); flags given explicitly win over it. gpt2: the seed's recipe, i.e. these defaults; fast: " + ", ".join(f"--{k} {v}" for k, v in RECIPES["fast"].items()))
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' 2-D matrices, AdamW (--max_lr, --embed_lr) for embeddings, head, biases and gains")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine decay to --min_lr, or wsd: constant, then linear decay over the last --decay_frac of the steps")
+    g.add_argument("--decay_frac", type=float, default=0.2, help="wsd: the fraction of --max_steps spent decaying")
+    g.add_argument("--muon_lr", type=float, default=0.02, help="Muon's peak lr (decays to the same fraction of it as --min_lr of --max_lr)")
+    g.add_argument("--muon_momentum", type=float, default=0.95, help="Muon's (Nesterov) momentum")
+    g.add_argument("--muon_weight_decay", type=float, default=0.0, help="Muon's decoupled weight decay")
+    g.add_argument("--embed_lr", type=float, default=None, help="with --optimizer muon: AdamW's lr for the embeddings and lm_head (default: --max_lr)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--val_every", type=int, default=250, help="val loss every N steps (0 = off)")
     g.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8, help="the val loss is the mean loss over the first N tokens of the val split, whatever the batch size and number of GPUs (default: 20 x 64 x 1024 x 8, the 8-GPU reproduction's); cut to what the split holds")
@@ -1955,7 +2115,27 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (1 = greedy, 0 = all)")
     g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face GPT-2 directory and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # parsed again with no defaults, the namespace holds only the flags on the command line: those win over the preset
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    apply_recipe(args, given=vars(p.parse_args(argv)))
+    return args
+
+
+# --recipe presets: flag values, measured best at small scale (README: Faster than the seed). A flag this script does
+# not have is skipped, so "arch" takes effect once --arch (the modern block) exists.
+RECIPES = {
+    "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
+    "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3, "arch": "modern"},
+}
+
+
+def apply_recipe(args, given):
+    """Set the --recipe preset's values on args, except for flags the user gave explicitly (in `given`)."""
+    for name, value in RECIPES[args.recipe].items():
+        if hasattr(args, name) and name not in given:
+            setattr(args, name, value)
 
 
 def check_output_dir(path, flag):
@@ -1990,6 +2170,13 @@ def check_args(args):
     for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_new_tokens"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.decay_frac <= 1:
+        raise UsageError(f"--decay_frac must be between 0 and 1, got {args.decay_frac}")
+    for name in ["muon_lr", "max_lr"] + (["embed_lr"] if args.embed_lr is not None else []):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.muon_momentum < 1:
+        raise UsageError(f"--muon_momentum must be in [0, 1), got {args.muon_momentum}")
     if args.vocab_size < GPT2_VOCAB:
         raise UsageError(f"--vocab_size {args.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} tokens")
     if args.init_from == "scratch":

@@ -1421,3 +1421,131 @@ def test_modern_run_learns_resumes_exactly_and_samples(tmp_path, shakespeare, he
             tg.main([str(a) for a in args])
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and expected in err and err.count("\n") == 0, err
+
+
+# Muon, the WSD schedule and --recipe
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (32, 96), (64, 192)])
+def test_newton_schulz_is_near_orthogonal(shape):
+    torch.manual_seed(0)
+    G = torch.randn(*shape) * 1e-3  # the scale of G does not matter
+    X = tg.newton_schulz(G)
+    assert X.dtype == torch.bfloat16 and X.shape == G.shape
+    s = torch.linalg.svdvals(X.float())
+    assert 0.6 < s.min() and s.max() < 1.2  # 5 iterations of these coefficients: ~0.68..1.15, not exactly 1
+    # the singular vectors are G's: X ~ U V^T
+    U, _, Vh = torch.linalg.svd(G, full_matrices=False)
+    assert torch.nn.functional.cosine_similarity(X.float().flatten(), (U @ Vh).flatten(), dim=0) > 0.98
+
+
+def test_muon_step_matches_torch_optim_muon():
+    if not hasattr(torch.optim, "Muon"):
+        pytest.skip("torch.optim.Muon is in torch >= 2.9")
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Parameter(torch.randn(48, 16)), torch.nn.Parameter(torch.randn(48, 16))
+    theirs.data.copy_(ours.data)
+    start = ours.detach().clone()
+    opt_ours = tg.Muon([ours], lr=0.02, momentum=0.95, weight_decay=0.01)
+    opt_theirs = torch.optim.Muon([theirs], lr=0.02, momentum=0.95, weight_decay=0.01)  # same scaling ("original")
+    for _ in range(3):
+        g = torch.randn(48, 16)
+        ours.grad, theirs.grad = g.clone(), g.clone()
+        opt_ours.step()
+        opt_theirs.step()
+    # the same update up to bf16 rounding inside Newton-Schulz (torch fuses the multiply-adds)
+    assert ((ours - theirs).norm() / (theirs - start).norm()).item() < 0.05
+    assert torch.equal(opt_ours.state[ours]["momentum_buffer"], opt_theirs.state[theirs]["momentum_buffer"])
+
+
+def test_make_optimizer_muon_groups_and_schedule():
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
+    args = tg.parse_args(["--optimizer", "muon", "--muon_lr", "0.03", "--embed_lr", "1e-3", "--schedule", "wsd", "--max_steps", "100", "--warmup_steps", "10"])
+    args.lr_decay_steps = args.max_steps  # what train() sets for a new run
+    opt = tg.make_optimizer(model, args, "cpu")
+    embed, gains, muon = opt.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in muon["params"]) == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+    assert sorted(names[id(p)] for p in embed["params"]) == ["transformer.wpe.weight", "transformer.wte.weight"]  # wte = lm_head
+    assert all(p.dim() == 1 for p in gains["params"]) and gains["weight_decay"] == 0.0 and embed["weight_decay"] == 0.1
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
+    # each group between its own peak and the same final fraction of it
+    assert [(g["initial_lr"], g["min_lr"]) for g in opt.param_groups] == [(1e-3, pytest.approx(1e-4)), (6e-4, 6e-5), (0.03, pytest.approx(0.003))]
+    assert tg.set_lr(opt, 50, args) == 1e-3 and muon["lr"] == 0.03 and gains["lr"] == 6e-4
+    tg.set_lr(opt, 90, args)  # halfway through the decay (the last 20 steps)
+    assert muon["lr"] == pytest.approx(0.0165) and gains["lr"] == pytest.approx(3.3e-4)
+    # a resumed run keeps its own flags' schedule (as with --max_steps), not the one saved in the checkpoint
+    again = tg.make_optimizer(model, tg.parse_args(["--optimizer", "muon", "--muon_lr", "0.05"]), "cpu")
+    again.load_state_dict(opt.state_dict())
+    assert again.param_groups[2]["initial_lr"] == 0.05 and again.param_groups[0]["initial_lr"] == 6e-4
+    # the default recipe: the seed's AdamW, every group at --max_lr
+    default = tg.parse_args([])
+    default.lr_decay_steps = default.max_steps
+    opt = tg.make_optimizer(model, default, "cpu")
+    assert isinstance(opt, torch.optim.AdamW) and tg.set_lr(opt, 1000, default) == tg.get_lr(1000, 6e-4, 6e-5, 715, 19073)
+
+
+def test_wsd_schedule():
+    kw = dict(max_lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=100, schedule="wsd", decay_frac=0.2)
+    assert tg.get_lr(0, **kw) == pytest.approx(0.1)
+    assert [tg.get_lr(s, **kw) for s in (9, 10, 50, 80)] == [1.0] * 4  # warmup done, constant until step 80
+    assert tg.get_lr(90, **kw) == pytest.approx(0.55)
+    assert tg.get_lr(99, **kw) == pytest.approx(1.0 - 0.9 * 19 / 20)
+    assert tg.get_lr(100, **kw) == tg.get_lr(500, **kw) == 0.1
+    lrs = [tg.get_lr(s, **kw) for s in range(80, 101)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_muon_under_grad_scaler_equals_unscaled_step():
+    """GradScaler.unscale_ / step work on the Muon + AdamW pair: a scaled loss gives the unscaled update."""
+    models = []
+    for scale in (None, 1024.0):
+        torch.manual_seed(0)
+        model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=256, n_layer=1, n_head=2, n_embd=32))
+        opt = tg.make_optimizer(model, tg.parse_args(["--optimizer", "muon"]), "cpu")
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale or 1.0, enabled=scale is not None)
+        x = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
+        for _ in range(2):
+            opt.zero_grad()
+            scaler.scale(model(x, x)[1]).backward()
+            scaler.unscale_(opt)
+            scaler.step(opt)
+            scaler.update()
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_recipe_preset_and_explicit_flags_win():
+    fast = tg.parse_args(["--recipe", "fast"])
+    assert (fast.optimizer, fast.schedule) == ("muon", "wsd")
+    for name, value in tg.RECIPES["fast"].items():
+        assert getattr(fast, name, value) == value  # "arch" only where the script has --arch
+    # an explicit flag wins, even when it equals the flag's default
+    mixed = tg.parse_args(["--recipe", "fast", "--optimizer", "adamw", "--muon_lr", "0.5", "--schedule=cosine"])
+    assert (mixed.optimizer, mixed.muon_lr, mixed.schedule, mixed.decay_frac) == ("adamw", 0.5, "cosine", tg.RECIPES["fast"]["decay_frac"])
+    assert vars(tg.parse_args([])) == vars(tg.parse_args(["--recipe", "gpt2"]))  # gpt2 = the defaults
+
+
+MUON_RUN = dict(recipe="fast", max_steps=8, checkpoint_every=4, val_every=4, total_batch_size=1024, warmup_steps=2, keep_checkpoints=3)
+
+
+def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespeare):
+    """--recipe fast (Muon, WSD): the loss drops; torchrun x2 = one process with twice the accumulation; resuming
+    from the step-4 checkpoint reproduces steps 4..8 exactly; a resume with another optimizer is refused."""
+    single = run_cli_popen(tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN), tmp_path)
+    wait_ok(single)
+    ddp = torchrun(tiny_run_args(shakespeare, tmp_path / "ddp", **MUON_RUN), tmp_path)
+    wait_ok(ddp)
+    ref, log_ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
+    assert ref[(7, "train")] < ref[(0, "train")] - 1.5 and ref[(8, "val")] < ref[(0, "val")] - 1.5
+    for step in range(8):
+        assert abs(ref[(step, "train")] - log_ddp[(step, "train")]) < 1e-4, step
+    ckpt = torch.load(tmp_path / "single" / "model_00004.pt", weights_only=True)
+    assert ckpt["args"]["optimizer"] == "muon" and len(ckpt["optimizer"]["optimizers"][1]["state"]) == 2 * 4  # momentum buffers
+    args = tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN)
+    wait_ok(run_cli_popen(args + ["--resume", tmp_path / "single" / "model_00004.pt"], tmp_path))
+    assert_resumed_equal(ref, read_log(tmp_path / "single"), 4)
+    p = run_cli(args + ["--resume", "--optimizer", "adamw"], tmp_path, check=False)
+    assert p.returncode == 2 and "--optimizer muon -> adamw" in p.stderr and "Traceback" not in p.stderr

@@ -10,6 +10,7 @@ other programs hits all of them alike.
     python bench.py --mode sample                                            # sampling: KV cache vs a forward per token
     python bench.py --mode memory --procs 2 --fsdp                           # memory per rank: DDP vs FSDP, under torchrun
     python bench.py --mode data                                              # DataLoaderLite: in order vs --shuffle
+    python bench.py --mode recipe --log_root runs_recipe                     # tokens to the seed's val loss: gpt2, +muon, fast
 
 A mode is one function `bench_NAME(args)` registered in MODES at the bottom; its docstring is its --help line.
 """
@@ -18,7 +19,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import re
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -527,11 +530,87 @@ def bench_data(args):
 # -----------------------------------------------------------------------------
 # Command line
 
+# -----------------------------------------------------------------------------
+# Recipes: tokens to reach the seed recipe's val loss (train_gpt2.py --recipe / --optimizer / --schedule / --arch)
+
+# name -> train_gpt2.py flags on top of RECIPE_COMMON; "gpt2" (the seed's recipe) sets the target
+RECIPES = {
+    "gpt2": ["--recipe", "gpt2"],
+    "gpt2+muon": ["--optimizer", "muon"],
+    "fast": ["--recipe", "fast"],
+}
+# a short run on CPU: warmup 5, max lr 2e-3 (tuned for d4's AdamW), val on 8192 held-out tokens every 5 steps
+RECIPE_COMMON = ["--warmup_steps", 5, "--max_lr", 2e-3, "--min_lr", 2e-4, "--val_every", 5, "--val_tokens", 8192,
+                 "--hellaswag_every", 0, "--sample_every", 0, "--checkpoint_every", 0, "--compile", 0, "--overwrite"]
+
+
+def run_train_gpt2(flags):
+    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt2.py"), *map(str, flags)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    if p.returncode:
+        print(p.stdout[-2000:] + p.stderr[-2000:], file=sys.stderr)
+        raise UsageError(f"{shlex.join(cmd)} failed (exit {p.returncode}); its output is above")
+    return p.stdout
+
+
+def val_curve(log_file):
+    with open(log_file) as f:
+        return [(int(step), float(value)) for step, stream, value in (line.split() for line in f) if stream == "val"]
+
+
+def steps_to_reach(curve, target):
+    """The (fractional) step at which the val curve first reaches target, linear between evaluations; None if never."""
+    for (s0, v0), (s1, v1) in zip([curve[0]] + curve, curve):
+        if v1 <= target:
+            return s1 if v0 == v1 else s0 + (v0 - target) / (v0 - v1) * (s1 - s0)
+    return None
+
+
+def bench_recipe(args):
+    """recipes: tokens to reach the gpt2 recipe's final val loss, and time per token (train_gpt2.py runs)"""
+    runs = {name: RECIPES[name] for name in args.recipes.split(",") if name}
+    runs.update((name, shlex.split(flags)) for name, _, flags in (v.partition("=") for v in args.variant or []))
+    if "gpt2" not in runs:
+        raise UsageError("--recipes must include gpt2: its final val loss is the target")
+    tokens = args.batch_size * args.seq_len * args.accum
+    data = args.data or os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")
+    common = ["--data", data, "--model", args.model, "--batch_size", args.batch_size, "--seq_len", args.seq_len,
+              "--total_batch_size", tokens, "--dtype", args.dtype, "--device", pick_device(args.device)] + RECIPE_COMMON
+    log_root = args.log_root or tempfile.mkdtemp(prefix="bench_recipe_")
+    print(f"bench recipe: --model {args.model}, {args.recipe_steps} steps of {tokens} tokens of {data}; logs in {log_root}/<recipe>/log.txt")
+    curves = {}
+    for name, flags in runs.items():
+        log_dir = os.path.join(log_root, name)
+        run_train_gpt2(common + ["--max_steps", args.recipe_steps, "--log_dir", log_dir] + flags)
+        curves[name] = val_curve(os.path.join(log_dir, "log.txt"))
+        print(f"{name:>16}: final val {curves[name][-1][1]:.4f}  [{shlex.join(map(str, flags))}]", flush=True)
+    # time per token: short runs of every recipe, interleaved, so that load from other programs hits all alike
+    times = {name: [] for name in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for name, flags in runs.items():
+                out = run_train_gpt2(common + ["--max_steps", args.steps + 2, "--val_every", 0, "--log_dir", tmp] + flags)
+                times[name] += [float(ms) / 1000 for ms in re.findall(r"\| dt ([0-9.]+)ms", out)][2:]  # 2 to warm up
+    print("\nval loss\n" + f"{'step':>6} {'tokens':>9} " + " ".join(f"{n:>16}" for n in runs))
+    for s in sorted({s for c in curves.values() for s, _ in c}):
+        row = [dict(curves[n]).get(s) for n in runs]
+        print(f"{s:>6} {s * tokens:>9} " + " ".join(f"{v:>16.4f}" if v is not None else f"{'':>16}" for v in row))
+    target = curves["gpt2"][-1][1]
+    print(f"\ntarget: the gpt2 recipe's final val loss {target:.4f} after {args.recipe_steps * tokens} tokens")
+    dt = {name: median(t) for name, t in times.items()}
+    for name in runs:
+        s = steps_to_reach(curves[name], target)
+        reach = f"{100 * s / args.recipe_steps:.0f}%" if s is not None else "not reached"
+        print(f"{name:>16}: tokens to reach the gpt2 recipe's final val loss: {reach} | {1e6 * dt[name] / tokens:.1f} us/token, "
+              f"{dt[name] / dt['gpt2']:.3f}x gpt2's (median of {len(times[name])} interleaved steps)")
+
+
 MODES = {
     "train": bench_train,
     "memory": bench_memory,
     "sample": bench_sample,
     "data": bench_data,
+    "recipe": bench_recipe,
 }
 SMALL_MODEL = "d4"  # sampling compares the algorithm, not the model
 
@@ -568,11 +647,20 @@ def parse_args(argv=None):
     g.add_argument("--shards", type=positive_int, default=4, help="shards of random tokens (default: %(default)s)")
     g.add_argument("--shard_tokens", type=positive_int, default=100_000_000, help="tokens per shard (default: 100M, as fineweb.py writes)")
     g.add_argument("--data_dir", default=None, help="where the shards are written (default: a temporary directory)")
+    g = p.add_argument_group("recipes (--mode recipe; --model d4, --batch_size 16, --seq_len 128, --repeats 1 there)")
+    g.add_argument("--data", default=None, help="train_gpt2.py --data: a .txt or a shard directory (default: the repo's input.txt)")
+    g.add_argument("--recipes", default="gpt2,gpt2+muon,fast", help=f"comma-separated, of {', '.join(RECIPES)} (default: %(default)s)")
+    g.add_argument("--variant", action="append", help='"NAME=train_gpt2.py flags": one more run (repeatable)')
+    g.add_argument("--recipe_steps", type=positive_int, default=40, help="optimizer steps per run (default: %(default)s)")
+    g.add_argument("--accum", type=positive_int, default=2, help="micro-batches per step: B x T x accum tokens (default: %(default)s)")
+    g.add_argument("--log_root", default=None, help="a log dir per recipe, for play.ipynb (default: a temporary dir)")
     args = p.parse_args(argv)
 
     on_gpu = pick_device(args.device).startswith("cuda")
-    args.model = args.model or (SMALL_MODEL if args.mode == "sample" else "gpt2")
-    if args.mode == "data":  # gpt2's micro-batch in train_gpt2.py
+    args.model = args.model or (SMALL_MODEL if args.mode in ("sample", "recipe") else "gpt2")
+    if args.mode == "recipe":  # a short CPU run of a small model
+        B, T = 16, 128
+    elif args.mode == "data":  # gpt2's micro-batch in train_gpt2.py
         B, T = 64, 1024
     elif args.procs > 1:  # the state bytes per rank are exact at any shape: a small one is enough
         B, T = 2, 128
@@ -581,7 +669,7 @@ def parse_args(argv=None):
     args.batch_size, args.seq_len = args.batch_size or B, args.seq_len or T
     args.compile = (1 if args.mode == "train" else 0) if args.compile is None else args.compile
     args.steps = args.steps or (2 if args.mode == "memory" else 5)
-    args.repeats = args.repeats or {"memory": 2, "data": 5}.get(args.mode, 3)
+    args.repeats = args.repeats or {"memory": 2, "data": 5, "recipe": 1}.get(args.mode, 3)
     if args.batch_size == "auto" and args.mode != "train":
         p.error("--batch_size auto is for --mode train")
     if args.compare != "none" and args.mode != "train":

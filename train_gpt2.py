@@ -1046,6 +1046,10 @@ class MultiOptimizer:
     def param_groups(self):
         return [group for opt in self.optimizers for group in opt.param_groups]
 
+    @property
+    def state(self):
+        return {p: s for opt in self.optimizers for p, s in opt.state.items()}
+
     def zero_grad(self, set_to_none=True):
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=set_to_none)
@@ -1221,10 +1225,14 @@ def check_checkpoint_model(checkpoint, path):
     fix = "pass a checkpoint written by train_gpt2.py"
     config, sd = checkpoint["config"], checkpoint["model"]
     fields = set(GPTConfig.__dataclass_fields__)
-    if not isinstance(config, dict) or set(config) != fields:
+    # checkpoints from before --arch have no "arch": they are GPT-2s
+    if not isinstance(config, dict) or not fields - {"arch"} <= set(config) <= fields:
         raise UsageError(f"{path}: its config is not a GPT config (expected the keys {', '.join(sorted(fields))}); {fix}")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in config.values()) or config["n_embd"] % config["n_head"]:
+    sizes = {k: v for k, v in config.items() if k != "arch"}
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()) or config["n_embd"] % config["n_head"]:
         raise UsageError(f"{path}: its config {config} is not a valid GPT config (positive whole numbers, n_embd divisible by n_head); {fix}")
+    if config.get("arch", "gpt2") not in ARCHS:
+        raise UsageError(f"{path}: its config has arch {config['arch']!r}, not one of {', '.join(ARCHS)}; {fix}")
     with torch.device("meta"):
         model = GPT(GPTConfig(**config))
     want = model.state_dict()
@@ -1251,9 +1259,11 @@ def check_checkpoint_state(checkpoint, path, model):
     if len(checkpoint["train_loader"]) != ranks or len(checkpoint["rng"]) != ranks or "batch_size" not in checkpoint["args"]:
         raise UsageError(f"{path}: its data positions or RNG states do not match its world size {ranks}; {fix}")
     opt = checkpoint["optimizer"]
+    parts = opt["optimizers"] if "optimizers" in opt else [opt]  # --optimizer muon: AdamW's and Muon's
     try:
-        n_opt = sum(len(g["params"]) for g in opt["param_groups"])
-        state_shapes = sorted(tuple(s["exp_avg"].shape) for s in opt["state"].values())
+        n_opt = sum(len(g["params"]) for part in parts for g in part["param_groups"])
+        # each parameter's first moment (AdamW) or momentum (Muon) has its shape
+        state_shapes = sorted(tuple(s["exp_avg" if "exp_avg" in s else "momentum_buffer"].shape) for part in parts for s in part["state"].values())
     except (KeyError, TypeError, AttributeError):
         raise UsageError(f"{path}: its optimizer state is damaged; {fix}") from None
     params = list(model.parameters())
@@ -2127,7 +2137,9 @@ def parse_args(argv=None):
 # not have is skipped, so "arch" takes effect once --arch (the modern block) exists.
 RECIPES = {
     "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
-    "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3, "arch": "modern"},
+    # measured best on CPU (bench.py --mode recipe, README "Faster than the seed"); embed_lr: the AdamW lr of the
+    # embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's records go higher still)
+    "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3, "arch": "modern", "embed_lr": 6e-3},
 }
 
 
@@ -2187,6 +2199,8 @@ def check_args(args):
         raise UsageError("--extend continues a run: pass it with --resume")
     if args.fsdp and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ) and args.sample is None and not args.export:
         raise UsageError("--fsdp shards the model over the processes of a torchrun launch: run `torchrun --standalone --nproc_per_node=N train_gpt2.py --fsdp ...`, or drop --fsdp")
+    if args.fsdp and args.optimizer == "muon":  # Newton-Schulz needs each whole matrix; FSDP leaves a rank a slice
+        raise UsageError("--optimizer muon does not run under --fsdp yet (it orthogonalizes whole matrices, FSDP shards them): use DDP (drop --fsdp) or --optimizer adamw")
     if (args.sample is not None or args.export) and args.init_from == "scratch":
         raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
     if args.export:

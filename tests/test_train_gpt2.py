@@ -1287,6 +1287,14 @@ def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, shakespeare, capsys, 
         tg.main([str(a) for a in tiny_run_args(shakespeare, tmp_path / "log")] + ["--fsdp"])
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "torchrun" in err and "--fsdp" in err and err.count("\n") == 0
+    # under torchrun, but with Muon (whole matrices) or the fast recipe that picks it: refused before any work
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for extra in (["--optimizer", "muon"], ["--recipe", "fast"]):
+        with pytest.raises(SystemExit) as e:
+            tg.main([str(a) for a in tiny_run_args(shakespeare, tmp_path / "log")] + ["--fsdp"] + extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and "--optimizer muon does not run under --fsdp" in err and err.count("\n") == 0
 
 
 # --arch modern
@@ -1539,7 +1547,8 @@ def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespear
     ddp = torchrun(tiny_run_args(shakespeare, tmp_path / "ddp", **MUON_RUN), tmp_path)
     wait_ok(ddp)
     ref, log_ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
-    assert ref[(7, "train")] < ref[(0, "train")] - 1.5 and ref[(8, "val")] < ref[(0, "val")] - 1.5
+    # learns (the modern block's zero-initialized head and projections make its first steps slow)
+    assert ref[(7, "train")] < ref[(0, "train")] - 1.0 and ref[(8, "val")] < ref[(0, "val")] - 1.0
     for step in range(8):
         assert abs(ref[(step, "train")] - log_ddp[(step, "train")]) < 1e-4, step
     ckpt = torch.load(tmp_path / "single" / "model_00004.pt", weights_only=True)

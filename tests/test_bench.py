@@ -104,3 +104,24 @@ def test_memory_procs_fsdp_holds_half_the_parameters_and_gradients_of_ddp_per_ra
     n = sum(p.numel() for p in bench.GPT(bench.model_config("d2")).parameters())
     assert table["DDP"][0] == f"{4 * n / 2**20:.1f}", out
     assert table["FSDP / DDP"][:2] == ["0.500", "0.500"], out
+
+
+def test_recipe_mode_reports_tokens_to_the_gpt2_recipes_final_loss(tmp_path):
+    out = run_bench("--mode", "recipe", "--model", "d2", "--batch_size", "4", "--seq_len", "32", "--accum", "1",
+                    "--recipe_steps", "5", "--steps", "1", "--dtype", "float32", "--recipes", "gpt2",
+                    "--variant", "muon=--optimizer muon", "--log_root", str(tmp_path), timeout=300)
+    logs = {name: bench.val_curve(tmp_path / name / "log.txt") for name in ("gpt2", "muon")}
+    assert [s for s, _ in logs["gpt2"]] == [0, 5]  # --val_every 5, and the last step
+    target = logs["gpt2"][-1][1]
+    assert f"target: the gpt2 recipe's final val loss {target:.4f} after 640 tokens" in out
+    # the gpt2 recipe reaches its own final loss at its last step; the other run where its curve crosses it
+    assert re.search(r"^\s+gpt2: tokens to reach the gpt2 recipe's final val loss: 100% \| .* 1\.000x gpt2's", out, re.M), out
+    muon = bench.steps_to_reach(logs["muon"], target)
+    reach = f"{100 * muon / 5:.0f}%" if muon is not None else "not reached"
+    assert re.search(rf"^\s+muon: tokens to reach the gpt2 recipe's final val loss: {reach} \|", out, re.M), out
+
+
+def test_steps_to_reach_interpolates_between_evaluations():
+    curve = [(0, 10.0), (5, 8.0), (10, 6.0)]
+    assert bench.steps_to_reach(curve, 7.0) == 7.5 and bench.steps_to_reach(curve, 8.0) == 5
+    assert bench.steps_to_reach(curve, 10.0) == 0 and bench.steps_to_reach(curve, 5.0) is None

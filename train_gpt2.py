@@ -1831,11 +1831,12 @@ def train(args, ctx):
     checkpoint = None  # free its tensors
 
     say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
-    say(f"device {ctx.device} x {ctx.world_size} | dtype {str(dtype).replace('torch.', '')} | compile {bool(args.compile)}")
+    say(f"device {ctx.device} x {ctx.world_size} | dtype {args.precision} | compile {bool(args.compile)}{' | FSDP' if args.fsdp else ''}")
     say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {accum_steps} accumulation steps")
     say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
     flops_per_step = flops_per_token(config, T) * args.total_batch_size
-    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device_type == "cuda" and dtype != torch.float32 else None
+    # the table holds tensor-core bf16/fp16 peaks (under FSDP, dtype is float32 and FSDP itself casts to bf16)
+    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device_type == "cuda" and args.precision != "float32" else None
 
     stop = StopSignal()
     stop.install()

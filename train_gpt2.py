@@ -425,9 +425,7 @@ class GPT(nn.Module):
             {"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
-        # the fused kernel does the whole update in a few kernels instead of a loop over tensors (CUDA; CPU too)
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+        return adamw(groups, learning_rate, device_type)
 
     # ---- sampling
 
@@ -926,6 +924,13 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", dec
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
 
+def adamw(groups, lr, device_type):
+    """AdamW as in GPT-3: betas (0.9, 0.95), eps 1e-8. The fused kernel does the whole update in a few kernels
+    instead of a loop over tensors (CUDA; CPU too)."""
+    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+
+
 def make_optimizer(model, args, device_type):
     """The run's optimizer. Every param group gets its own schedule bounds: "initial_lr" (the peak) and "min_lr";
     set_lr moves each group along the schedule between its own two.
@@ -944,13 +949,12 @@ def make_optimizer(model, args, device_type):
             {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay, "lr": embed_lr},
             {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": args.max_lr},
         ]
-        fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
-        adamw = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
+        rest_opt = adamw(groups, args.max_lr, device_type)
         muon_params = [p for n, p in model.named_parameters() if n in in_muon]
         muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay)
         bounds = [(embed_lr, embed_lr * final), (args.max_lr, args.min_lr), (args.muon_lr, args.muon_lr * final)]
-        inner = [adamw, muon]
-        optimizer = MultiOptimizer(adamw, muon)
+        inner = [rest_opt, muon]
+        optimizer = MultiOptimizer(rest_opt, muon)
 
     def set_bounds(opt=None):
         for group, (peak, low) in zip(optimizer.param_groups, bounds):

@@ -12,6 +12,7 @@ the training loop. Importing it runs nothing.
 import argparse
 import contextlib
 import ctypes
+import errno
 import functools
 import glob
 import inspect
@@ -1278,13 +1279,19 @@ def check_checkpoint_state(checkpoint, path, model):
 
 
 def save_checkpoint(checkpoint, path):
-    """Write atomically: a crash mid-write leaves the previous checkpoints intact and no half-written model_*.pt."""
+    """Write atomically: a crash mid-write leaves the previous checkpoints intact and no half-written model_*.pt;
+    a write that fails (disk full, file-size limit, I/O error) leaves no temporary file either."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -1310,13 +1317,18 @@ def prune_checkpoints(log_dir, keep):
 
 
 def find_resume_checkpoint(log_dir):
-    """The newest checkpoint in log_dir that loads; damaged ones are reported and skipped."""
-    for _, path in list_checkpoints(log_dir):
+    """(path, checkpoint) of the newest checkpoint in log_dir that loads, damaged ones reported and skipped; or
+    (None, None) when log_dir holds none, the first start of a job that every restart runs again as it is."""
+    found = list_checkpoints(log_dir)
+    for _, path in found:
         try:
             return path, load_checkpoint(path, resume=True)
         except UsageError as e:
             print(f"skipping {path}: {e}")
-    raise UsageError(f"--resume: no checkpoint (model_*.pt) in {log_dir} to resume from; start without --resume")
+    if found:
+        raise UsageError(f"--resume: none of the {len(found)} checkpoints in {log_dir} loads; pass --resume PATH to "
+                         "one that does, or start over there with --overwrite instead of --resume")
+    return None, None
 
 
 def get_rng_state(generator):
@@ -1361,6 +1373,10 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+class CheckpointWriteFailed(RuntimeError):
+    """Rank 0 could not write a checkpoint: every rank stops at that step; rank 0 says why."""
+
+
 @dataclass
 class DistContext:
     ddp: bool
@@ -1391,12 +1407,17 @@ def setup_distributed(requested_device):
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU on this node; RANK is global across nodes
+    # torchrun --max-restarts gives every attempt the same rendezvous store: a restarted group would read the dead
+    # one's addresses (a hang, or "Connection refused"), so the keys of each attempt get a prefix of their own
+    store, _, _ = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
+    group = dict(store=store, rank=rank, world_size=world_size)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        dist.init_process_group(backend="nccl", device_id=torch.device(device), **group)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", **group)
     return DistContext(True, rank, local_rank, world_size, device)
 
 
@@ -1421,15 +1442,15 @@ def gather_objects(obj, ctx):
 
 
 class StopSignal:
-    """SIGTERM (what a cluster sends before preemption) or Ctrl-C: finish the step, checkpoint, exit.
-    A second Ctrl-C aborts at once."""
+    """SIGTERM (what a cluster sends before preemption), SIGUSR1 (SLURM's --signal=USR1@120 before the time limit)
+    or Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts at once."""
 
     def __init__(self):
         self.requested = False
         self._old = {}
 
     def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
 
     def restore(self):
@@ -1524,16 +1545,18 @@ def setup_device(args, ctx):
 def load_or_build_model(args, ctx):
     """(model, checkpoint): the model of the checkpoint to resume (checkpoint is then its dict), or a new one."""
     if not args.resume:
-        args.lr_decay_steps = lr_decay_steps(args, None)
         if list_checkpoints(args.log_dir) and not args.overwrite:
             raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite to start over there, or choose another --log_dir")
-        if args.init_from == "scratch":
-            return GPT(model_config(args.model, args.vocab_size, arch=args.arch)), None
-        model = GPT.from_pretrained(args.init_from)
-        check_init_arch(model.config, args)
-        return model, None
+        return new_model(args), None
     if args.resume == "auto":
         path, checkpoint = find_resume_checkpoint(args.log_dir)
+        if checkpoint is None:
+            if args.extend:
+                raise UsageError(f"--extend: {args.log_dir} holds no checkpoint to train on from; pass the run's "
+                                 "--log_dir, or drop --extend to start a new run")
+            if ctx.master:
+                print(f"--resume: no checkpoint in {args.log_dir}, starting a new run there")
+            return new_model(args), None
     else:
         path, checkpoint = args.resume, load_checkpoint(args.resume, resume=True)
     if args.batch_size == "auto":  # the micro-batch the run chose
@@ -1544,6 +1567,16 @@ def load_or_build_model(args, ctx):
     model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
+
+
+def new_model(args):
+    """The model of a new run: from scratch, or --init_from's weights."""
+    args.lr_decay_steps = lr_decay_steps(args, None)
+    if args.init_from == "scratch":
+        return GPT(model_config(args.model, args.vocab_size, arch=args.arch))
+    model = GPT.from_pretrained(args.init_from)
+    check_init_arch(model.config, args)
+    return model
 
 
 def check_init_arch(config, args):
@@ -1804,6 +1837,10 @@ def train(args, ctx):
             torch.distributed.barrier()
     os.makedirs(args.log_dir, exist_ok=True)
     model, checkpoint = load_or_build_model(args, ctx)
+    if checkpoint is not None and checkpoint["step"] >= args.max_steps:  # schedulers run finished jobs again
+        say(f"{checkpoint['path']}: the run already reached --max_steps {args.max_steps}; nothing to do "
+            "(--extend --max_steps N trains on)")
+        return
     config = model.config
     check_seq_len(args.seq_len, config)
     model.to(ctx.device)
@@ -1908,6 +1945,7 @@ def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_
     loader_states = gather_objects(train_loader.state_dict(), ctx)
     rng_states = gather_objects(get_rng_state(sample_generator), ctx)
     model_state, optimizer_state = full_state_dicts(model, optimizer, ctx)  # gathered on rank 0 under FSDP
+    error = None
     if ctx.master:
         checkpoint = {
             "model": model_state,
@@ -1922,11 +1960,57 @@ def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_
             "rng": rng_states,
         }
         path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
+        error = try_save_checkpoint(checkpoint, path, step)
+        if error is None:
+            prune_checkpoints(args.log_dir, args.keep_checkpoints)
+            print(f"saved {path}")
+    # also the barrier after the write: nobody moves on before the file is complete, or waits for a rank 0 that stopped
+    if any_rank(error is not None, ctx):
+        raise CheckpointWriteFailed(error or "rank 0 could not write a checkpoint")
+
+
+def try_save_checkpoint(checkpoint, path, step):
+    """None, or the one-line error for a checkpoint that could not be written (disk full, file-size limit, I/O
+    error, permissions); the previous checkpoints are left as they are."""
+    try:
         save_checkpoint(checkpoint, path)
-        prune_checkpoints(args.log_dir, args.keep_checkpoints)
-        print(f"saved {path}")
-    if ctx.ddp:
-        torch.distributed.barrier()  # nobody exits or moves on before the file is complete
+    except (OSError, RuntimeError) as e:
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        fix = WRITE_FIXES.get(cause.errno, "check that disk")
+        done = list_checkpoints(os.path.dirname(path))
+        since = f"the last checkpoint, {os.path.basename(done[0][1])}" if done else "the start (no checkpoint yet)"
+        return (f"{path}: cannot write the checkpoint of step {step} ({cause.strerror or cause}); {fix}, then run "
+                f"the same command with --resume: it continues from {since}")
+    return None
+
+
+WRITE_FIXES = {
+    errno.ENOSPC: "make room on that disk", errno.EDQUOT: "make room in your disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EACCES: "make the directory writable",
+    errno.EPERM: "make the directory writable", errno.EROFS: "use a writable --log_dir",
+}
+
+
+def os_error_in(e):
+    """The OSError behind e, if any: torch.save reports a failed write as a RuntimeError whose __context__ is it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def any_rank(flag, ctx):
+    """True on every rank if flag is True on any (a collective: every rank calls it)."""
+    if not ctx.ddp:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
 
 
 # -----------------------------------------------------------------------------
@@ -2243,6 +2327,10 @@ def main(argv=None):
         sys.exit(2)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except CheckpointWriteFailed as e:
+        if ctx.master:  # one line: the other ranks only stop
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         if ctx is not None and ctx.ddp:

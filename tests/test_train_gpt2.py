@@ -1,13 +1,17 @@
 """Tests of train_gpt2.py: the model against transformers' GPT-2, sampling, data, optimization, the training CLI
 (single process and torchrun), checkpoints and exact resume. All on CPU, offline."""
+import contextlib
+import io
 import json
 import shutil
 import math
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -1556,3 +1560,142 @@ def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespear
     assert_resumed_equal(ref, read_log(tmp_path / "single"), 4)
     p = run_cli(args + ["--resume", "--optimizer", "adamw"], tmp_path, check=False)
     assert p.returncode == 2 and "--optimizer muon -> adamw" in p.stderr and "Traceback" not in p.stderr
+
+
+# -----------------------------------------------------------------------------
+# Restarts with the same command (issue 21): `--resume` starts, restarts and ends a run; torchrun --max-restarts
+# after a failed checkpoint write and a SIGKILLed worker; SIGUSR1; a full disk. (Kept at the end of the file.)
+
+
+def train_in_process(argv):
+    """train_gpt2.main(argv) in this process, on one thread as the subprocesses (bit-equal losses): its stdout."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            tg.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+    return out.getvalue()
+
+
+def elastic_torchrun(args, cwd, max_restarts):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           f"--max-restarts={max_restarts}", "--monitor-interval=0.05", str(ROOT / "train_gpt2.py"), *map(str, args)]
+    return subprocess.Popen(cmd, cwd=cwd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def workers_of(proc, attempt):
+    """{rank: pid} of the torchrun workers of restart attempt `attempt`."""
+    found = {}
+    for pid in descendants(proc.pid)[1:]:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:  # already gone
+            continue
+        if env.get(b"TORCHELASTIC_RESTART_COUNT") == str(attempt).encode() and b"RANK" in env:
+            found[int(env[b"RANK"])] = pid
+    return found
+
+
+def wait_for(condition, proc, what, timeout=300):
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}:\n{proc.communicate()[0][-3000:]}"
+        assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.005)
+
+
+def test_elastic_restarts_after_a_failed_write_and_a_killed_worker_give_the_uninterrupted_log(tmp_path, reference_runs):
+    """One `torchrun --max-restarts=2 ... --resume` launch: attempt 0 starts the run; once it wrote model_00004.pt,
+    rank 0's file-size limit drops below a checkpoint's size (a full disk): the write at step 8 fails, both ranks
+    stop with one line. Attempt 1 resumes from step 4; SIGKILL of its rank 1 after model_00008.pt. Attempt 2 resumes
+    from step 8 and ends with the log of the uninterrupted run, bit for bit."""
+    log_dir = tmp_path / "log"
+    args = tiny_run_args(reference_runs["data"], log_dir, **{**RESUME_RUN, "checkpoint_every": 4}) + ["--resume"]
+    proc = elastic_torchrun(args, tmp_path, max_restarts=2)
+    wait_for(lambda: (log_dir / "model_00004.pt").exists(), proc, "model_00004.pt")
+    limit = (log_dir / "model_00004.pt").stat().st_size // 2
+    resource.prlimit(workers_of(proc, 0)[0], resource.RLIMIT_FSIZE, (limit, limit))
+    wait_for(lambda: len(workers_of(proc, 1)) == 2, proc, "the restart after the failed write")
+    # the failed write left nothing behind: no temporary file, the step-4 checkpoint intact
+    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00004.pt"]
+    wait_for(lambda: (log_dir / "model_00008.pt").exists(), proc, "model_00008.pt of attempt 1")
+    os.kill(workers_of(proc, 1)[1], signal.SIGKILL)
+    out = wait_ok(proc)
+    first = out.split("resuming from")[0]  # attempt 0, to its end
+    assert "no checkpoint in" in first and "starting a new run" in first and "Traceback" not in first, first[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "model_00008.pt: cannot write the checkpoint of step 8 (File too large)" in errors[0]
+    assert "continues from the last checkpoint, model_00004.pt" in errors[0], errors
+    resumed = re.findall(r"resuming from \S+model_(\d+)\.pt at step", out)
+    assert resumed == ["00004", "00008"], out[-3000:]
+    assert read_log(log_dir) == reference_runs["ddp"]
+    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00020.pt", "model_00024.pt"]
+
+
+RESTART_RUN = dict(max_steps=6, checkpoint_every=3, val_every=3, total_batch_size=256)
+
+
+def run_until_sigusr1(argv, log_dir, after):
+    """Train in this process and send it SIGUSR1 once log.txt holds the line `after`; its stdout."""
+    def signal_later():
+        log = log_dir / "log.txt"
+        while not (log.exists() and after in log.read_text()):
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    guard = signal.signal(signal.SIGUSR1, lambda *_: None)  # a signal that comes after the run cannot end pytest
+    sender = threading.Thread(target=signal_later, daemon=True)
+    sender.start()
+    try:
+        return train_in_process(argv)
+    finally:
+        sender.join(timeout=60)
+        signal.signal(signal.SIGUSR1, guard)
+
+
+def files_of(log_dir):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in log_dir.iterdir()}
+
+
+def test_same_command_through_sigusr1_a_full_disk_and_completion(tmp_path, shakespeare_file):
+    """The same `--resume` command starts a new run, stops at SIGUSR1 with a checkpoint, meets a full disk (a real
+    file-size limit in a child: EFBIG), continues exactly once there is room, and is a no-op once finished."""
+    train_in_process(tiny_run_args(shakespeare_file, tmp_path / "ref", **RESTART_RUN))
+    reference = read_log(tmp_path / "ref")
+    log_dir = tmp_path / "log"
+    args = tiny_run_args(shakespeare_file, log_dir, **RESTART_RUN) + ["--resume"]
+    out = run_until_sigusr1(args, log_dir, after="1 train")
+    assert "starting a new run" in out and "SIGUSR1: stopping after this step" in out, out
+    [(stopped, path)] = tg.list_checkpoints(log_dir)
+    assert 2 <= stopped < 6, out
+    kept = files_of(log_dir)
+    # resumed on a disk with no room for another checkpoint: one line, exit 1, nothing lost, nothing partial
+    limit = os.path.getsize(path) - 1
+    full_disk = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # noqa: E731
+    p = run_cli(args, tmp_path, check=False, preexec_fn=full_disk)
+    failed_at = 3 if stopped < 3 else 6
+    assert_one_line_error_exit_1(p, f"model_{failed_at:05d}.pt: cannot write the checkpoint of step {failed_at}",
+                                 "(File too large)", f"continues from the last checkpoint, model_{stopped:05d}.pt")
+    name = os.path.basename(path)
+    assert sorted(os.listdir(log_dir)) == ["log.txt", name] and files_of(log_dir)[name] == kept[name]
+    assert f"{failed_at - 1} train" in (log_dir / "log.txt").read_text()  # the log went on to the failed step
+    # room again: the same command continues from the checkpoint, exactly
+    out = train_in_process(args)
+    assert f"at step {stopped}" in out and read_log(log_dir) == reference
+    # finished: the same command again says so and writes nothing, not even the log
+    finished = files_of(log_dir)
+    out = train_in_process(args)
+    assert "the run already reached --max_steps 6; nothing to do" in out and "step " not in out, out
+    assert files_of(log_dir) == finished
+
+
+def assert_one_line_error_exit_1(p, *needles):
+    err = p.stderr.strip()
+    assert p.returncode == 1 and err.startswith("error: ") and err.count("\n") == 0, err
+    for needle in needles:
+        assert needle in err, err

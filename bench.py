@@ -42,6 +42,7 @@ from train_gpt2 import (
     batch_size_arg,
     check_seq_len,
     choose_batch_size,
+    configure_optimizers,
     flops_per_token,
     gpu_peak_flops,
     model_config,
@@ -182,7 +183,7 @@ class Variant:
             model.loss_chunk_size = self.loss_chunk_size
         model.to(ctx.device)
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
-        self.optimizer = GPT.configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
+        self.optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
         if not self.fused:
             for group in self.optimizer.param_groups:
                 group["fused"] = False
@@ -305,7 +306,7 @@ def memory_run(args, loss_chunk_size):
     ctx, dtype = setup(args)
     model = GPT(model_config(args.model, args.vocab_size)).to(ctx.device)
     model.loss_chunk_size = loss_chunk_size
-    optimizer = model.configure_optimizers(0.1, 6e-4, ctx.device_type)
+    optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
     train_model = torch.compile(model) if args.compile else model
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
     batch = FixedBatch(args.batch_size, args.seq_len, ctx.device)
@@ -361,7 +362,7 @@ def memory_worker(args):
         train_model, dtype = shard_model(model, args, ctx, dtype)
     else:
         train_model = wrap_model(model, args, ctx)
-    optimizer = model.configure_optimizers(0.1, 6e-4, ctx.device_type)
+    optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
     batch = FixedBatch(args.batch_size, args.seq_len, ctx.device)
     for _ in range(args.steps):

@@ -35,8 +35,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT2_VOCAB  # the trainer pads its vocab to 50304; padded ids are never real tokens
-
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 
 
@@ -208,7 +206,7 @@ def score_rows(model, tokens, mask, autocast_dtype=None):
     positions[:, :-1] = scored
     with ctx:
         picked = model.logits_at(tokens, positions)
-    picked = picked[:, :GPT2_VOCAB].float()
+    picked = picked[:, :_encoder().n_vocab].float()  # a padded vocab's extra ids are never real tokens
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=tokens.device)
     losses[scored] = F.cross_entropy(picked, targets[scored], reduction="none")
     sum_loss = losses.sum(dim=1)  # a dense per-row sum: deterministic, unlike a scatter-add on GPU
@@ -311,7 +309,7 @@ def main(argv=None):
     device = args.device
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    from train_gpt2 import GPT, tune_cpu_allocator  # only the CLI needs them; `import hellaswag` stays light
+    from train_gpt2 import GPT, tune_cpu_allocator  # train_gpt2 imports this module: import it only here
     if torch.device(device).type == "cpu":
         tune_cpu_allocator()  # reuse the big logits buffers instead of page-faulting them in every forward
     try:

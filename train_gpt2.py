@@ -1,32 +1,49 @@
 """
 Train GPT-2 (124M) from scratch, fine-tune it, sample from it, export it to Hugging Face.
 
-One file, read top to bottom: the model, the data loader, the optimizer and schedule, checkpoints,
-the training loop. Importing it runs nothing.
+One file, read top to bottom. Importing it runs nothing.
 
     python train_gpt2.py --data input.txt --model d6 ...        # a small GPT on Tiny Shakespeare, CPU
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # the GPT-2 (124M) reproduction, 8 GPUs
     python train_gpt2.py --init_from gpt2 --sample "Hello, I'm a language model,"
+
+The seed's story (build-nanogpt's), each section using only what comes before it:
+    The model          GPT-2 and the modern block, the KV cache, generate, Hugging Face import and export
+    The loss           cross-entropy over the lm_head in chunks, without the full logits
+    The data           DataLoaderLite (train shards), ValSet (the val loss's tokens)
+    Optimization       the LR schedule, AdamW, Muon
+    Checkpoints        save, load, find, prune; resume checks; older checkpoints upgraded
+    Training           train_step, evaluation, sampling, train()
+Optional machinery, which train() reaches through the hooks marked "hook:" in it:
+    FSDP, batch-size probing and the loss path, hardware (dtype, GPU peak FLOPs), input checks, the command line.
 """
 
 import argparse
+import base64
 import contextlib
 import ctypes
 import functools
 import glob
-import inspect
+import json
 import math
 import os
 import re
 import signal
 import sys
+import tempfile
 import time
+import urllib.request
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag
 
 GPT2_EOT = 50256
 GPT2_VOCAB = 50257  # real GPT-2 token ids are < 50257; ids above that only pad the embedding table
@@ -34,6 +51,11 @@ GPT2_VOCAB = 50257  # real GPT-2 token ids are < 50257; ids above that only pad 
 
 class UsageError(ValueError):
     """Bad input from the user: main() prints its one-line message instead of a traceback."""
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
 
 # -----------------------------------------------------------------------------
 # The model
@@ -50,6 +72,8 @@ class GPTConfig:
 
 
 ARCHS = ("gpt2", "modern")
+
+
 # sizes of OpenAI's released checkpoints (all with block_size 1024 and vocab 50257)
 MODEL_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -57,6 +81,20 @@ MODEL_SIZES = {
     "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),  # 774M
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
+
+
+def model_config(name, vocab_size=50304, block_size=1024, arch="gpt2"):
+    """--model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN = N layers of width 64*N with N heads (d12 = gpt2).
+    arch (--arch): gpt2, or modern (the same sizes with the modern block)."""
+    if name in MODEL_SIZES:
+        sizes = MODEL_SIZES[name]
+    elif re.fullmatch(r"d[1-9][0-9]*", name):
+        n = int(name[1:])
+        sizes = dict(n_layer=n, n_head=n, n_embd=64 * n)
+    else:
+        raise UsageError(f"unknown --model {name!r}: use one of {', '.join(MODEL_SIZES)} or dN (N layers, width 64*N, e.g. d6)")
+    return GPTConfig(block_size=block_size, vocab_size=vocab_size, arch=arch, **sizes)
+
 
 # ---- the modern block (--arch modern)
 # The GPT class below builds either OpenAI's GPT-2 or a block with the changes that sped up speedruns since
@@ -66,7 +104,18 @@ MODEL_SIZES = {
 # Every matrix of a block stays under transformer.h and the norms have no parameters, so an optimizer can
 # group the 2-D block weights (Muon) apart from the embedding and the head.
 
+
+# The GPT class below builds either OpenAI's GPT-2 or a block with the changes that sped up speedruns since
+# (modded-nanogpt): rotary position embeddings instead of the learned wpe, RMSNorm without a gain instead of
+# LayerNorm (also on the embedding output, and on q and k per head: QK-norm), ReLU^2 instead of GELU, no biases,
+# zero-initialized output projections and lm_head, an lm_head untied from wte, and logits soft-capped with tanh.
+# Every matrix of a block stays under transformer.h and the norms have no parameters, so an optimizer can
+# group the 2-D block weights (Muon) apart from the embedding and the head.
+
+
 ROTARY_BASE = 10000
+
+
 LOGIT_SOFTCAP = 15.0  # logits = cap * tanh(logits / cap): bounded, so no token's logit runs away
 
 
@@ -191,6 +240,10 @@ class Block(nn.Module):
         return x
 
 
+# -----------------------------------------------------------------------------
+# The loss: mean cross-entropy of the lm_head's logits, computed in chunks of rows
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of (x @ weight.T) against targets, without keeping the (N, vocab) logits.
 
@@ -296,10 +349,6 @@ class LinearCrossEntropyScaled(torch.autograd.Function):
         return grad_x, grad_w.to(weight.dtype), None, None, None
 
 
-# Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 def chunked_cross_entropy(x, weight, targets, chunk_size, cap=None):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) without the full logits (soft-capped if cap)."""
     if torch.is_autocast_enabled(x.device.type):  # the lm_head matmul in the autocast dtype, as nn.Linear would do it
@@ -324,6 +373,55 @@ def default_loss_chunk_size(device):
     # a chunk's float32 logits take chunk x vocab x 4 bytes (824 MB at 4096): a GPU wants few, large matmuls;
     # on a CPU smaller chunks halve a step's peak memory and run no slower (measured with bench.py)
     return 4096 if device.type == "cuda" else 1024
+
+
+# -----------------------------------------------------------------------------
+# The model: GPT, and its Hugging Face import and export
+
+
+# Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+# the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
+
+
+def check_hf_dir(path, accepted):
+    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise UsageError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another directory") from None
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise UsageError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging Face GPT-2 model")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
+        raise UsageError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there too")
+
+
+def save_gpt2_tokenizer(directory, model_max_length=1024):
+    """tokenizer.json + tokenizer_config.json for GPT-2's BPE, converted from tiktoken's (no download)."""
+    from transformers import GPT2TokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    enc = tiktoken.get_encoding("gpt2")
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = os.path.join(tmp, "gpt2.tiktoken")  # the converter reads tiktoken's file format: base64 token, rank
+        with open(ranks, "wb") as f:
+            for token, rank in enc._mergeable_ranks.items():
+                f.write(base64.b64encode(token) + b" %d\n" % rank)
+        backend = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=enc._special_tokens).converted()
+    eot = enc.decode([GPT2_EOT])
+    hf = GPT2TokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=model_max_length)
+    hf.save_pretrained(directory)
 
 
 class GPT(nn.Module):
@@ -413,19 +511,6 @@ class GPT(nn.Module):
         """The logits of the positions where the (B, T) bool mask `positions` is True, as (N, vocab_size).
         Scoring a few tokens (HellaSwag endings) then skips most of the lm_head, a small model's largest matmul."""
         return self.head(self.hidden_states(idx)[positions])
-
-    # ---- optimization
-
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
-        # decay the matmul weights and embeddings (dim >= 2); never biases or LayerNorm gains
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        return adamw(groups, learning_rate, device_type)
 
     # ---- sampling
 
@@ -554,81 +639,11 @@ class GPT(nn.Module):
             save_gpt2_tokenizer(directory, model_max_length=c.block_size)
 
 
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def check_hf_dir(path, accepted):
-    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
-    import json
-
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise UsageError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another directory") from None
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise UsageError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging Face GPT-2 model")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
-        raise UsageError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there too")
-
-
-# the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
-EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
-
-
-def save_gpt2_tokenizer(directory, model_max_length=1024):
-    """tokenizer.json + tokenizer_config.json for GPT-2's BPE, converted from tiktoken's (no download)."""
-    import base64
-    import tempfile
-
-    import tiktoken
-    from transformers import GPT2TokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    enc = tiktoken.get_encoding("gpt2")
-    with tempfile.TemporaryDirectory() as tmp:
-        ranks = os.path.join(tmp, "gpt2.tiktoken")  # the converter reads tiktoken's file format: base64 token, rank
-        with open(ranks, "wb") as f:
-            for token, rank in enc._mergeable_ranks.items():
-                f.write(base64.b64encode(token) + b" %d\n" % rank)
-        backend = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=enc._special_tokens).converted()
-    eot = enc.decode([GPT2_EOT])
-    hf = GPT2TokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=model_max_length)
-    hf.save_pretrained(directory)
-
-
-def model_config(name, vocab_size=50304, block_size=1024, arch="gpt2"):
-    """--model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN = N layers of width 64*N with N heads (d12 = gpt2).
-    arch (--arch): gpt2, or modern (the same sizes with the modern block)."""
-    if name in MODEL_SIZES:
-        sizes = MODEL_SIZES[name]
-    elif re.fullmatch(r"d[1-9][0-9]*", name):
-        n = int(name[1:])
-        sizes = dict(n_layer=n, n_head=n, n_embd=64 * n)
-    else:
-        raise UsageError(f"unknown --model {name!r}: use one of {', '.join(MODEL_SIZES)} or dN (N layers, width 64*N, e.g. d6)")
-    return GPTConfig(block_size=block_size, vocab_size=vocab_size, arch=arch, **sizes)
-
-
 # -----------------------------------------------------------------------------
-# Data
+# The data
+
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-@functools.lru_cache(maxsize=2)
-def tokenize_text_file(path):
-    """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
-    import tiktoken
-
-    text = read_text_file(path)
-    tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
-    n_val = len(tokens) // 10
-    return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
 
 
 def read_text_file(path):
@@ -645,6 +660,15 @@ def read_text_file(path):
     if not text.strip():
         raise UsageError(f"{path}: the file is empty; pass a text file with something to train on")
     return text
+
+
+@functools.lru_cache(maxsize=2)
+def tokenize_text_file(path):
+    """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
+    text = read_text_file(path)
+    tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
+    n_val = len(tokens) // 10
+    return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
 
 
 def check_shard(path, vocab_size=GPT2_VOCAB):
@@ -881,27 +905,6 @@ class ValSet:
             yield x, y, len(windows) * T
 
 
-def ensure_text_data(path):
-    """--data input.txt is Tiny Shakespeare: download it on first use."""
-    if os.path.exists(path) or os.path.basename(path) != "input.txt":
-        return
-    import urllib.request
-
-    print(f"downloading Tiny Shakespeare to {path}")
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
-            data = r.read()
-    except OSError as e:
-        raise UsageError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); download it yourself to {path}, or `git checkout input.txt` in the repository") from None
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot write the download there ({e.strerror or e}); pass --data with a writable path") from None
-
-
 # -----------------------------------------------------------------------------
 # Optimization
 
@@ -927,59 +930,25 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", dec
 def adamw(groups, lr, device_type):
     """AdamW as in GPT-3: betas (0.9, 0.95), eps 1e-8. The fused kernel does the whole update in a few kernels
     instead of a loop over tensors (CUDA; CPU too)."""
-    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
-def make_optimizer(model, args, device_type):
-    """The run's optimizer. Every param group gets its own schedule bounds: "initial_lr" (the peak) and "min_lr";
-    set_lr moves each group along the schedule between its own two.
-    adamw: GPT.configure_optimizers, the seed's. muon: Muon for the blocks' 2-D matrices, AdamW for the rest
-    (embeddings and lm_head with --weight_decay, biases and norm gains without), at --max_lr or --embed_lr."""
-    if args.optimizer == "adamw":
-        optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
-        bounds = [(args.max_lr, args.min_lr)] * len(optimizer.param_groups)
-        inner = [optimizer]
-    else:
-        in_muon = set(muon_param_names(model))
-        rest = [(n, p) for n, p in model.named_parameters() if n not in in_muon and p.requires_grad]
-        embed_lr = args.embed_lr or args.max_lr
-        final = args.min_lr / args.max_lr  # each group decays to this fraction of its peak, as AdamW's does
-        groups = [
-            {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay, "lr": embed_lr},
-            {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": args.max_lr},
-        ]
-        rest_opt = adamw(groups, args.max_lr, device_type)
-        muon_params = [p for n, p in model.named_parameters() if n in in_muon]
-        muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay)
-        bounds = [(embed_lr, embed_lr * final), (args.max_lr, args.min_lr), (args.muon_lr, args.muon_lr * final)]
-        inner = [rest_opt, muon]
-        optimizer = MultiOptimizer(rest_opt, muon)
-
-    def set_bounds(opt=None):
-        for group, (peak, low) in zip(optimizer.param_groups, bounds):
-            group["initial_lr"], group["min_lr"] = peak, low
-
-    set_bounds()
-    for opt in inner:  # a resumed run's schedule is this run's flags (as --max_steps), not the checkpoint's
-        opt.register_load_state_dict_post_hook(set_bounds)
-    return optimizer
+def configure_optimizers(model, weight_decay, learning_rate, device_type):
+    """The seed's AdamW: weight decay on the matmul weights and embeddings (dim >= 2), never on biases or gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return adamw(groups, learning_rate, device_type)
 
 
-def set_lr(optimizer, step, args):
-    """Each param group's learning rate for this step (the schedule between its own bounds); returns the first's."""
-    for group in optimizer.param_groups:
-        group["lr"] = get_lr(step, group["initial_lr"], group["min_lr"], args.warmup_steps, args.lr_decay_steps, args.schedule, args.decay_frac)
-    return optimizer.param_groups[0]["lr"]
-
-
-# -----------------------------------------------------------------------------
-# Muon
-#
 # Muon (Keller Jordan, 2024; the optimizer of modded-nanogpt's speed records) updates a weight matrix with its
 # momentum made (nearly) orthogonal: every singular value of the update becomes ~1, so the rare directions of the
 # gradient move as fast as the dominant ones. It is for the 2-D matrices inside the transformer blocks; embeddings,
 # the output head, biases and norm gains keep AdamW.
+
 
 # quintic Newton-Schulz coefficients from Keller Jordan's Muon: picked for the steepest slope at 0, so 5 iterations
 # lift even tiny singular values to 0.7..1.2 (not exactly 1; that is fine for training and much cheaper than an SVD)
@@ -1077,131 +1046,56 @@ def muon_param_names(model):
     return [n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2 and p.requires_grad]
 
 
-# -----------------------------------------------------------------------------
-# Hardware: device, precision, FLOPs
-
-
-def pick_device(requested="auto"):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def cpu_has_native_bf16():
-    # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def pick_dtype(requested, device_type):
-    """The autocast dtype. bf16 has float32's exponent range, so unlike fp16 it needs no loss scaling;
-    fp16 is for GPUs without bf16 (V100, T4)."""
-    if requested != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
-    if device_type == "cuda":
-        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
-    if device_type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def cuda_has_native_bf16():
-    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
-    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
-    return torch.cuda.get_device_capability() >= (8, 0)
-
-
-def autocast_context(device_type, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
-# dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
-GPU_PEAK_FLOPS = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("A6000", 155e12),
-    ("V100", 125e12),  # fp16
-    ("T4", 65e12),  # fp16
-]
-
-
-def gpu_peak_flops(device_name):
-    for key, flops in GPU_PEAK_FLOPS:
-        if key in device_name:
-            return flops
-    return None
-
-
-def flops_per_token(config, T):
-    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
-    (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the lm_head is one matmul
-    whether tied to wte (gpt2) or not (modern), and the modern block has the same matmuls (its norms, rotary
-    and soft-cap are elementwise, negligible): one formula for both archs."""
-    N = sum(
-        [
-            config.vocab_size * config.n_embd,  # lm_head (tied with wte or not)
-            config.n_layer * 12 * config.n_embd**2,  # attention 4 C^2, MLP 8 C^2
+def make_optimizer(model, args, device_type):
+    """The run's optimizer. Every param group gets its own schedule bounds: "initial_lr" (the peak) and "min_lr";
+    set_lr moves each group along the schedule between its own two.
+    adamw: GPT.configure_optimizers, the seed's. muon: Muon for the blocks' 2-D matrices, AdamW for the rest
+    (embeddings and lm_head with --weight_decay, biases and norm gains without), at --max_lr or --embed_lr."""
+    if args.optimizer == "adamw":
+        optimizer = configure_optimizers(model, args.weight_decay, args.max_lr, device_type)
+        bounds = [(args.max_lr, args.min_lr)] * len(optimizer.param_groups)
+        inner = [optimizer]
+    else:
+        in_muon = set(muon_param_names(model))
+        rest = [(n, p) for n, p in model.named_parameters() if n not in in_muon and p.requires_grad]
+        embed_lr = args.embed_lr or args.max_lr
+        final = args.min_lr / args.max_lr  # each group decays to this fraction of its peak, as AdamW's does
+        groups = [
+            {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay, "lr": embed_lr},
+            {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": args.max_lr},
         ]
-    )
-    return 6 * N + 12 * config.n_layer * config.n_embd * T
+        rest_opt = adamw(groups, args.max_lr, device_type)
+        muon_params = [p for n, p in model.named_parameters() if n in in_muon]
+        muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay)
+        bounds = [(embed_lr, embed_lr * final), (args.max_lr, args.min_lr), (args.muon_lr, args.muon_lr * final)]
+        inner = [rest_opt, muon]
+        optimizer = MultiOptimizer(rest_opt, muon)
+
+    def set_bounds(opt=None):
+        for group, (peak, low) in zip(optimizer.param_groups, bounds):
+            group["initial_lr"], group["min_lr"] = peak, low
+
+    set_bounds()
+    for opt in inner:  # a resumed run's schedule is this run's flags (as --max_steps), not the checkpoint's
+        opt.register_load_state_dict_post_hook(set_bounds)
+    return optimizer
 
 
-def tune_cpu_allocator():
-    """Stop glibc from returning big buffers (activations, logits) to the OS after every step.
-
-    By default malloc serves blocks over 32 MB with mmap and munmaps them on free, so every step pays page
-    faults for hundreds of MB; on CPU that was ~30% of the time, in the kernel. Keeping them on the heap,
-    and never trimming it, lets the next step reuse the same memory.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl or another libc
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    ok = libc.mallopt(M_MMAP_MAX, 0) == 1
-    ok &= libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1  # an int: the largest it takes
-    return bool(ok)
+def set_lr(optimizer, step, args):
+    """Each param group's learning rate for this step (the schedule between its own bounds); returns the first's."""
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(step, group["initial_lr"], group["min_lr"], args.warmup_steps, args.lr_decay_steps, args.schedule, args.decay_frac)
+    return optimizer.param_groups[0]["lr"]
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints
-#
+
+
 # A checkpoint is a dict of tensors, numbers, strings and lists only (no pickled classes), so that it loads with
 # torch.load(weights_only=True): a checkpoint from the internet cannot run code. It holds everything a run needs
 # to continue exactly: model, optimizer, config, flags, step, data positions of every rank and the RNG states.
+
 
 CHECKPOINT_RE = re.compile(r"model_(\d+)\.pt$")
 
@@ -1353,106 +1247,6 @@ def truncate_log(log_file, step):
     os.replace(log_file + ".tmp", log_file)
 
 
-# -----------------------------------------------------------------------------
-# Training
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-@dataclass
-class DistContext:
-    ddp: bool
-    rank: int
-    local_rank: int
-    world_size: int
-    device: str
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def device_type(self):  # cuda, cpu or mps: what autocast and the fused kernels ask for
-        return self.device.split(":")[0]
-
-
-def setup_distributed(requested_device):
-    """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
-    device = pick_device(requested_device)
-    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-        return DistContext(False, 0, 0, 1, device)
-    import torch.distributed as dist
-    # Import dynamo before the process group exists. Imported afterwards (DDP and torch.compile import it), it keeps
-    # a reference to the group, so destroy_process_group cannot join gloo's worker threads; one that frees its last
-    # tensor after Python has begun shutting down aborts the process ("terminate called without an active exception").
-    import torch._dynamo  # noqa: F401
-
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU on this node; RANK is global across nodes
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
-    else:
-        dist.init_process_group(backend="gloo")
-    return DistContext(True, rank, local_rank, world_size, device)
-
-
-def all_reduce_mean(value, ctx):
-    """The mean of a scalar tensor over ranks (gloo has no AVG, so SUM / world_size)."""
-    if ctx.ddp:
-        import torch.distributed as dist
-
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / ctx.world_size
-    return value
-
-
-def gather_objects(obj, ctx):
-    if not ctx.ddp:
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-class StopSignal:
-    """SIGTERM (what a cluster sends before preemption) or Ctrl-C: finish the step, checkpoint, exit.
-    A second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def restore(self):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint", flush=True)
-
-    def agreed(self, ctx, device):
-        """True on every rank if any rank was signalled, so that all ranks stop at the same step."""
-        if not ctx.ddp:
-            return self.requested
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
 # flags that decide the model and which tokens each step sees: a run can only resume with the same ones
 # --data may change (the loader checks that the shards are the same); these change the run itself
 RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed", "shuffle", "optimizer", "schedule")
@@ -1469,6 +1263,7 @@ def check_resume_compatible(checkpoint, args, world_size):
 
 
 # ---- resume: the schedule and the precision are the checkpoint's
+
 
 # flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
 # would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
@@ -1501,24 +1296,199 @@ def lr_decay_steps(args, checkpoint):
     return saved.get("lr_decay_steps", saved["max_steps"])
 
 
+# -----------------------------------------------------------------------------
+# Training
+
+
+def pick_device(requested="auto"):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast_context(device_type, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+@dataclass
+class DistContext:
+    ddp: bool
+    rank: int
+    local_rank: int
+    world_size: int
+    device: str
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def device_type(self):  # cuda, cpu or mps: what autocast and the fused kernels ask for
+        return self.device.split(":")[0]
+
+
+def setup_distributed(requested_device):
+    """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
+    device = pick_device(requested_device)
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        return DistContext(False, 0, 0, 1, device)
+    # Import dynamo before the process group exists. Imported afterwards (DDP and torch.compile import it), it keeps
+    # a reference to the group, so destroy_process_group cannot join gloo's worker threads; one that frees its last
+    # tensor after Python has begun shutting down aborts the process ("terminate called without an active exception").
+    import torch._dynamo  # noqa: F401
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU on this node; RANK is global across nodes
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+    else:
+        dist.init_process_group(backend="gloo")
+    return DistContext(True, rank, local_rank, world_size, device)
+
+
+def all_reduce_mean(value, ctx):
+    """The mean of a scalar tensor over ranks (gloo has no AVG, so SUM / world_size)."""
+    if ctx.ddp:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value = value / ctx.world_size
+    return value
+
+
+def gather_objects(obj, ctx):
+    if not ctx.ddp:
+        return [obj]
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+class StopSignal:
+    """SIGTERM (what a cluster sends before preemption) or Ctrl-C: finish the step, checkpoint, exit.
+    A second Ctrl-C aborts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint", flush=True)
+
+    def agreed(self, ctx, device):
+        """True on every rank if any rank was signalled, so that all ranks stop at the same step."""
+        if not ctx.ddp:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ---- model and optimizer state across ranks: a full copy on each (DDP) or shards (FSDP, below)
+
+
+def is_sharded(model):
+    return hasattr(model, "set_requires_gradient_sync")  # an FSDPModule; no import needed for the plain model
+
+
+def local_part(t):
+    """This rank's shard of a DTensor; a plain tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def gradient_sync(train_model, sync):
+    """Context for one micro-step's backward: reduce gradients over ranks (sync) or only accumulate them locally.
+    DDP: no_sync(). FSDP: no reduce-scatter until the last micro-step; meanwhile each rank accumulates unsharded
+    gradients of the whole model (a full gradient's memory, traded for world_size times less traffic)."""
+    if is_sharded(train_model):
+        train_model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if sync else train_model.no_sync()
+
+
+def params_finite(model, ctx):
+    """Whether all parameters are finite; under FSDP each rank checks its shards and all ranks agree."""
+    ok = torch.stack([local_part(p).isfinite().all() for p in model.parameters()]).all().float()
+    if is_sharded(model):
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
+
+
+def full_state_dicts(model, optimizer, ctx):
+    """(model state_dict, optimizer state_dict) of the whole model on rank 0, (None, None) on the others.
+    Under FSDP every rank must call it: the shards are gathered one tensor at a time and moved to CPU (cpu_offload),
+    so no GPU ever holds the whole optimizer state. The optimizer's is converted to a plain AdamW's format."""
+    if not is_sharded(model):
+        return (model.state_dict(), optimizer.state_dict()) if ctx.master else (None, None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not ctx.master:
+        return None, None
+    # keyed by parameter name here; a plain optimizer numbers its parameters 0, 1, ... in param-group order
+    index = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
+    return model_state, {
+        "state": {index[name]: state for name, state in optim_state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]],
+    }
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Load a plain AdamW state_dict (from any of single process, DDP, FSDP) into the optimizer; under FSDP each
+    rank keeps its shards of the full tensors (every rank has read the checkpoint)."""
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    named = {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
 # ---- setup: each function below prepares one thing train() needs
 
 
-def setup_device(args, ctx):
-    """The autocast dtype, with the device's fast math switched on and the seeds set."""
-    dtype = pick_dtype(args.dtype, ctx.device_type)
-    if dtype == torch.float16 and ctx.device_type != "cuda":
-        raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or float32")
-    args.precision = str(dtype).replace("torch.", "")  # saved in checkpoints: a resume must train in the same
-    if ctx.device_type == "cuda":
-        # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.manual_seed(args.seed)
-    if ctx.device_type == "cpu":
-        tune_cpu_allocator()
-    torch.manual_seed(args.seed)
-    return dtype
+def grad_accum_steps(total_batch_size, B, T, world_size):
+    """Micro-steps per optimizer step: total_batch_size tokens in micro-batches of B x T on each rank."""
+    tokens_per_micro_step = B * T * world_size
+    if total_batch_size % tokens_per_micro_step:
+        raise UsageError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size*seq_len*world_size = {B}*{T}*{world_size} = {tokens_per_micro_step}")
+    return total_batch_size // tokens_per_micro_step
+
+
+def check_seq_len(T, config):
+    if T > config.block_size:
+        raise UsageError(f"--seq_len {T} is longer than the model's block_size {config.block_size}")
+
+
+def check_init_arch(config, args):
+    # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
+    if config.arch != args.arch:
+        raise UsageError(f"--init_from {args.init_from} is an --arch {config.arch} model, not {args.arch}: pass --arch {config.arch}")
 
 
 def load_or_build_model(args, ctx):
@@ -1544,124 +1514,6 @@ def load_or_build_model(args, ctx):
     model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
-
-
-def check_init_arch(config, args):
-    # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
-    if config.arch != args.arch:
-        raise UsageError(f"--init_from {args.init_from} is an --arch {config.arch} model, not {args.arch}: pass --arch {config.arch}")
-
-
-def find_batch_size(fits, largest):
-    """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
-    With largest = total_batch_size // (T * world_size) every divisor is a micro-batch the total batch allows."""
-    candidates = [b for b in range(1, max(1, largest) + 1) if largest % b == 0]
-    if fits(candidates[-1]):
-        return candidates[-1]
-    lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), candidates[hi] does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(candidates[mid]) else (lo, mid)
-    if lo < 0:
-        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory; use a smaller --model or --seq_len")
-    return candidates[lo]
-
-
-def cuda_fits(model, B, T, device, dtype, budget=None):
-    """Whether a forward and backward of micro-batch B runs, and with budget (bytes) whether its peak stays below."""
-    x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
-        with autocast_context(device.split(":")[0], dtype):
-            _, loss = model(x, x)
-        loss.backward()
-        return budget is None or torch.cuda.max_memory_allocated(device) <= budget
-    except torch.cuda.OutOfMemoryError:
-        return False
-    finally:
-        model.zero_grad(set_to_none=True)
-        loss = None
-        torch.cuda.empty_cache()
-
-
-def choose_batch_size(args, model, ctx, dtype):
-    """--batch_size, or for 'auto' the largest micro-batch that fits and divides the total batch (the same on
-    every rank)."""
-    if args.batch_size != "auto":
-        return args.batch_size
-    T = args.seq_len
-    if args.total_batch_size % (T * ctx.world_size):
-        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len*world_size = {T}*{ctx.world_size}, so no micro-batch adds up to it")
-    largest = args.total_batch_size // (T * ctx.world_size)
-    if ctx.device_type == "cuda":
-        budget = cuda_step_budget(model, ctx)
-
-        def fits(b):
-            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T)  # the loss path training will use
-            return cuda_fits(model, b, T, ctx.device, dtype, budget)
-
-        B = find_batch_size(fits, largest)
-        model.loss_chunk_size = None
-    else:  # no reliable out-of-memory signal off CUDA: the OS kills the process instead
-        B = find_batch_size(lambda b: b * T <= 8192, largest)  # ~6 GB for gpt2 at T=1024
-    if ctx.ddp:  # every rank must use the same B
-        b = torch.tensor([B], device=ctx.device)
-        torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
-        B = int(b.item())
-    return B
-
-
-# ---- --batch_size auto and the loss path on GPUs: what the memory allows
-
-# share of the GPU memory a probed step may peak at: the rest is for what the uncompiled probe does not show
-# (compile's workspace, the allocator's fragmentation, the val and HellaSwag passes)
-BATCH_PROBE_MEMORY_FRACTION = 0.85
-
-
-def training_state_bytes(num_params, ddp):
-    """GPU bytes training holds that a forward+backward probe does not allocate: AdamW's two float32 moments per
-    parameter, and under DDP its float32 gradient buckets."""
-    return num_params * (8 + (4 if ddp else 0))
-
-
-def cuda_step_budget(model, ctx):
-    """Bytes a probed forward+backward may peak at (the model's own parameters included)."""
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(ctx.device)
-    usable = free + torch.cuda.memory_reserved(ctx.device)  # what the other processes on this GPU leave us
-    return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
-
-
-# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
-FULL_LOGITS_MEMORY_FRACTION = 0.25
-
-
-def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes):
-    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
-    micro-batch's float32 logits take at most FULL_LOGITS_MEMORY_FRACTION of the free memory; else chunks.
-    CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
-    if device_type == "cuda" and n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
-        return 0
-    return default_loss_chunk_size(torch.device(device_type))
-
-
-def training_loss_chunk_size(model, ctx, B, T):
-    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
-    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
-    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free)
-
-
-def grad_accum_steps(total_batch_size, B, T, world_size):
-    """Micro-steps per optimizer step: total_batch_size tokens in micro-batches of B x T on each rank."""
-    tokens_per_micro_step = B * T * world_size
-    if total_batch_size % tokens_per_micro_step:
-        raise UsageError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size*seq_len*world_size = {B}*{T}*{world_size} = {tokens_per_micro_step}")
-    return total_batch_size // tokens_per_micro_step
-
-
-def check_seq_len(T, config):
-    if T > config.block_size:
-        raise UsageError(f"--seq_len {T} is longer than the model's block_size {config.block_size}")
 
 
 def make_loaders(args, ctx, B):
@@ -1692,8 +1544,6 @@ def wrap_model(model, args, ctx):
     which averages the gradients over ranks during backward. Everything else uses the plain model."""
     wrapped = torch.compile(model) if args.compile else model
     if ctx.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         wrapped = DDP(wrapped, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
     return wrapped
 
@@ -1737,15 +1587,13 @@ def evaluate_val(model, val_set, ctx, dtype):
             total[0] += loss.detach().to(acc) * n
             total[1] += n
     if ctx.ddp:
-        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
     return (total[0] / total[1]).item()
 
 
 @torch.no_grad()
 def sample(model, prompt, num_samples, max_new_tokens, generator, dtype, temperature=1.0, top_k=50):
     """num_samples continuations of prompt, as text."""
-    import tiktoken
-
     enc = tiktoken.get_encoding("gpt2")
     model.eval()
     device = next(model.parameters()).device
@@ -1794,6 +1642,40 @@ def train_step(train_model, optimizer, scaler, train_loader, grad_accum_steps, c
 # ---- the loop
 
 
+def log_line(ctx, log_file, line):
+    if ctx.master:
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
+
+
+def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, sample_generator):
+    """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
+    if not params_finite(model, ctx):
+        raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}")
+    loader_states = gather_objects(train_loader.state_dict(), ctx)
+    rng_states = gather_objects(get_rng_state(sample_generator), ctx)
+    model_state, optimizer_state = full_state_dicts(model, optimizer, ctx)  # gathered on rank 0 under FSDP
+    if ctx.master:
+        checkpoint = {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scaler": scaler.state_dict(),
+            "config": asdict(model.config),
+            "args": vars(args),
+            "step": step,
+            "val_loss": val_loss,
+            "world_size": ctx.world_size,
+            "train_loader": loader_states,
+            "rng": rng_states,
+        }
+        path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
+        save_checkpoint(checkpoint, path)
+        prune_checkpoints(args.log_dir, args.keep_checkpoints)
+        print(f"saved {path}")
+    if ctx.ddp:
+        dist.barrier()  # nobody exits or moves on before the file is complete
+
+
 def train(args, ctx):
     say = print if ctx.master else (lambda *a, **k: None)
     dtype = setup_device(args, ctx)
@@ -1801,7 +1683,7 @@ def train(args, ctx):
         if ctx.master:
             ensure_text_data(args.data)
         if ctx.ddp:
-            torch.distributed.barrier()
+            dist.barrier()
     os.makedirs(args.log_dir, exist_ok=True)
     model, checkpoint = load_or_build_model(args, ctx)
     config = model.config
@@ -1815,8 +1697,6 @@ def train(args, ctx):
     model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T)
     train_loader, val_set = make_loaders(args, ctx, B)
     if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
-        import hellaswag
-
         try:
             hellaswag.load_examples(data=args.hellaswag_data)
         except (OSError, ValueError) as e:
@@ -1895,38 +1775,10 @@ def train(args, ctx):
         stop.restore()
 
 
-def log_line(ctx, log_file, line):
-    if ctx.master:
-        with open(log_file, "a") as f:
-            f.write(line + "\n")
-
-
-def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, sample_generator):
-    """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
-    if not params_finite(model, ctx):
-        raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}")
-    loader_states = gather_objects(train_loader.state_dict(), ctx)
-    rng_states = gather_objects(get_rng_state(sample_generator), ctx)
-    model_state, optimizer_state = full_state_dicts(model, optimizer, ctx)  # gathered on rank 0 under FSDP
-    if ctx.master:
-        checkpoint = {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "scaler": scaler.state_dict(),
-            "config": asdict(model.config),
-            "args": vars(args),
-            "step": step,
-            "val_loss": val_loss,
-            "world_size": ctx.world_size,
-            "train_loader": loader_states,
-            "rng": rng_states,
-        }
-        path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
-        save_checkpoint(checkpoint, path)
-        prune_checkpoints(args.log_dir, args.keep_checkpoints)
-        print(f"saved {path}")
-    if ctx.ddp:
-        torch.distributed.barrier()  # nobody exits or moves on before the file is complete
+# =============================================================================
+# Optional machinery. Everything above is the seed's training run; what follows is reached from train() only
+# through its "hook:" calls (and from the command line).
+# =============================================================================
 
 
 # -----------------------------------------------------------------------------
@@ -1937,15 +1789,6 @@ def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_
 # its forward and backward, and its gradients reduce-scattered after. Parameters become DTensors, with the names of
 # the plain model, so the fused AdamW, clip_grad_norm_ (a global norm over all shards) and the checkpoint format
 # stay those of a single process: a checkpoint moves between one process, DDP and FSDP.
-
-
-def is_sharded(model):
-    return hasattr(model, "set_requires_gradient_sync")  # an FSDPModule; no import needed for the plain model
-
-
-def local_part(t):
-    """This rank's shard of a DTensor; a plain tensor as is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def shard_model(model, args, ctx, dtype):
@@ -1975,62 +1818,6 @@ def shard_model(model, args, ctx, dtype):
     return model, torch.float32
 
 
-def gradient_sync(train_model, sync):
-    """Context for one micro-step's backward: reduce gradients over ranks (sync) or only accumulate them locally.
-    DDP: no_sync(). FSDP: no reduce-scatter until the last micro-step; meanwhile each rank accumulates unsharded
-    gradients of the whole model (a full gradient's memory, traded for world_size times less traffic)."""
-    if is_sharded(train_model):
-        train_model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if sync else train_model.no_sync()
-
-
-def params_finite(model, ctx):
-    """Whether all parameters are finite; under FSDP each rank checks its shards and all ranks agree."""
-    ok = torch.stack([local_part(p).isfinite().all() for p in model.parameters()]).all().float()
-    if is_sharded(model):
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
-    return bool(ok.item())
-
-
-def full_state_dicts(model, optimizer, ctx):
-    """(model state_dict, optimizer state_dict) of the whole model on rank 0, (None, None) on the others.
-    Under FSDP every rank must call it: the shards are gathered one tensor at a time and moved to CPU (cpu_offload),
-    so no GPU ever holds the whole optimizer state. The optimizer's is converted to a plain AdamW's format."""
-    if not is_sharded(model):
-        return (model.state_dict(), optimizer.state_dict()) if ctx.master else (None, None)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    if not ctx.master:
-        return None, None
-    # keyed by parameter name here; a plain optimizer numbers its parameters 0, 1, ... in param-group order
-    index = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
-    return model_state, {
-        "state": {index[name]: state for name, state in optim_state["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]],
-    }
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Load a plain AdamW state_dict (from any of single process, DDP, FSDP) into the optimizer; under FSDP each
-    rank keeps its shards of the full tensors (every rank has read the checkpoint)."""
-    if not is_sharded(model):
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    named = {
-        "state": {names[i]: s for i, s in state["state"].items()},
-        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
-
-
 def state_bytes_per_rank(model, optimizer):
     """Bytes this rank holds of parameters, gradients and optimizer state (its shards under FSDP)."""
     size = lambda t: local_part(t).numel() * local_part(t).element_size()  # noqa: E731
@@ -2049,7 +1836,247 @@ def state_memory_line(model, optimizer, ctx):
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# --batch_size auto and the loss path on GPUs: what the memory allows
+
+
+def find_batch_size(fits, largest):
+    """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
+    With largest = total_batch_size // (T * world_size) every divisor is a micro-batch the total batch allows."""
+    candidates = [b for b in range(1, max(1, largest) + 1) if largest % b == 0]
+    if fits(candidates[-1]):
+        return candidates[-1]
+    lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), candidates[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(candidates[mid]) else (lo, mid)
+    if lo < 0:
+        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory; use a smaller --model or --seq_len")
+    return candidates[lo]
+
+
+def cuda_fits(model, B, T, device, dtype, budget=None):
+    """Whether a forward and backward of micro-batch B runs, and with budget (bytes) whether its peak stays below."""
+    x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with autocast_context(device.split(":")[0], dtype):
+            _, loss = model(x, x)
+        loss.backward()
+        return budget is None or torch.cuda.max_memory_allocated(device) <= budget
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        model.zero_grad(set_to_none=True)
+        loss = None
+        torch.cuda.empty_cache()
+
+
+# share of the GPU memory a probed step may peak at: the rest is for what the uncompiled probe does not show
+# (compile's workspace, the allocator's fragmentation, the val and HellaSwag passes)
+BATCH_PROBE_MEMORY_FRACTION = 0.85
+
+
+def training_state_bytes(num_params, ddp):
+    """GPU bytes training holds that a forward+backward probe does not allocate: AdamW's two float32 moments per
+    parameter, and under DDP its float32 gradient buckets."""
+    return num_params * (8 + (4 if ddp else 0))
+
+
+def cuda_step_budget(model, ctx):
+    """Bytes a probed forward+backward may peak at (the model's own parameters included)."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    usable = free + torch.cuda.memory_reserved(ctx.device)  # what the other processes on this GPU leave us
+    return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
+
+
+def choose_batch_size(args, model, ctx, dtype):
+    """--batch_size, or for 'auto' the largest micro-batch that fits and divides the total batch (the same on
+    every rank)."""
+    if args.batch_size != "auto":
+        return args.batch_size
+    T = args.seq_len
+    if args.total_batch_size % (T * ctx.world_size):
+        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len*world_size = {T}*{ctx.world_size}, so no micro-batch adds up to it")
+    largest = args.total_batch_size // (T * ctx.world_size)
+    if ctx.device_type == "cuda":
+        budget = cuda_step_budget(model, ctx)
+
+        def fits(b):
+            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T)  # the loss path training will use
+            return cuda_fits(model, b, T, ctx.device, dtype, budget)
+
+        B = find_batch_size(fits, largest)
+        model.loss_chunk_size = None
+    else:  # no reliable out-of-memory signal off CUDA: the OS kills the process instead
+        B = find_batch_size(lambda b: b * T <= 8192, largest)  # ~6 GB for gpt2 at T=1024
+    if ctx.ddp:  # every rank must use the same B
+        b = torch.tensor([B], device=ctx.device)
+        dist.all_reduce(b, op=dist.ReduceOp.MIN)
+        B = int(b.item())
+    return B
+
+
+# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
+FULL_LOGITS_MEMORY_FRACTION = 0.25
+
+
+def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes):
+    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
+    micro-batch's float32 logits take at most FULL_LOGITS_MEMORY_FRACTION of the free memory; else chunks.
+    CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
+    if device_type == "cuda" and n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
+        return 0
+    return default_loss_chunk_size(torch.device(device_type))
+
+
+def training_loss_chunk_size(model, ctx, B, T):
+    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
+    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
+    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free)
+
+
+# -----------------------------------------------------------------------------
+# Hardware: precision, FLOPs, memory allocator
+
+
+def cpu_has_native_bf16():
+    # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def pick_dtype(requested, device_type):
+    """The autocast dtype. bf16 has float32's exponent range, so unlike fp16 it needs no loss scaling;
+    fp16 is for GPUs without bf16 (V100, T4)."""
+    if requested != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+    if device_type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def cuda_has_native_bf16():
+    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
+    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+# dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),  # fp16
+    ("T4", 65e12),  # fp16
+]
+
+
+def gpu_peak_flops(device_name):
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def flops_per_token(config, T):
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
+    (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the lm_head is one matmul
+    whether tied to wte (gpt2) or not (modern), and the modern block has the same matmuls (its norms, rotary
+    and soft-cap are elementwise, negligible): one formula for both archs."""
+    N = sum(
+        [
+            config.vocab_size * config.n_embd,  # lm_head (tied with wte or not)
+            config.n_layer * 12 * config.n_embd**2,  # attention 4 C^2, MLP 8 C^2
+        ]
+    )
+    return 6 * N + 12 * config.n_layer * config.n_embd * T
+
+
+def tune_cpu_allocator():
+    """Stop glibc from returning big buffers (activations, logits) to the OS after every step.
+
+    By default malloc serves blocks over 32 MB with mmap and munmaps them on free, so every step pays page
+    faults for hundreds of MB; on CPU that was ~30% of the time, in the kernel. Keeping them on the heap,
+    and never trimming it, lets the next step reuse the same memory.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    ok = libc.mallopt(M_MMAP_MAX, 0) == 1
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1  # an int: the largest it takes
+    return bool(ok)
+
+
+def setup_device(args, ctx):
+    """The autocast dtype, with the device's fast math switched on and the seeds set."""
+    dtype = pick_dtype(args.dtype, ctx.device_type)
+    if dtype == torch.float16 and ctx.device_type != "cuda":
+        raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or float32")
+    args.precision = str(dtype).replace("torch.", "")  # saved in checkpoints: a resume must train in the same
+    if ctx.device_type == "cuda":
+        # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.manual_seed(args.seed)
+    if ctx.device_type == "cpu":
+        tune_cpu_allocator()
+    torch.manual_seed(args.seed)
+    return dtype
+
+
+# -----------------------------------------------------------------------------
+# Input checks: flags and files, before any work starts
+
+
+def ensure_text_data(path):
+    """--data input.txt is Tiny Shakespeare: download it on first use."""
+    if os.path.exists(path) or os.path.basename(path) != "input.txt":
+        return
+    print(f"downloading Tiny Shakespeare to {path}")
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
+            data = r.read()
+    except OSError as e:
+        raise UsageError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); download it yourself to {path}, or `git checkout input.txt` in the repository") from None
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the download there ({e.strerror or e}); pass --data with a writable path") from None
 
 
 def positive_int(value):
@@ -2069,6 +2096,85 @@ def batch_size_arg(value):
         return positive_int(value)
     except argparse.ArgumentTypeError as e:
         raise argparse.ArgumentTypeError(f"{e}; use a whole number >= 1 or 'auto'") from None
+
+
+def check_output_dir(path, flag):
+    """A directory the program will write: it must be a directory (or creatable as one) that we can write."""
+    target = os.path.abspath(path)
+    while not os.path.exists(target):  # the nearest part of the path that exists
+        target = os.path.dirname(target)
+    if not os.path.isdir(target):
+        where = "it is a file" if target == os.path.abspath(path) else f"{target} is a file"
+        raise UsageError(f"{path}: {flag} must be a directory, but {where}; pass another {flag}")
+    if not os.access(target, os.W_OK | os.X_OK):
+        raise UsageError(f"{path}: {flag} is not writable ({target} is read-only for this user); pass another {flag}")
+
+
+def check_export_dir(path):
+    """--export writes a Hugging Face directory: refuse to mix it into, or overwrite, a directory of other files."""
+    check_output_dir(path, "--export")
+    if os.path.isdir(path):
+        others = sorted(set(os.listdir(path)) - EXPORT_FILES)
+        if others:
+            raise UsageError(f"{path}: --export directory already holds other files ({', '.join(others[:3])}); pass a new or empty directory")
+
+
+def check_args(args):
+    """Mistakes that need no data or model to find, caught before any work starts."""
+    positive = ["seq_len", "total_batch_size", "val_tokens", "keep_checkpoints", "num_samples"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.val_steps is not None and args.val_steps < 1:
+        raise UsageError(f"--val_steps must be >= 1, got {args.val_steps} (and it is deprecated: use --val_tokens)")
+    for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_new_tokens"]:
+        if getattr(args, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if not 0 <= args.decay_frac <= 1:
+        raise UsageError(f"--decay_frac must be between 0 and 1, got {args.decay_frac}")
+    for name in ["muon_lr", "max_lr"] + (["embed_lr"] if args.embed_lr is not None else []):
+        if not getattr(args, name) > 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
+    if not 0 <= args.muon_momentum < 1:
+        raise UsageError(f"--muon_momentum must be in [0, 1), got {args.muon_momentum}")
+    if args.vocab_size < GPT2_VOCAB:
+        raise UsageError(f"--vocab_size {args.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} tokens")
+    if args.init_from == "scratch":
+        check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))  # also raises on an unknown --model
+    if args.batch_size != "auto":
+        grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
+    if args.extend and not args.resume:
+        raise UsageError("--extend continues a run: pass it with --resume")
+    if args.fsdp and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ) and args.sample is None and not args.export:
+        raise UsageError("--fsdp shards the model over the processes of a torchrun launch: run `torchrun --standalone --nproc_per_node=N train_gpt2.py --fsdp ...`, or drop --fsdp")
+    if args.fsdp and args.optimizer == "muon":  # Newton-Schulz needs each whole matrix; FSDP leaves a rank a slice
+        raise UsageError("--optimizer muon does not run under --fsdp yet (it orthogonalizes whole matrices, FSDP shards them): use DDP (drop --fsdp) or --optimizer adamw")
+    if (args.sample is not None or args.export) and args.init_from == "scratch":
+        raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
+    if args.export:
+        check_export_dir(args.export)
+    elif args.sample is None:  # training writes log.txt and checkpoints
+        check_output_dir(args.log_dir, "--log_dir")
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+# --recipe presets: flag values, measured best at small scale (README: Faster than the seed)
+RECIPES = {
+    "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
+    # measured best on CPU (bench.py --mode recipe, README "Faster than the seed"); embed_lr: the AdamW lr of the
+    # embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's records go higher still)
+    "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3, "arch": "modern", "embed_lr": 6e-3},
+}
+
+
+def apply_recipe(args, given):
+    """Set the --recipe preset's values on args, except for flags the user gave explicitly (in `given`)."""
+    for name, value in RECIPES[args.recipe].items():
+        if name not in given:
+            setattr(args, name, value)
 
 
 def parse_args(argv=None):
@@ -2138,82 +2244,6 @@ def parse_args(argv=None):
     return args
 
 
-# --recipe presets: flag values, measured best at small scale (README: Faster than the seed). A flag this script does
-# not have is skipped, so "arch" takes effect once --arch (the modern block) exists.
-RECIPES = {
-    "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
-    # measured best on CPU (bench.py --mode recipe, README "Faster than the seed"); embed_lr: the AdamW lr of the
-    # embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's records go higher still)
-    "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3, "arch": "modern", "embed_lr": 6e-3},
-}
-
-
-def apply_recipe(args, given):
-    """Set the --recipe preset's values on args, except for flags the user gave explicitly (in `given`)."""
-    for name, value in RECIPES[args.recipe].items():
-        if hasattr(args, name) and name not in given:
-            setattr(args, name, value)
-
-
-def check_output_dir(path, flag):
-    """A directory the program will write: it must be a directory (or creatable as one) that we can write."""
-    target = os.path.abspath(path)
-    while not os.path.exists(target):  # the nearest part of the path that exists
-        target = os.path.dirname(target)
-    if not os.path.isdir(target):
-        where = "it is a file" if target == os.path.abspath(path) else f"{target} is a file"
-        raise UsageError(f"{path}: {flag} must be a directory, but {where}; pass another {flag}")
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise UsageError(f"{path}: {flag} is not writable ({target} is read-only for this user); pass another {flag}")
-
-
-def check_export_dir(path):
-    """--export writes a Hugging Face directory: refuse to mix it into, or overwrite, a directory of other files."""
-    check_output_dir(path, "--export")
-    if os.path.isdir(path):
-        others = sorted(set(os.listdir(path)) - EXPORT_FILES)
-        if others:
-            raise UsageError(f"{path}: --export directory already holds other files ({', '.join(others[:3])}); pass a new or empty directory")
-
-
-def check_args(args):
-    """Mistakes that need no data or model to find, caught before any work starts."""
-    positive = ["seq_len", "total_batch_size", "val_tokens", "keep_checkpoints", "num_samples"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.val_steps is not None and args.val_steps < 1:
-        raise UsageError(f"--val_steps must be >= 1, got {args.val_steps} (and it is deprecated: use --val_tokens)")
-    for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_new_tokens"]:
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.decay_frac <= 1:
-        raise UsageError(f"--decay_frac must be between 0 and 1, got {args.decay_frac}")
-    for name in ["muon_lr", "max_lr"] + (["embed_lr"] if args.embed_lr is not None else []):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if not 0 <= args.muon_momentum < 1:
-        raise UsageError(f"--muon_momentum must be in [0, 1), got {args.muon_momentum}")
-    if args.vocab_size < GPT2_VOCAB:
-        raise UsageError(f"--vocab_size {args.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} tokens")
-    if args.init_from == "scratch":
-        check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))  # also raises on an unknown --model
-    if args.batch_size != "auto":
-        grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
-    if args.extend and not args.resume:
-        raise UsageError("--extend continues a run: pass it with --resume")
-    if args.fsdp and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ) and args.sample is None and not args.export:
-        raise UsageError("--fsdp shards the model over the processes of a torchrun launch: run `torchrun --standalone --nproc_per_node=N train_gpt2.py --fsdp ...`, or drop --fsdp")
-    if args.fsdp and args.optimizer == "muon":  # Newton-Schulz needs each whole matrix; FSDP leaves a rank a slice
-        raise UsageError("--optimizer muon does not run under --fsdp yet (it orthogonalizes whole matrices, FSDP shards them): use DDP (drop --fsdp) or --optimizer adamw")
-    if (args.sample is not None or args.export) and args.init_from == "scratch":
-        raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
-    if args.export:
-        check_export_dir(args.export)
-    elif args.sample is None:  # training writes log.txt and checkpoints
-        check_output_dir(args.log_dir, "--log_dir")
-
-
 def sample_or_export(args):
     model = GPT.from_pretrained(args.init_from)
     if args.export:
@@ -2246,8 +2276,9 @@ def main(argv=None):
         sys.exit(1)
     finally:
         if ctx is not None and ctx.ddp:
-            torch.distributed.destroy_process_group()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+

@@ -425,7 +425,7 @@ def test_lr_schedule():
 
 def test_optimizer_groups():
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
-    opt = model.configure_optimizers(0.1, 6e-4, "cpu")
+    opt = tg.configure_optimizers(model, 0.1, 6e-4, "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -1252,7 +1252,7 @@ def test_fsdp_matches_ddp_and_writes_plain_checkpoints(reference_runs, fsdp_run)
     plain = tg.GPT(tg.GPTConfig(**ckpt["config"]))
     assert ckpt["model"].keys() == plain.state_dict().keys()
     assert torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"])
-    optimizer = plain.configure_optimizers(0.1, 1e-3, "cpu")
+    optimizer = tg.configure_optimizers(plain, 0.1, 1e-3, "cpu")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     assert [i for g in ckpt["optimizer"]["param_groups"] for i in g["params"]] == list(range(len(params)))
     for i, p in enumerate(params):

@@ -37,6 +37,7 @@ from train_gpt2 import (
     GPT,
     GPT2_VOCAB,
     DataLoaderLite,
+    Run,
     UsageError,
     autocast_context,
     batch_size_arg,
@@ -134,7 +135,9 @@ class FixedBatch:
 def timed_step(model, optimizer, scaler, batch, ctx, dtype):
     """(seconds, loss) of one train_step: one micro-batch, clip at 1.0, at the optimizer's lr (6e-4)."""
     t0 = now(ctx.device_type)
-    loss, _ = train_step(model, optimizer, scaler, batch, 1, ctx, dtype, 1.0)
+    run = Run(argparse.Namespace(grad_clip=1.0), ctx, dtype, train_model=model, optimizer=optimizer, scaler=scaler,
+              train_loader=batch)
+    loss, _ = train_step(run)
     return now(ctx.device_type) - t0, loss
 
 

@@ -229,7 +229,9 @@ def predict(model, device, examples, *, batch_size=16, autocast_dtype=None, prog
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     bar = tqdm(total=n, desc="hellaswag", unit="ex", disable=not progress)
     # one autocast region for all batches: the weights are cast to autocast_dtype once, not at every forward
-    autocast = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+    autocast = contextlib.nullcontext()
+    if autocast_dtype is not None:
+        autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype)
     with autocast:
         for batch in batches:
             T = max(min(examples[i][0].size(1), block_size) for i in batch)
@@ -283,7 +285,8 @@ def main(argv=None):
     parser.add_argument("--split", default="val", help="val or train (test has no labels)")
     parser.add_argument("--data", default=None, help="a local jsonl in HellaSwag's format (default: download --split)")
     parser.add_argument("--cache_dir", default=None,
-                        help="where downloaded splits go (default: $HELLASWAG_CACHE, else ./hellaswag next to this file)")
+                        help="where downloaded splits go (default: $HELLASWAG_CACHE, else ./hellaswag next to "
+                             "this file)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="examples per forward pass, 4 rows each (default: 16; 1 on CPU, where one example "

@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -159,6 +160,14 @@ def softcap(logits, cap):
     return cap * torch.tanh(logits.float() / cap)
 
 
+def decoding_mask(T, length, device):
+    """Which of the `length` cached positions each of the T newest queries sees; None for one query, which sees
+    them all: a mask keeps SDPA off its flash and memory-efficient kernels on GPUs."""
+    if T == 1:
+        return None
+    return torch.ones(T, length, dtype=torch.bool, device=device).tril(diagonal=length - T)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -187,14 +196,6 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=decoding_mask(T, k.size(2), x.device))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
-
-
-def decoding_mask(T, length, device):
-    """Which of the `length` cached positions each of the T newest queries sees; None for one query, which sees
-    them all: a mask keeps SDPA off its flash and memory-efficient kernels on GPUs."""
-    if T == 1:
-        return None
-    return torch.ones(T, length, dtype=torch.bool, device=device).tril(diagonal=length - T)
 
 
 class KVCache:
@@ -246,6 +247,22 @@ class Block(nn.Module):
 # The loss: mean cross-entropy of the lm_head's logits, computed in chunks of rows
 
 
+def softcap_chunk_(logits, cap):
+    """(cap * tanh(logits / cap), its derivative 1 - tanh^2) in place in a chunk's float32 logits; cap None: as is."""
+    if cap is None:
+        return logits, None
+    t = logits.div_(cap).tanh_()
+    dcap = t.square().neg_().add_(1)
+    return t.mul_(cap), dcap
+
+
+def softmax_minus_one_hot_(logits, lse, safe_t):
+    """d(cross-entropy)/d(logits) per row, in place in the float32 logits: one chunk-sized buffer, not three."""
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+    return grad
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of (x @ weight.T) against targets, without keeping the (N, vocab) logits.
 
@@ -284,22 +301,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss, grad_w * grad_loss, None, None, None
-
-
-def softcap_chunk_(logits, cap):
-    """(cap * tanh(logits / cap), its derivative 1 - tanh^2) in place in a chunk's float32 logits; cap None: as is."""
-    if cap is None:
-        return logits, None
-    t = logits.div_(cap).tanh_()
-    dcap = t.square().neg_().add_(1)
-    return t.mul_(cap), dcap
-
-
-def softmax_minus_one_hot_(logits, lse, safe_t):
-    """d(cross-entropy)/d(logits) per row, in place in the float32 logits: one chunk-sized buffer, not three."""
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-    return grad
 
 
 # ---- chunked loss for fp16: the gradient is made in backward, once the loss scale is known
@@ -587,7 +588,8 @@ class GPT(nn.Module):
                 check_hf_dir(name_or_path, accepted)
             return cls._from_hf(name_or_path)
         if os.path.isfile(name_or_path):
-            checkpoint = load_checkpoint(name_or_path)  # checks that the weights fit the config
+            # load_checkpoint (Checkpoints, below) checks that the weights fit the config
+            checkpoint = load_checkpoint(name_or_path)
             model = cls(GPTConfig(**checkpoint["config"]))
             model.load_state_dict(checkpoint["model"])
             return model
@@ -1130,26 +1132,6 @@ def set_lr(optimizer, step, args, decay_steps):
 CHECKPOINT_RE = re.compile(r"model_(\d+)\.pt$")
 
 
-def load_checkpoint(path, resume=False):
-    """A checkpoint of ours, checked inside too (config, weights, and with resume the training state), so that a
-    foreign or damaged one is a one-line error here, not a traceback from load_state_dict later."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file; check the path (checkpoints are {{log_dir}}/model_XXXXX.pt)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # not a zip, truncated, or holds pickled objects
-        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
-        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py (expected a dict with model, config and "
-                         "step)")
-    upgrade_checkpoint(checkpoint)
-    model = check_checkpoint_model(checkpoint, path)
-    if resume:
-        check_checkpoint_state(checkpoint, path, model)
-    return checkpoint
-
-
 def upgrade_checkpoint(checkpoint):
     """Fill in what older checkpoints lack, with what they meant: no config "arch" (before --arch): gpt2; no
     "lr_decay_steps" (before --extend): their max_steps; no "precision": float16 if GradScaler was on (else it stays
@@ -1186,18 +1168,17 @@ def check_checkpoint_model(checkpoint, path):
             model = GPT(GPTConfig(**config))
     except ValueError as e:  # e.g. an odd head size for the modern arch
         raise UsageError(f"{path}: {e}; {fix}") from None
-    want = model.state_dict()
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise UsageError(f"{path}: its model entry is not a dict of tensors; {fix}")
-    missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
-    if missing or extra:
-        what = "; ".join(f"{name} {', '.join(map(str, keys[:3]))}{'...' if len(keys) > 3 else ''}"
-                         for name, keys in (("missing", missing), ("unexpected", extra)) if keys)
-        raise UsageError(f"{path}: its weights do not fit its config ({what}); {fix}")
-    wrong = [f"{k} {tuple(sd[k].shape)} (the config needs "
-        f"{tuple(v.shape)})" for k, v in want.items() if sd[k].shape != v.shape]
-    if wrong:
-        raise UsageError(f"{path}: tensor shapes do not fit its config: {', '.join(wrong[:2])}; {fix}")
+    try:
+        with warnings.catch_warnings():  # on the meta device it checks the keys and the shapes and copies nothing
+            warnings.filterwarnings("ignore", message=".*to a meta parameter")
+            model.load_state_dict(sd)
+    except RuntimeError as e:
+        # load_state_dict's error lists the missing keys, the unexpected ones and each wrong shape, a line each
+        problems = [line.strip()[:200] for line in str(e).splitlines()[1:]]
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(f"{path}: its weights do not fit its config: {' '.join(problems[:3])}{more}; {fix}") from None
     return model
 
 
@@ -1228,6 +1209,26 @@ def check_checkpoint_state(checkpoint, path, model):
     if not fits:
         raise UsageError(f"{path}: its optimizer state does not fit its model ({n_opt} tensors for {len(params)} "
                          f"parameters); {fix}")
+
+
+def load_checkpoint(path, resume=False):
+    """A checkpoint of ours, checked inside too (config, weights, and with resume the training state), so that a
+    foreign or damaged one is a one-line error here, not a traceback from load_state_dict later."""
+    if not os.path.isfile(path):
+        raise UsageError(f"{path}: no such file; check the path (checkpoints are {{log_dir}}/model_XXXXX.pt)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a zip, truncated, or holds pickled objects
+        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
+        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py (expected a dict with model, config and "
+                         "step)")
+    upgrade_checkpoint(checkpoint)
+    model = check_checkpoint_model(checkpoint, path)
+    if resume:
+        check_checkpoint_state(checkpoint, path, model)
+    return checkpoint
 
 
 def save_checkpoint(checkpoint, path):
@@ -1780,7 +1781,7 @@ def write_checkpoint(run, step, val_loss):
         dist.barrier()  # nobody exits or moves on before the file is complete
 
 
-def evaluate(run, step, log):
+def run_evals(run, step, log):
     """The evaluations due at this step: val loss (returned, else None), HellaSwag, samples."""
     args, ctx, model, last_step = run.args, run.ctx, run.model, step == run.args.max_steps
     say = print if ctx.master else (lambda *a, **k: None)
@@ -1805,7 +1806,6 @@ def evaluate(run, step, log):
         for i, text in enumerate(sample(model, args.sample_prompt, run.sample_generator, run.dtype)):
             say(f"sample {i}: {text}")
     return val_loss
-
 
 
 def train(args, ctx):
@@ -1856,9 +1856,9 @@ def train(args, ctx):
     say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {run.accum_steps} "
         "accumulation steps")
     say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
+    # hook: hardware, for the MFU. The peak table holds tensor-core bf16/fp16 peaks (under FSDP, run.dtype is
+    # float32 and FSDP itself casts to bf16: the precision says which)
     flops_per_step = flops_per_token(config, T) * args.total_batch_size
-    # hook: hardware. The table holds tensor-core bf16/fp16 peaks (under FSDP, run.dtype is float32 and FSDP itself
-    # casts to bf16: the precision says which)
     on_tensor_cores = ctx.device_type == "cuda" and run.precision != "float32"
     peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if on_tensor_cores else None
 
@@ -1869,7 +1869,7 @@ def train(args, ctx):
         for step in range(start_step, args.max_steps + 1):
             last_step = step == args.max_steps
             if step != evals_done_at:
-                now = evaluate(run, step, log)
+                now = run_evals(run, step, log)
                 val_loss = val_loss if now is None else now  # None: no val loss at this step
 
             stopping = stop.agreed(ctx, ctx.device)
@@ -1973,6 +1973,24 @@ def state_memory_line(model, optimizer, ctx):
 # -----------------------------------------------------------------------------
 # --batch_size auto and the loss path on GPUs: what the memory allows
 
+# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
+FULL_LOGITS_MEMORY_FRACTION = 0.25
+
+
+def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes):
+    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
+    micro-batch's float32 logits take at most FULL_LOGITS_MEMORY_FRACTION of the free memory; else chunks.
+    CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
+    if device_type == "cuda" and n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
+        return 0
+    return default_loss_chunk_size(torch.device(device_type))
+
+
+def training_loss_chunk_size(model, ctx, B, T):
+    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
+    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
+    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free)
+
 
 def find_batch_size(fits, largest):
     """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
@@ -2054,36 +2072,8 @@ def choose_batch_size(args, model, ctx, dtype):
     return B
 
 
-# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
-FULL_LOGITS_MEMORY_FRACTION = 0.25
-
-
-def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes):
-    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
-    micro-batch's float32 logits take at most FULL_LOGITS_MEMORY_FRACTION of the free memory; else chunks.
-    CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
-    if device_type == "cuda" and n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
-        return 0
-    return default_loss_chunk_size(torch.device(device_type))
-
-
-def training_loss_chunk_size(model, ctx, B, T):
-    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
-    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
-    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free)
-
-
 # -----------------------------------------------------------------------------
 # Hardware: precision, FLOPs, memory allocator
-
-
-def cpu_has_native_bf16():
-    # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
-    try:
-        native = _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and native
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -2098,6 +2088,21 @@ def _cpu_flags():
     return frozenset()
 
 
+def cpu_has_native_bf16():
+    # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
+    try:
+        native = _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and native
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cuda_has_native_bf16():
+    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
+    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
 def pick_dtype(requested, device_type):
     """The autocast dtype. bf16 has float32's exponent range, so unlike fp16 it needs no loss scaling;
     fp16 is for GPUs without bf16 (V100, T4)."""
@@ -2108,12 +2113,6 @@ def pick_dtype(requested, device_type):
     if device_type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
-
-
-def cuda_has_native_bf16():
-    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
-    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
-    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 # dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins

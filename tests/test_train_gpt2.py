@@ -948,9 +948,9 @@ def foreign_checkpoints(tmp_path):
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
     sd, config = model.state_dict(), asdict(model.config)
     kinds = {
-        "missing": ({k: v for k, v in sd.items() if "ln_f" not in k}, config, "missing transformer.ln_f.weight"),
-        "extra": (dict(sd, **{"transformer.h.1.ln_1.weight": torch.ones(32)}), config, "unexpected transformer.h.1.ln_1.weight"),
-        "shapes": (sd, dict(config, n_embd=64), "tensor shapes do not fit its config"),
+        "missing": ({k: v for k, v in sd.items() if "ln_f" not in k}, config, 'Missing key(s) in state_dict: "transformer.ln_f.weight"'),
+        "extra": (dict(sd, **{"transformer.h.1.ln_1.weight": torch.ones(32)}), config, 'Unexpected key(s) in state_dict: "transformer.h.1.ln_1.weight"'),
+        "shapes": (sd, dict(config, n_embd=64), "size mismatch for transformer.wte.weight"),
         "config": (sd, {"hidden_size": 32, "num_layers": 1}, "its config is not a GPT config"),
     }
     out = {}

@@ -108,17 +108,7 @@ def model_config(name, vocab_size=50304, block_size=1024, arch="gpt2"):
 # group the 2-D block weights (Muon) apart from the embedding and the head.
 
 
-# The GPT class below builds either OpenAI's GPT-2 or a block with the changes that sped up speedruns since
-# (modded-nanogpt): rotary position embeddings instead of the learned wpe, RMSNorm without a gain instead of
-# LayerNorm (also on the embedding output, and on q and k per head: QK-norm), ReLU^2 instead of GELU, no biases,
-# zero-initialized output projections and lm_head, an lm_head untied from wte, and logits soft-capped with tanh.
-# Every matrix of a block stays under transformer.h and the norms have no parameters, so an optimizer can
-# group the 2-D block weights (Muon) apart from the embedding and the head.
-
-
 ROTARY_BASE = 10000
-
-
 LOGIT_SOFTCAP = 15.0  # logits = cap * tanh(logits / cap): bounded, so no token's logit runs away
 
 
@@ -2309,7 +2299,7 @@ def check_args(args):
 
 
 # --recipe presets: flag values, measured best at small scale (README: Faster than the seed)
-RECIPES = {
+RECIPE_PRESETS = {
     "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
     # measured best on CPU (bench.py --mode recipe, README "Faster than the seed"); embed_lr: the AdamW lr of the
     # embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's records go higher still)
@@ -2320,7 +2310,7 @@ RECIPES = {
 
 def apply_recipe(args, given):
     """Set the --recipe preset's values on args, except for flags the user gave explicitly (in `given`)."""
-    for name, value in RECIPES[args.recipe].items():
+    for name, value in RECIPE_PRESETS[args.recipe].items():
         if name not in given:
             setattr(args, name, value)
 
@@ -2360,9 +2350,10 @@ def parse_args(argv=None):
                    "only")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     g = p.add_argument_group("faster recipes (README: Faster than the seed)")
-    g.add_argument("--recipe", default="gpt2", choices=sorted(RECIPES), help="a preset of the flags below (and "
-        "--max_lr ...); flags given explicitly win over it. gpt2: the seed's recipe, i.e. these defaults; fast: "
-                   "" + ", ".join(f"--{k} {v}" for k, v in RECIPES["fast"].items()))
+    fast = ", ".join(f"--{k} {v}" for k, v in RECIPE_PRESETS["fast"].items())
+    g.add_argument("--recipe", default="gpt2", choices=sorted(RECIPE_PRESETS),
+                   help="a preset of the flags below (and --max_lr ...); flags given explicitly win over it. gpt2: the "
+                   f"seed's recipe, i.e. these defaults; fast: {fast}")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' 2-D "
                    "matrices, AdamW (--max_lr, --embed_lr) for embeddings, head, biases and gains")
     g.add_argument("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine decay to "

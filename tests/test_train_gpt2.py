@@ -1524,11 +1524,11 @@ def test_muon_under_grad_scaler_equals_unscaled_step():
 def test_recipe_preset_and_explicit_flags_win():
     fast = tg.parse_args(["--recipe", "fast"])
     assert (fast.optimizer, fast.schedule) == ("muon", "wsd")
-    for name, value in tg.RECIPES["fast"].items():
+    for name, value in tg.RECIPE_PRESETS["fast"].items():
         assert getattr(fast, name, value) == value  # "arch" only where the script has --arch
     # an explicit flag wins, even when it equals the flag's default
     mixed = tg.parse_args(["--recipe", "fast", "--optimizer", "adamw", "--muon_lr", "0.5", "--schedule=cosine"])
-    assert (mixed.optimizer, mixed.muon_lr, mixed.schedule, mixed.decay_frac) == ("adamw", 0.5, "cosine", tg.RECIPES["fast"]["decay_frac"])
+    assert (mixed.optimizer, mixed.muon_lr, mixed.schedule, mixed.decay_frac) == ("adamw", 0.5, "cosine", tg.RECIPE_PRESETS["fast"]["decay_frac"])
     assert vars(tg.parse_args([])) == vars(tg.parse_args(["--recipe", "gpt2"]))  # gpt2 = the defaults
 
 

@@ -8,8 +8,9 @@ One file, read top to bottom. Importing it runs nothing.
     python train_gpt2.py --init_from gpt2 --sample "Hello, I'm a language model,"
 
 The seed's story (build-nanogpt's), each section using only what comes before it:
-    The model          GPT-2 and the modern block, the KV cache, generate, Hugging Face import and export
+    The model          GPTConfig and --model sizes; the blocks of GPT-2 and of the modern arch; the KV cache
     The loss           cross-entropy over the lm_head in chunks, without the full logits
+    The model: GPT     init, forward, generate; Hugging Face import and export
     The data           DataLoaderLite (train shards), ValSet (the val loss's tokens)
     Optimization       the LR schedule, AdamW, Muon
     Checkpoints        save, load, find, prune; resume checks; older checkpoints upgraded

@@ -1,4 +1,5 @@
 """fineweb.py on the committed FineWeb sample (100 real documents): exact tokens, shard layout, resume, errors."""
+import contextlib
 import io
 import json
 import re
@@ -28,12 +29,30 @@ def env(tmp_path_factory):
     return e
 
 
+@pytest.fixture(scope="module", autouse=True)
+def datasets_cache(tmp_path_factory):
+    """In-process runs keep ~/.cache out of it too."""
+    import datasets
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache_here")))
+        yield
+
+
 def run(env, *args, check=True, timeout=180):
+    """python fineweb.py args, a real process (the killed run and the error path need one)."""
     proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], env=env, capture_output=True, text=True,
                           timeout=timeout)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def run_here(*args):
+    """fineweb.main(args) in this process (no interpreter start-up; --num_proc > 1 still spawns its workers): stdout."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        fineweb.main([str(a) for a in args])
+    return out.getvalue()
 
 
 def read_texts(path):
@@ -72,7 +91,7 @@ def manifest(out_dir):
 
 
 @pytest.fixture(scope="module")
-def made(env, fineweb_jsonl, fineweb_parquet, tmp_path_factory):
+def made(fineweb_jsonl, fineweb_parquet, tmp_path_factory):
     """made(fmt, num_proc, *extra) -> out_dir with the sample's shards; each variant is built once per module."""
     _made = {}
 
@@ -80,8 +99,8 @@ def made(env, fineweb_jsonl, fineweb_parquet, tmp_path_factory):
         key = (fmt, num_proc, *extra)
         if key not in _made:
             out = tmp_path_factory.mktemp(f"shards_{fmt}_{num_proc}")
-            run(env, "--local_files", {"jsonl": fineweb_jsonl, "parquet": fineweb_parquet}[fmt], "--out_dir", out,
-                "--shard_size", SHARD, "--num_proc", num_proc, *extra)
+            run_here("--local_files", {"jsonl": fineweb_jsonl, "parquet": fineweb_parquet}[fmt], "--out_dir", out,
+                     "--shard_size", SHARD, "--num_proc", num_proc, *extra)
             _made[key] = str(out)
         return _made[key]
     return make
@@ -131,7 +150,7 @@ def test_streaming_gives_identical_shards(made):
     assert file_bytes(made("jsonl", 2, "--streaming")) == file_bytes(made("jsonl", 1))
 
 
-def test_stop_and_resume_is_byte_identical(env, made, fineweb_jsonl, expected, tmp_path):
+def test_stop_and_resume_is_byte_identical(made, fineweb_jsonl, expected, tmp_path):
     ref = file_bytes(made("jsonl", 1))
     args = ["--local_files", fineweb_jsonl, "--out_dir", tmp_path, "--shard_size", SHARD]
     # where shard 1 ends in the document stream: inside a document, so the resumed run must start mid-document
@@ -139,29 +158,24 @@ def test_stop_and_resume_is_byte_identical(env, made, fineweb_jsonl, expected, t
     doc = int(np.searchsorted(ends, 2 * SHARD, side="right"))
     offset = 2 * SHARD - int(ends[doc - 1])
     assert 0 < offset < expected[1][doc]
-    proc = run(env, *args, "--num_proc", 2, "--stop_after_shards", 2)
-    assert "stopped after 2 shards" in proc.stdout
+    assert "stopped after 2 shards" in run_here(*args, "--num_proc", 2, "--stop_after_shards", 2)
     assert shard_files(tmp_path) == ["edufineweb_train_000001.npy", "edufineweb_val_000000.npy"]
     m = manifest(tmp_path)
     assert not m["complete"] and (m["shards"][-1]["docs_done"], m["shards"][-1]["doc_offset"]) == (doc, offset)
-    proc = run(env, *args, "--num_proc", 1)
-    assert "resuming after shard 1" in proc.stdout
+    assert "resuming after shard 1" in run_here(*args, "--num_proc", 1)
     assert file_bytes(tmp_path) == ref and manifest(tmp_path)["complete"]
     # a finished out_dir is left alone
-    proc = run(env, *args)
-    assert "nothing to do" in proc.stdout and file_bytes(tmp_path) == ref
+    assert "nothing to do" in run_here(*args) and file_bytes(tmp_path) == ref
     # and cannot be continued with other settings
-    proc = run(env, *args[:-1], 1000, check=False)
-    assert proc.returncode != 0 and "shard_size" in proc.stderr and "--out_dir" in proc.stderr
+    with pytest.raises(fineweb.DataError, match=r"made with other settings \(.*shard_size.*\); use a new --out_dir"):
+        run_here(*args[:-1], 1000)
 
 
-def test_resume_at_every_shard_inside_a_long_document(docs, expected, tmp_path, monkeypatch):
+def test_resume_at_every_shard_inside_a_long_document(docs, expected, tmp_path):
     # the sample's longest document (5602 tokens) spans eight 700-token shards, so most runs below start and
     # end inside it. Each run writes one shard and stops; together they must equal one uninterrupted run.
     longest = int(np.argmax(expected[1]))
     assert expected[1][longest] > 8 * 700
-    import datasets
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:5] + [docs[longest]] + docs[5:10]))
     args = ["--local_files", str(corpus), "--shard_size", "700", "--num_proc", "1"]
@@ -175,12 +189,12 @@ def test_resume_at_every_shard_inside_a_long_document(docs, expected, tmp_path, 
     assert manifest(tmp_path / "out")["complete"] and file_bytes(tmp_path / "out") == file_bytes(tmp_path / "ref")
 
 
-def test_streaming_resume(env, made, fineweb_jsonl, tmp_path):
+def test_streaming_resume(made, fineweb_jsonl, tmp_path):
     args = ["--local_files", fineweb_jsonl, "--out_dir", tmp_path, "--shard_size", SHARD,
             "--streaming", "--num_proc", 1]
-    run(env, *args, "--stop_after_shards", 3)
+    run_here(*args, "--stop_after_shards", 3)
     assert len(shard_files(tmp_path)) == 3
-    run(env, *args)
+    run_here(*args)
     assert file_bytes(tmp_path) == file_bytes(made("jsonl", 1))
 
 
@@ -211,24 +225,23 @@ def test_killed_run_resumes_byte_identical(env, docs, expected, tmp_path):
                 break
         except (FileNotFoundError, json.JSONDecodeError):
             pass
-        time.sleep(0.005)
+        time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL, "the run ended before it could be killed"
     m = manifest(out)
     assert not m["complete"] and 1 <= len(m["shards"]) < n
     for name in shard_files(out):  # a shard file on disk is always complete
         assert len(np.load(out / name)) == SHARD
-    proc = run(env, *args[2:])  # the same command again
-    assert "resuming after shard" in proc.stdout
+    assert "resuming after shard" in run_here(*args[2:])  # the same command again
     assert file_bytes(out) == want
     assert sorted(os.listdir(out)) == sorted(want) + ["manifest.json"]  # no temp files left behind
 
 
-def test_txt_files_are_one_document_each(env, tmp_path, docs):
+def test_txt_files_are_one_document_each(tmp_path, docs):
     paths = [tmp_path / "a.txt", tmp_path / "b.txt"]
     for p, d in zip(paths, docs[:2]):
         p.write_text(d)
-    run(env, "--local_files", *paths, "--out_dir", tmp_path / "out", "--num_proc", 1)
+    run_here("--local_files", *paths, "--out_dir", tmp_path / "out", "--num_proc", 1)
     enc = tiktoken.get_encoding("gpt2")
     want = [EOT] + enc.encode_ordinary(docs[0]) + [EOT] + enc.encode_ordinary(docs[1])
     assert [s.tolist() for s in read_shards(tmp_path / "out")] == [want]
@@ -250,7 +263,7 @@ def test_dataloaderlite_reads_the_shards(made, expected):
     assert x.flatten().tolist() == tokens[2 * SHARD : 2 * SHARD + B * T].tolist()
 
 
-def test_cli_errors_are_one_line(env, fineweb_jsonl, tmp_path):
+def test_cli_errors_are_one_line(fineweb_jsonl, tmp_path):
     sample = fineweb_jsonl
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
@@ -264,10 +277,9 @@ def test_cli_errors_are_one_line(env, fineweb_jsonl, tmp_path):
     for args, message in cases:
         if "--out_dir" not in args:
             args = args + ["--out_dir", tmp_path / f"out{len(message)}"]
-        proc = run(env, *args, check=False)
-        lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-        assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr
-        assert len(lines) == 1 and message in lines[0], proc.stderr
+        with pytest.raises(fineweb.DataError, match=re.escape(message)) as e:
+            run_here(*args)
+        assert "\n" not in str(e.value)
 
 
 def test_input_checks(tmp_path, fineweb_jsonl, fineweb_parquet):

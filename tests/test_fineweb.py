@@ -1,4 +1,5 @@
 """fineweb.py on the committed FineWeb sample (100 real documents): exact tokens, shard layout, resume, errors."""
+
 import contextlib
 import io
 import json
@@ -33,6 +34,7 @@ def env(tmp_path_factory):
 def datasets_cache(tmp_path_factory):
     """In-process runs keep ~/.cache out of it too."""
     import datasets
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf_datasets_cache_here")))
         yield
@@ -40,8 +42,9 @@ def datasets_cache(tmp_path_factory):
 
 def run(env, *args, check=True, timeout=180):
     """python fineweb.py args, a real process (the killed run and the error path need one)."""
-    proc = subprocess.run([sys.executable, SCRIPT, *map(str, args)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, SCRIPT, *map(str, args)], env=env, capture_output=True, text=True, timeout=timeout
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -99,10 +102,20 @@ def made(fineweb_jsonl, fineweb_parquet, tmp_path_factory):
         key = (fmt, num_proc, *extra)
         if key not in _made:
             out = tmp_path_factory.mktemp(f"shards_{fmt}_{num_proc}")
-            run_here("--local_files", {"jsonl": fineweb_jsonl, "parquet": fineweb_parquet}[fmt], "--out_dir", out,
-                     "--shard_size", SHARD, "--num_proc", num_proc, *extra)
+            run_here(
+                "--local_files",
+                {"jsonl": fineweb_jsonl, "parquet": fineweb_parquet}[fmt],
+                "--out_dir",
+                out,
+                "--shard_size",
+                SHARD,
+                "--num_proc",
+                num_proc,
+                *extra,
+            )
             _made[key] = str(out)
         return _made[key]
+
     return make
 
 
@@ -117,6 +130,7 @@ def test_sample_token_counts(docs, fineweb_jsonl, fineweb_parquet, expected):
     differ = [r["id"] for r in rows if len(enc.encode_ordinary(r["text"])) != r["token_count"]]
     assert differ == [41, 54, 70] and all("@example." in rows[i]["text"] for i in differ)
     import pyarrow.parquet as pq
+
     assert pq.read_table(fineweb_parquet)["text"].to_pylist() == docs
 
 
@@ -124,9 +138,13 @@ def test_sample_token_counts(docs, fineweb_jsonl, fineweb_parquet, expected):
 def test_shards_are_the_documents_in_order(made, expected, fmt, num_proc):
     out = made(fmt, num_proc)
     tokens, lens = expected
-    assert shard_files(out) == ["edufineweb_train_000001.npy", "edufineweb_train_000002.npy",
-                                "edufineweb_train_000003.npy", "edufineweb_train_000004.npy",
-                                "edufineweb_val_000000.npy"]
+    assert shard_files(out) == [
+        "edufineweb_train_000001.npy",
+        "edufineweb_train_000002.npy",
+        "edufineweb_train_000003.npy",
+        "edufineweb_train_000004.npy",
+        "edufineweb_val_000000.npy",
+    ]
     shards = [np.load(os.path.join(out, e["file"])) for e in manifest(out)["shards"]]  # in index order
     assert all(s.dtype == np.uint16 for s in shards)
     assert [len(s) for s in shards] == [SHARD] * 4 + [len(tokens) - 4 * SHARD]
@@ -190,8 +208,17 @@ def test_resume_at_every_shard_inside_a_long_document(docs, expected, tmp_path):
 
 
 def test_streaming_resume(made, fineweb_jsonl, tmp_path):
-    args = ["--local_files", fineweb_jsonl, "--out_dir", tmp_path, "--shard_size", SHARD,
-            "--streaming", "--num_proc", 1]
+    args = [
+        "--local_files",
+        fineweb_jsonl,
+        "--out_dir",
+        tmp_path,
+        "--shard_size",
+        SHARD,
+        "--streaming",
+        "--num_proc",
+        1,
+    ]
     run_here(*args, "--stop_after_shards", 3)
     assert len(shard_files(tmp_path)) == 3
     run_here(*args)
@@ -211,13 +238,22 @@ def test_killed_run_resumes_byte_identical(env, docs, expected, tmp_path):
     stream = np.tile(expected[0], 30)
     n = -(-len(stream) // SHARD)
     # what an uninterrupted run writes (test_shards_are_the_documents_in_order checks that one on the sample)
-    want = {fineweb.shard_name(i): npy_bytes(stream[i * SHARD:(i + 1) * SHARD]) for i in range(n)}
+    want = {fineweb.shard_name(i): npy_bytes(stream[i * SHARD : (i + 1) * SHARD]) for i in range(n)}
     out = tmp_path / "out"
-    args = [sys.executable, SCRIPT, "--local_files", str(corpus), "--shard_size", str(SHARD), "--num_proc", "2",
-            "--out_dir", str(out)]
+    args = [
+        sys.executable,
+        SCRIPT,
+        "--local_files",
+        str(corpus),
+        "--shard_size",
+        str(SHARD),
+        "--num_proc",
+        "2",
+        "--out_dir",
+        str(out),
+    ]
     # kill the whole process group (main process and tokenizer workers) once the first shard is recorded
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -249,6 +285,7 @@ def test_txt_files_are_one_document_each(tmp_path, docs):
 
 def test_dataloaderlite_reads_the_shards(made, expected):
     from train_gpt2 import DataLoaderLite
+
     out, (tokens, _) = made("jsonl", 1), expected
     B, T = 4, 64
     val = DataLoaderLite(B, T, split="val", data_root=out)
@@ -304,7 +341,11 @@ def test_token_ids_must_fit_uint16():
 def test_defaults_are_the_real_job():
     args = fineweb.get_args([])
     assert (args.dataset, args.remote_name, args.local_files, args.text_column) == (
-        "HuggingFaceFW/fineweb-edu", "sample-10BT", None, "text")
+        "HuggingFaceFW/fineweb-edu",
+        "sample-10BT",
+        None,
+        "text",
+    )
     assert (args.out_dir, args.shard_size, args.streaming) == ("edu_fineweb10B", 10**8, False)
     assert args.num_proc == fineweb.cpu_count() >= 1
     assert fineweb.get_args(["--remote_name", "sample-100BT"]).out_dir == "edu_fineweb100B"
@@ -312,10 +353,12 @@ def test_defaults_are_the_real_job():
 
 def test_bad_local_files_and_out_dir_are_one_line(env, fineweb_jsonl, tmp_path):
     """Each bad input by name, before any work: nothing is written to --out_dir."""
+
     def write(name, data):
         path = tmp_path / name
         path.write_bytes(data)
         return path
+
     latin = write("latin.jsonl", '{"text": "caf\u00e9"}\n'.encode("latin-1"))
     latin_txt = write("latin.txt", "caf\u00e9\n".encode("latin-1"))
     empty = write("empty.jsonl", b"")

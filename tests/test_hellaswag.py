@@ -1,5 +1,6 @@
 """hellaswag.py: rendering, batched scoring, the CLI against transformers, bad input. (The in-loop eval under
 train_gpt2.py, one process, DDP and FSDP, is tested in test_train_gpt2.py.)"""
+
 import json
 import re
 import subprocess
@@ -37,7 +38,7 @@ def reference_predictions(forward, rows, vocab=50257, block_size=None):
                 n = min(len(end), len(row_tokens) - 1)  # scored: ending tokens with a token before them
                 logits = forward(torch.tensor([row_tokens]))[0, :, :vocab].float()
                 # the logits at position p predict token p + 1
-                losses = F.cross_entropy(logits[-n - 1:-1], torch.tensor(row_tokens[-n:]), reduction="none")
+                losses = F.cross_entropy(logits[-n - 1 : -1], torch.tensor(row_tokens[-n:]), reduction="none")
                 sums.append(losses.sum().item())
                 means.append(losses.mean().item())
             preds.append(min(range(4), key=lambda i: sums[i]))
@@ -190,26 +191,38 @@ def test_bad_rows_name_file_and_line(hellaswag_sample, tmp_path):
         hellaswag.evaluate(tiny_gpt(), "cpu", split="test")
 
     # the CLI: one line (the data is checked before any model loads)
-    for extra, message in [(["--data", str(broken)], "broken.jsonl:3: malformed JSON"),
-                           (["--split", "test"], "test split has no labels")]:
+    for extra, message in [
+        (["--data", str(broken)], "broken.jsonl:3: malformed JSON"),
+        (["--split", "test"], "test split has no labels"),
+    ]:
         assert message in main_error(["-m", "gpt2", *extra])
 
 
 def test_cli_bad_files_and_cache_dir_are_one_line(hellaswag_sample, tmp_path):
     """Unreadable data, a data folder, a cache dir that is a file, a checkpoint that does not fit its config."""
     latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(hellaswag_sample.read_bytes().splitlines(keepends=True)[0] + '{"ctx": "caf\u00e9"}\n'.encode("latin-1"))
+    latin.write_bytes(
+        hellaswag_sample.read_bytes().splitlines(keepends=True)[0] + '{"ctx": "caf\u00e9"}\n'.encode("latin-1")
+    )
     a_file = tmp_path / "cache"
     a_file.write_text("mine")
-    cases = [(["--data", str(latin)], "latin.jsonl: not UTF-8 text"),
-             (["--data", str(tmp_path)], "a directory, not a HellaSwag jsonl file"),
-             (["--cache_dir", str(a_file)], "cache: cannot use it as the HellaSwag cache directory")]
+    cases = [
+        (["--data", str(latin)], "latin.jsonl: not UTF-8 text"),
+        (["--data", str(tmp_path)], "a directory, not a HellaSwag jsonl file"),
+        (["--cache_dir", str(a_file)], "cache: cannot use it as the HellaSwag cache directory"),
+    ]
     for extra, message in cases:
         assert message in main_error(["-m", "gpt2", *extra])
     assert a_file.read_text() == "mine"
     # and once through a real process (the one for hellaswag.py's errors): one line on stderr, no traceback
-    out = subprocess.run([sys.executable, "hellaswag.py", "-m", "gpt2", *cases[0][0]], cwd=ROOT, env=run_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "hellaswag.py", "-m", "gpt2", *cases[0][0]],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     err = out.stderr.strip()
     assert out.returncode == 1 and "Traceback" not in err and err.count("\n") == 0, err
     assert err.startswith("error: ") and cases[0][1] in err, err

@@ -194,10 +194,10 @@ def train_variants(args, dtype):
     d, c, chunk = SHORT[dtype], bool(args.compile), args.loss_chunk_size  # chunk None: the device's default
     ours = Variant(f"ours: {d}{', compile' if c else ''}, fused AdamW, chunked loss", dtype, c, loss_chunk_size=chunk)
     if args.compare == "hf":
-        hf = [Variant("hf GPT2LMHeadModel: fp32, default AdamW", torch.float32, False, fused=False, hf=True, tf32=False),
-              Variant(f"hf GPT2LMHeadModel: {d}, fused AdamW, no compile (transformers' default)", dtype, False, hf=True)]
-        same = Variant(f"hf GPT2LMHeadModel: {d}, compile, fused AdamW (all our settings)", dtype, True, hf=True)
-        return [ours] + hf + ([same] if c else [])
+        hf = "hf GPT2LMHeadModel: "
+        return [ours, Variant(hf + "fp32, default AdamW", torch.float32, False, fused=False, hf=True, tf32=False),
+                Variant(hf + f"{d}, fused AdamW, no compile (transformers' default)", dtype, False, hf=True)] + (
+            [Variant(hf + f"{d}, compile, fused AdamW (all our settings)", dtype, True, hf=True)] if c else [])
     if args.compare == "ladder":  # one change at a time, from plain fp32 to our defaults, then build-nanogpt's setup
         f32 = torch.float32
         ladder = [
@@ -249,16 +249,16 @@ def bench_train(args):
     peaks = {d: (lambda d=d: cpu_matmul_peak(d)) for d in {v.dtype: 0 for v in variants}} if cpu else {}
 
     def each_round(r, times):
-        print(f"  round {r + 1}/{args.steps}: " + ", ".join(f"{times[i][-1] * 1000:.0f}ms" for i in range(len(variants))),
+        print(f"  round {r + 1}/{args.steps}: " + ", ".join(f"{times[v.name][-1] * 1000:.0f}ms" for v in variants),
               flush=True)
 
-    results = interleaved({i: lambda v=v: v.step(batch, ctx) for i, v in enumerate(variants)} | peaks, args.steps,
-                          each_round)
+    steps = {v.name: lambda v=v: v.step(batch, ctx) for v in variants}
+    results = interleaved(steps | peaks, args.steps, each_round)
     if cpu:
         print("CPU matmul peak (2048^3, best of 3 per round, median): "
               + ", ".join(f"{SHORT[d]} {median(results[d]) / 1e9:.0f} GFLOP/s" for d in peaks))
-    for i, v in enumerate(variants):
-        v.times, step_s = results[i], median(results[i])
+    for v in variants:
+        v.times, step_s = results[v.name], median(results[v.name])
         flops = flops_per_token(v.flops_config, T) * B * T
         mem = "" if cpu else f" | peak mem {gib(v.peak_mem)}"
         print(f"{v.name}\n    {B * T / step_s:9.1f} tok/s | {step_s * 1000:.1f} ms/step | {flops / step_s / 1e9:.1f} "
@@ -443,15 +443,16 @@ def bench_sample(args):
     times = interleaved({name: lambda c=c: timed(lambda: decode(model, prompt, n, dtype, c), ctx.device_type)[0]
                          for name, c in variants.items()}, args.repeats)
     for name, ts in times.items():
-        t = median(ts)
-        print(f"{name:42s} {B * n / t:9.1f} tok/s | {t:.3f}s (all: {', '.join(f'{x:.2f}' for x in ts)})")
+        all_s = ", ".join(f"{x:.2f}" for x in ts)
+        print(f"{name:42s} {B * n / median(ts):9.1f} tok/s | {median(ts):.3f}s (all: {all_s})")
     print(f"tokens with and without the cache, {SHORT[dtype]}: {token_check(model, *outs, dtype, prompt.size(1))}")
     if dtype != torch.float32:  # the same check without autocast, and on GPUs without TF32: exact up to fp32 rounding
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         outs = [decode(model, prompt, n, torch.float32, cache) for cache in variants.values()]
         print(f"tokens with and without the cache, fp32 (no autocast, no TF32): "
               f"{token_check(model, *outs, torch.float32, prompt.size(1))}")
-    print(f"sampling speed-up with the KV cache: {median(times[list(variants)[1]]) / median(times[list(variants)[0]]):.2f}x")
+    cached, uncached = (median(ts) for ts in times.values())
+    print(f"sampling speed-up with the KV cache: {uncached / cached:.2f}x")
 
 
 # -----------------------------------------------------------------------------
@@ -505,7 +506,8 @@ def bench_data(args):
         paths = write_shards(root, args.shards, args.shard_tokens)
         loaders = {"in order": DataLoaderLite(B, T, split="train", data_root=root),
                    "--shuffle": DataLoaderLite(B, T, split="train", data_root=root, shuffle=True, seed=1337)}
-        runs = interleaved({n: lambda lo=lo: cold_then_warm(lo, paths, args) for n, lo in loaders.items()}, args.repeats)
+        runs = interleaved({n: lambda lo=lo: cold_then_warm(lo, paths, args) for n, lo in loaders.items()},
+                           args.repeats)
     times = {(name, cache): [r[i] for r in rs] for name, rs in runs.items() for i, cache in enumerate(("cold", "warm"))}
     flops = flops_per_token(model_config(args.model, args.vocab_size), T) * B * T
     h100 = flops / gpu_peak_flops("H100")  # the least a micro-step takes on an H100 SXM: 100% MFU at its bf16 peak
@@ -593,7 +595,7 @@ def bench_recipe(args):
 # -----------------------------------------------------------------------------
 # Command line
 
-MODES = {"train": bench_train, "memory": bench_memory, "sample": bench_sample, "data": bench_data, "recipe": bench_recipe}
+MODES = dict(train=bench_train, memory=bench_memory, sample=bench_sample, data=bench_data, recipe=bench_recipe)
 SMALL_MODEL = "d4"  # sampling compares the algorithm, not the model; recipes are short CPU runs
 
 

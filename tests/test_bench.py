@@ -27,6 +27,12 @@ def small_matmul_peak(monkeypatch):
     monkeypatch.setattr(bench, "cpu_matmul_peak", lambda dtype: peak(dtype, n=256))
 
 
+@pytest.fixture
+def one_thread(monkeypatch):
+    # for the processes bench starts, as run_env gives ours: OpenMP threads on a shared 2-core machine wait for each other
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
 def train_rows(out):
     rows = re.findall(ROW, out, re.M)
     for name, tok_s, ms, *_ in rows:  # B x T = 64 tokens a step
@@ -52,7 +58,7 @@ def test_ladder_without_compile_runs_its_rungs_on_the_same_weights(capsys, small
     assert re.search(rf"^speed-up over the first: 1\.00x(, {NUM}x){{{len(losses) - 1}}}$", out, re.M), out
 
 
-def test_memory_mode_peak_is_lower_with_the_chunked_loss(capsys):
+def test_memory_mode_peak_is_lower_with_the_chunked_loss(capsys, one_thread):
     # B x T x vocab fp32 logits are 25 MiB here: the full-logits step holds several of them, the chunked loss none
     out = run(capsys, "--mode", "memory", *TINY[:2], "--batch_size", 4, "--seq_len", 32, "--dtype", "float32",
               "--steps", 1, "--repeats", 1)
@@ -114,7 +120,7 @@ def test_data_mode_times_both_orders_cold_and_warm_against_an_h100_micro_step(ca
     assert len(re.findall(rf"^--shuffle / in order, (cold|warm): {NUM}x$", out, re.M)) == 2, out
 
 
-def test_recipe_mode_reports_where_each_curve_reaches_the_gpt2_recipes_final_loss(capsys, tmp_path):
+def test_recipe_mode_reports_where_each_curve_reaches_the_gpt2_recipes_final_loss(capsys, tmp_path, one_thread):
     out = run(capsys, "--mode", "recipe", *TINY[:2], "--batch_size", 4, "--seq_len", 32, "--accum", 1,
               "--recipe_steps", 5, "--dtype", "float32", "--recipes", "gpt2",
               "--variant", "muon=--optimizer muon --val_every 1", "--log_root", tmp_path)
@@ -125,7 +131,8 @@ def test_recipe_mode_reports_where_each_curve_reaches_the_gpt2_recipes_final_los
     assert [s for s, _ in logs["gpt2"]] == [0, 5] and [s for s, _ in logs["muon"]] == list(range(6))
     target = logs["gpt2"][-1][1]
     assert f"target: the gpt2 recipe's final val loss {target:.4f} after 640 tokens" in out, out
-    share = dict(re.findall(r"^\s+(\w+): tokens to reach the gpt2 recipe's final val loss: (\d+%|not reached)", out, re.M))
+    share = dict(re.findall(r"^\s+(\w+): tokens to reach the gpt2 recipe's final val loss: (\d+%|not reached)", out,
+                            re.M))
     assert share["gpt2"] == "100%" and re.search(r"^\s+gpt2: .* 1\.000x gpt2's", out, re.M), out
     reached = [s for s, v in logs["muon"] if v <= target]
     if share["muon"] == "not reached":

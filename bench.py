@@ -652,11 +652,11 @@ def parse_args(argv=None):
     g.add_argument("--accum", type=positive_int, default=2, help="micro-batches per step: B x T x accum tokens "
                    "(default: 2)")
     g.add_argument("--log_root", help="a log dir per recipe, for play.ipynb (default: a temporary dir)")
-    return check_args(p, p.parse_args(argv))
+    return with_defaults(p.parse_args(argv))
 
 
-def check_args(p, args):
-    """args with each mode's defaults filled in; p.error (exit 2) for flags of another mode."""
+def with_defaults(args):
+    """args with each mode's defaults filled in; UsageError for flags of another mode."""
     on_gpu = pick_device(args.device).startswith("cuda")
     args.model = args.model or (SMALL_MODEL if args.mode in ("sample", "recipe") else "gpt2")
     if args.mode == "recipe":  # a short CPU run of a small model
@@ -678,15 +678,15 @@ def check_args(p, args):
         (args.fsdp and args.procs == 1, "--fsdp shards over processes: add --procs N (N >= 2)"),
     ]:
         if wrong:
-            p.error(message)
+            raise UsageError(message)
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.worker_out:
-        return memory_worker(args.worker_out)
     try:
+        args = parse_args(argv)
+        if args.worker_out:
+            return memory_worker(args.worker_out)
         model_config(args.model, args.vocab_size)  # an unknown --model fails here, before any work
         if not pick_device(args.device).startswith("cuda"):
             warn_if_busy()

@@ -29,7 +29,7 @@ def small_matmul_peak(monkeypatch):
 
 @pytest.fixture
 def one_thread(monkeypatch):
-    # for the processes bench starts, as run_env gives ours: OpenMP threads on a shared 2-core machine wait for each other
+    # bench's child processes get one thread, as run_env gives ours: on 2 shared cores OpenMP threads wait a lot
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
 
 
@@ -106,6 +106,12 @@ def test_bad_input_is_one_line_error():
     assert proc.stderr.strip().startswith("error: unknown --model 'd0x'") and "Traceback" not in proc.stderr
 
 
+def test_a_flag_of_another_mode_is_one_line_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--mode", "sample", "--fsdp"])
+    assert e.value.code == 2 and capsys.readouterr().err == "error: --procs and --fsdp are for --mode memory\n"
+
+
 def test_data_mode_times_both_orders_cold_and_warm_against_an_h100_micro_step(capsys):
     out = run(capsys, "--mode", "data", "--shards", 2, "--shard_tokens", 200000, "--batches", 5, "--repeats", 1,
               "--batch_size", 4, "--seq_len", 64, "--gap_ms", 1)
@@ -122,8 +128,10 @@ def test_data_mode_times_both_orders_cold_and_warm_against_an_h100_micro_step(ca
 
 def test_recipe_mode_reports_where_each_curve_reaches_the_gpt2_recipes_final_loss(capsys, tmp_path, one_thread):
     out = run(capsys, "--mode", "recipe", *TINY[:2], "--batch_size", 4, "--seq_len", 32, "--accum", 1,
-              "--recipe_steps", 5, "--dtype", "float32", "--recipes", "gpt2",
-              "--variant", "muon=--optimizer muon --val_every 1", "--log_root", tmp_path)
+              "--recipe_steps", 5, "--dtype", "float32", "--recipes", "gpt2", "--log_root", tmp_path,
+              # 1024 val tokens (8 batches) instead of 8192: each of d2's forwards is mostly its 50304-row lm_head
+              "--variant", "gpt2=--recipe gpt2 --val_tokens 1024",
+              "--variant", "muon=--optimizer muon --val_every 1 --val_tokens 1024")
     logs = {}
     for name in ("gpt2", "muon"):  # read here, not with bench's reader
         lines = (line.split() for line in (tmp_path / name / "log.txt").read_text().splitlines())

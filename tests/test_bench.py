@@ -27,10 +27,14 @@ def small_matmul_peak(monkeypatch):
     monkeypatch.setattr(bench, "cpu_matmul_peak", lambda dtype: peak(dtype, n=256))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
-    # bench's child processes get one thread, as run_env gives ours: on 2 shared cores OpenMP threads wait a lot
+    # one thread here and in bench's child processes, as run_env gives ours: on 2 shared cores OpenMP threads wait
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def train_rows(out):
@@ -58,7 +62,7 @@ def test_ladder_without_compile_runs_its_rungs_on_the_same_weights(capsys, small
     assert re.search(rf"^speed-up over the first: 1\.00x(, {NUM}x){{{len(losses) - 1}}}$", out, re.M), out
 
 
-def test_memory_mode_peak_is_lower_with_the_chunked_loss(capsys, one_thread):
+def test_memory_mode_peak_is_lower_with_the_chunked_loss(capsys):
     # B x T x vocab fp32 logits are 25 MiB here: the full-logits step holds several of them, the chunked loss none
     out = run(capsys, "--mode", "memory", *TINY[:2], "--batch_size", 4, "--seq_len", 32, "--dtype", "float32",
               "--steps", 1, "--repeats", 1)
@@ -126,7 +130,7 @@ def test_data_mode_times_both_orders_cold_and_warm_against_an_h100_micro_step(ca
     assert len(re.findall(rf"^--shuffle / in order, (cold|warm): {NUM}x$", out, re.M)) == 2, out
 
 
-def test_recipe_mode_reports_where_each_curve_reaches_the_gpt2_recipes_final_loss(capsys, tmp_path, one_thread):
+def test_recipe_mode_reports_where_each_curve_reaches_the_gpt2_recipes_final_loss(capsys, tmp_path):
     out = run(capsys, "--mode", "recipe", *TINY[:2], "--batch_size", 4, "--seq_len", 32, "--accum", 1,
               "--recipe_steps", 5, "--dtype", "float32", "--recipes", "gpt2", "--log_root", tmp_path,
               # 1024 val tokens (8 batches) instead of 8192: each of d2's forwards is mostly its 50304-row lm_head

@@ -535,11 +535,6 @@ RECIPE_COMMON = ["--warmup_steps", 5, "--max_lr", 2e-3, "--min_lr", 2e-4, "--val
                  "--hellaswag_every", 0, "--sample_every", 0, "--checkpoint_every", 0, "--compile", 0, "--overwrite"]
 
 
-def val_curve(log_file):
-    with open(log_file) as f:
-        return [(int(step), float(value)) for step, stream, value in (line.split() for line in f) if stream == "val"]
-
-
 def steps_to_reach(curve, target):
     """The (fractional) step at which the val curve first reaches target, linear between evaluations; None if never."""
     for (s0, v0), (s1, v1) in zip([curve[0]] + curve, curve):
@@ -552,7 +547,8 @@ def recipe_run(common, name, flags, log_root):
     """(val curve, seconds of each step after 2 to warm up) of one train_gpt2.py run, which logs to log_root/name."""
     log_dir = os.path.join(log_root, name)
     out = run_checked([sys.executable, os.path.join(HERE, "train_gpt2.py"), *common, "--log_dir", log_dir, *flags])
-    curve = val_curve(os.path.join(log_dir, "log.txt"))
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        curve = [(int(step), float(val)) for step, stream, val in (line.split() for line in f) if stream == "val"]
     print(f"{name:>16}: final val {curve[-1][1]:.4f}  [{shlex.join(map(str, flags))}]", flush=True)
     return curve, [float(ms) / 1000 for ms in re.findall(r"\| dt ([0-9.]+)ms", out)][2:]
 

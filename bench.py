@@ -32,9 +32,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from train_gpt2 import (GPT, GPT2_VOCAB, DataLoaderLite, UsageError, autocast_context, batch_size_arg, check_seq_len,
-                        choose_batch_size, flops_per_token, gpu_peak_flops, model_config, pick_device, positive_int,
-                        setup_device, setup_distributed, shard_model, state_bytes_per_rank, train_step, wrap_model)
+from train_gpt2 import (GPT, GPT2_VOCAB, DataLoaderLite, Run, UsageError, autocast_context, batch_size_arg,
+                        check_seq_len, choose_batch_size, configure_optimizers, flops_per_token, gpu_peak_flops,
+                        model_config, pick_device, positive_int, setup_device, setup_distributed, shard_model,
+                        state_bytes_per_rank, train_step, wrap_model)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtype names in printed lines
@@ -172,7 +173,7 @@ class Variant:
         else:
             self.model = wrap_model(model, how, ctx)
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
-        self.optimizer = GPT.configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
+        self.optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
         for group in self.optimizer.param_groups if not self.fused else []:
             group["fused"] = False
         self.scaler = torch.amp.GradScaler(ctx.device_type, enabled=self.dtype == torch.float16)
@@ -182,8 +183,9 @@ class Variant:
         if ctx.device_type == "cuda":  # train() turns TF32 on; torch's default is off
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        args = (self.model, self.optimizer, self.scaler, batch, 1, ctx, self.dtype, 1.0)
-        dt, (loss, _) = timed(lambda: train_step(*args), ctx.device_type)
+        run = Run(argparse.Namespace(grad_clip=1.0), ctx, self.dtype, train_model=self.model, optimizer=self.optimizer,
+                  scaler=self.scaler, train_loader=batch)
+        dt, (loss, _) = timed(lambda: train_step(run), ctx.device_type)
         self.losses.append(loss)
         if ctx.device_type == "cuda":
             self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated(ctx.device))

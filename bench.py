@@ -657,6 +657,10 @@ def with_defaults(args):
     """args with each mode's defaults filled in; UsageError for flags of another mode."""
     on_gpu = pick_device(args.device).startswith("cuda")
     args.model = args.model or (SMALL_MODEL if args.mode in ("sample", "recipe") else "gpt2")
+    try:
+        model_config(args.model, args.vocab_size)  # an unknown --model fails here, before any work
+    except ValueError as e:  # the model's own error: the message is the user's
+        raise UsageError(str(e)) from None
     if args.mode == "recipe":  # a short CPU run of a small model
         B, T = 16, 128
     elif args.mode == "data":  # gpt2's micro-batch in train_gpt2.py
@@ -685,7 +689,6 @@ def main(argv=None):
         args = parse_args(argv)
         if args.worker_out:
             return memory_worker(args.worker_out)
-        model_config(args.model, args.vocab_size)  # an unknown --model fails here, before any work
         if not pick_device(args.device).startswith("cuda"):
             warn_if_busy()
         MODES[args.mode](args)

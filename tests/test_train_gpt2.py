@@ -1238,7 +1238,11 @@ def foreign_checkpoints(tmp_path):
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
     sd, config = model.state_dict(), asdict(model.config)
     kinds = {
-        "missing": ({k: v for k, v in sd.items() if "ln_f" not in k}, config, 'Missing key(s) in state_dict: "transformer.ln_f.weight"'),
+        "missing": (
+            {k: v for k, v in sd.items() if "ln_f" not in k},
+            config,
+            'Missing key(s) in state_dict: "transformer.ln_f.weight"',
+        ),
         "extra": (
             dict(sd, **{"transformer.h.1.ln_1.weight": torch.ones(32)}),
             config,
@@ -1810,11 +1814,7 @@ def test_make_optimizer_muon_groups_and_schedule():
     assert all(p.dim() == 1 for p in gains["params"]) and gains["weight_decay"] == 0.0 and embed["weight_decay"] == 0.1
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
     # each group between its own peak and the same final fraction of it
-    assert opt.lr_bounds == [
-        (1e-3, pytest.approx(1e-4)),
-        (6e-4, 6e-5),
-        (0.03, pytest.approx(0.003)),
-    ]
+    assert opt.lr_bounds == [(1e-3, pytest.approx(1e-4)), (6e-4, 6e-5), (0.03, pytest.approx(0.003))]
     assert tg.set_lr(opt, 50, args, 100) == 1e-3 and muon["lr"] == 0.03 and gains["lr"] == 6e-4
     tg.set_lr(opt, 90, args, 100)  # halfway through the decay (the last 20 steps)
     assert muon["lr"] == pytest.approx(0.0165) and gains["lr"] == pytest.approx(3.3e-4)

@@ -1435,6 +1435,15 @@ def gather_objects(obj, ctx):
     return out
 
 
+def any_rank(flag, ctx):
+    """True on every rank if flag is True on any (a collective: every rank calls it)."""
+    if not ctx.ddp:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class StopSignal:
     """SIGTERM (what a cluster sends before preemption), SIGUSR1 (SLURM's --signal=USR1@120 before the time limit)
     or Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts at once."""
@@ -1457,13 +1466,9 @@ class StopSignal:
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint", flush=True)
 
-    def agreed(self, ctx, device):
+    def agreed(self, ctx):
         """True on every rank if any rank was signalled, so that all ranks stop at the same step."""
-        if not ctx.ddp:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested, ctx)
 
 
 # ---- model and optimizer state across ranks: a full copy on each (DDP) or shards (FSDP, below)
@@ -1844,15 +1849,6 @@ def os_error_in(e):
     return None
 
 
-def any_rank(flag, ctx):
-    """True on every rank if flag is True on any (a collective: every rank calls it)."""
-    if not ctx.ddp:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def run_evals(run, step, log):
     """The evaluations due at this step: val loss (returned, else None), HellaSwag, samples."""
     args, ctx, model, last_step = run.args, run.ctx, run.model, step == run.args.max_steps
@@ -1948,7 +1944,7 @@ def train(args, ctx):
                 now = run_evals(run, step, log)
                 val_loss = val_loss if now is None else now  # None: no val loss at this step
 
-            stopping = stop.agreed(ctx, ctx.device)
+            stopping = stop.agreed(ctx)
             due = last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)
             if step > start_step and due:
                 write_checkpoint(run, step, val_loss)

@@ -1237,7 +1237,7 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except Exception:  # a failed write; an abort (second Ctrl-C) leaves it, as a killed writer would
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise

@@ -1237,9 +1237,10 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception:  # a failed write; an abort (second Ctrl-C) leaves it, as a killed writer would
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
+    except Exception as e:
+        if os_error_in(e) is not None:  # a failed write; an abort (second Ctrl-C) leaves it, as a killed writer would
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
         raise
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:

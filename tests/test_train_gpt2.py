@@ -2036,7 +2036,7 @@ def fill_disk_then_kill_a_worker(proc, log_dir):
     resource.prlimit(workers_of(proc, 0)[0], resource.RLIMIT_FSIZE, (limit, limit))
     wait_for(lambda: len(workers_of(proc, 1)) == 2, proc, "the restart after the failed write")
     # the failed write left nothing behind: no temporary file, the step-2 checkpoint intact
-    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00002.pt"]
+    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00002.pt", "run.json"]
     wait_for(lambda: (log_dir / "model_00004.pt").exists(), proc, "model_00004.pt of attempt 1")
     os.kill(workers_of(proc, 1)[1], signal.SIGKILL)
 
@@ -2069,7 +2069,7 @@ def test_elastic_restarts_after_a_full_disk_and_a_sigkill_give_the_uninterrupted
     assert "continues from the last checkpoint, model_00002.pt" in errors[0], errors
     assert re.findall(r"resuming from \S+model_(\d+)\.pt at step", out) == ["00002", "00004"], out[-3000:]
     assert read_log(log_dir) == read_log(tmp_path / "ref")
-    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00010.pt", "model_00012.pt"]
+    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00010.pt", "model_00012.pt", "run.json"]
 
 
 RESTART_RUN = dict(max_steps=6, checkpoint_every=3, val_every=3, total_batch_size=256)
@@ -2128,7 +2128,7 @@ def test_same_command_through_sigusr1_a_full_disk_and_completion(tmp_path, shake
         f"continues from the last checkpoint, model_{stopped:05d}.pt",
     )
     name = os.path.basename(path)
-    assert sorted(os.listdir(log_dir)) == ["log.txt", name] and files_of(log_dir)[name] == kept[name]
+    assert sorted(os.listdir(log_dir)) == ["log.txt", name, "run.json"] and files_of(log_dir)[name] == kept[name]
     assert f"{failed_at - 1} train" in (log_dir / "log.txt").read_text()  # the log went on to the failed step
     # room again: the same command continues from the checkpoint, exactly
     out = train_here(args)

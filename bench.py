@@ -42,6 +42,7 @@ from train_gpt2 import (
     batch_size_arg,
     check_seq_len,
     choose_batch_size,
+    compile_blocks,
     flops_per_token,
     gpu_peak_flops,
     model_config,
@@ -233,7 +234,8 @@ def bench_train(args):
     probe = GPT(config).to(ctx.device)
     B = args.batch_size
     if B == "auto":  # train()'s choice, as for gpt2's 0.5M-token batch
-        B = choose_batch_size(argparse.Namespace(batch_size=B, seq_len=T, total_batch_size=2**19), probe, ctx, dtype)
+        flags = argparse.Namespace(batch_size=B, seq_len=T, total_batch_size=2**19, compile=args.compile)
+        B = choose_batch_size(flags, probe, ctx, dtype)
         print(f"--batch_size auto: micro-batch {B}")
     print(f"bench train: --model {args.model} ({probe.num_params() / 1e6:.2f}M parameters), B={B}, T={T} "
           f"({B * T} tokens/step), device {ctx.device} ({device_description(ctx.device)}), torch {torch.__version__}")
@@ -358,7 +360,9 @@ def memory_worker(args):
     model = GPT(model_config(args.model, args.vocab_size)).to(ctx.device)
     model.loss_chunk_size = args.loss_chunk_size
     if args.fsdp:
-        train_model, dtype = shard_model(model, args, ctx, dtype)
+        train_model, dtype = shard_model(model, ctx, dtype)
+        if args.compile:
+            compile_blocks(model)
     else:
         train_model = wrap_model(model, args, ctx)
     optimizer = model.configure_optimizers(0.1, 6e-4, ctx.device_type)

@@ -11,6 +11,7 @@ the training loop. Importing it runs nothing.
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import functools
 import glob
@@ -2154,6 +2155,10 @@ def load_optimizer_state(model, optimizer, state):
     """Load a plain AdamW state_dict (from any of single process, DDP, FSDP) into the optimizer; under FSDP each
     rank keeps its shards of the full tensors (every rank has read the checkpoint)."""
     if not is_sharded(model):
+        if next(model.parameters()).device.type == "cpu":
+            # AdamW keeps the very tensors it is given on the CPU: copies, not pages of the memory-mapped checkpoint
+            # (whose mapping would then hold the file, even once pruned, for the whole run)
+            state = copy.deepcopy(state)
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict

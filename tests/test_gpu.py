@@ -345,7 +345,8 @@ def test_ranks_without_local_rank_take_one_gpu_each(tmp_path):
     procs = []
     for rank in range(2):
         env = {**run_env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29731"}
-        env.pop("LOCAL_RANK", None)
+        for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+            env.pop(name, None)
         cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *run_args(tmp_path / "log", max_steps=2)]
         procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
@@ -514,7 +515,7 @@ def test_full_logits_budget_counts_the_eager_soft_caps_copies(monkeypatch, arch,
     assert tg.training_loss_chunk_size(model, ctx, 8, 1024, fused_head=fused) == 0
 
 
-def test_train_step_lets_the_logits_go_before_backward(shakespeare_file):
+def test_train_step_lets_the_logits_go_before_backward(tmp_path, shakespeare_file):
     """The full-logits path returns (logits, loss) and the step uses the loss only: logits kept until the next
     forward are B*T*vocab more bytes through backward (6.6 GB in bf16 for gpt2 at B=64)."""
 
@@ -532,7 +533,9 @@ def test_train_step_lets_the_logits_go_before_backward(shakespeare_file):
     model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=512, n_layer=1, n_head=2, n_embd=32))
     model.loss_chunk_size = 0
     watch = Watch(model)
-    loader = tg.DataLoaderLite(2, 32, data_root=str(shakespeare_file))
+    text = tmp_path / "shakespeare_20k.txt"
+    text.write_text(shakespeare_file.read_text()[:20000])
+    loader = tg.DataLoaderLite(2, 32, data_root=str(text))
     loader.shards = [s % 512 for s in loader.shards]  # the tiny vocab
     ctx = tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
     scaler = torch.amp.GradScaler("cpu", enabled=False)

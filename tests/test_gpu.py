@@ -475,12 +475,21 @@ def test_checkpoints_load_memory_mapped(tmp_path):
     """Every rank loads the checkpoint: memory-mapped, its tensors are pages of the file in the page cache, shared by
     the ranks of a node and read only where used (--init_from never reads the optimizer state)."""
     model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=128, n_layer=1, n_head=2, n_embd=16))
+    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
+    optimizer.step()
     path = tmp_path / "model_00000.pt"
-    tg.save_checkpoint({"model": model.state_dict(), "config": tg.asdict(model.config), "step": 0}, str(path))
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": tg.asdict(model.config)}
+    tg.save_checkpoint({**state, "step": 0}, str(path))
     checkpoint = tg.load_checkpoint(str(path))
     assert mapped_file(checkpoint["model"]["lm_head.weight"].data_ptr()) == str(path)
     loaded = tg.GPT.from_pretrained(str(path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    # on a CPU AdamW would keep the tensors it is given: its state must not stay pages of the file
+    resumed = loaded.configure_optimizers(0.1, 1e-3, "cpu")
+    tg.load_optimizer_state(loaded, resumed, checkpoint["optimizer"])
+    moments = [v for s in resumed.state.values() for v in s.values() if v.dim()]
+    assert moments and not any(mapped_file(v.data_ptr()) == str(path) for v in moments)
 
 
 def test_resume_skips_a_sampling_rng_state_of_another_device_type():

@@ -1738,8 +1738,8 @@ def cuda_step_budget(model, ctx):
 # the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
 FULL_LOGITS_MEMORY_FRACTION = 0.25
 # eager (uncompiled root: --compile 0, or FSDP, which compiles the blocks), the soft-capped head of --arch modern
-# keeps about four float32 (B, T, vocab) tensors alive in backward, not one: tanh's output and log-softmax's for
-# backward, and two gradients. Compiled, it is fused like GPT-2's head
+# saves three float32 (B, T, vocab) tensors for backward (tanh's output and two of cross-entropy's; counted with
+# saved_tensors_hooks) and makes a gradient of that size: four, not one. Compiled, it is fused like GPT-2's head
 EAGER_SOFTCAP_LOGITS_COPIES = 4
 
 

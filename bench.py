@@ -37,12 +37,14 @@ from train_gpt2 import (
     GPT,
     GPT2_VOCAB,
     DataLoaderLite,
+    Run,
     UsageError,
     autocast_context,
     batch_size_arg,
     check_seq_len,
     choose_batch_size,
     compile_blocks,
+    configure_optimizers,
     flops_per_token,
     gpu_peak_flops,
     model_config,
@@ -134,7 +136,9 @@ class FixedBatch:
 def timed_step(model, optimizer, scaler, batch, ctx, dtype):
     """(seconds, loss) of one train_step: one micro-batch, clip at 1.0, at the optimizer's lr (6e-4)."""
     t0 = now(ctx.device_type)
-    loss, _ = train_step(model, optimizer, scaler, batch, 1, ctx, dtype, 1.0)
+    run = Run(argparse.Namespace(grad_clip=1.0), ctx, dtype, train_model=model, optimizer=optimizer, scaler=scaler,
+              train_loader=batch)
+    loss, _ = train_step(run)
     return now(ctx.device_type) - t0, loss
 
 
@@ -183,7 +187,7 @@ class Variant:
             model.loss_chunk_size = self.loss_chunk_size
         model.to(ctx.device)
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
-        self.optimizer = GPT.configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
+        self.optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
         if not self.fused:
             for group in self.optimizer.param_groups:
                 group["fused"] = False
@@ -307,7 +311,7 @@ def memory_run(args, loss_chunk_size):
     ctx, dtype = setup(args)
     model = GPT(model_config(args.model, args.vocab_size)).to(ctx.device)
     model.loss_chunk_size = loss_chunk_size
-    optimizer = model.configure_optimizers(0.1, 6e-4, ctx.device_type)
+    optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
     train_model = torch.compile(model) if args.compile else model
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
     batch = FixedBatch(args.batch_size, args.seq_len, ctx.device)
@@ -365,7 +369,7 @@ def memory_worker(args):
             compile_blocks(model)
     else:
         train_model = wrap_model(model, args, ctx)
-    optimizer = model.configure_optimizers(0.1, 6e-4, ctx.device_type)
+    optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
     scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
     batch = FixedBatch(args.batch_size, args.seq_len, ctx.device)
     for _ in range(args.steps):

@@ -36,8 +36,6 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from train_gpt2 import GPT2_VOCAB  # the trainer pads its vocab to 50304; padded ids are never real tokens
-
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 
 
@@ -211,7 +209,7 @@ def score_rows(model, tokens, mask, autocast_dtype=None):
     positions[:, :-1] = scored
     with ctx:
         picked = model.logits_at(tokens, positions)
-    picked = picked[:, :GPT2_VOCAB].float()
+    picked = picked[:, :_encoder().n_vocab].float()  # a padded vocab's extra ids are never real tokens
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=tokens.device)
     losses[scored] = F.cross_entropy(picked, targets[scored], reduction="none")
     sum_loss = losses.sum(dim=1)  # a dense per-row sum: deterministic, unlike a scatter-add on GPU
@@ -234,7 +232,9 @@ def predict(model, device, examples, *, batch_size=16, autocast_dtype=None, prog
     batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
     bar = tqdm(total=n, desc="hellaswag", unit="ex", disable=not progress)
     # one autocast region for all batches: the weights are cast to autocast_dtype once, not at every forward
-    autocast = contextlib.nullcontext() if autocast_dtype is None else torch.autocast(torch.device(device).type, dtype=autocast_dtype)
+    autocast = contextlib.nullcontext()
+    if autocast_dtype is not None:
+        autocast = torch.autocast(torch.device(device).type, dtype=autocast_dtype)
     with autocast:
         for batch in batches:
             T = max(min(examples[i][0].size(1), block_size) for i in batch)
@@ -288,7 +288,8 @@ def main(argv=None):
     parser.add_argument("--split", default="val", help="val or train (test has no labels)")
     parser.add_argument("--data", default=None, help="a local jsonl in HellaSwag's format (default: download --split)")
     parser.add_argument("--cache_dir", default=None,
-                        help="where downloaded splits go (default: $HELLASWAG_CACHE, else ./hellaswag next to this file)")
+                        help="where downloaded splits go (default: $HELLASWAG_CACHE, else ./hellaswag next to "
+                             "this file)")
     parser.add_argument("--limit", type=int, default=None, help="only the first N examples")
     parser.add_argument("--batch_size", type=int, default=None,
                         help="examples per forward pass, 4 rows each (default: 16; 1 on CPU, where one example "
@@ -314,7 +315,7 @@ def main(argv=None):
     device = args.device
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    from train_gpt2 import GPT, tune_cpu_allocator  # only the CLI needs them; `import hellaswag` stays light
+    from train_gpt2 import GPT, tune_cpu_allocator  # train_gpt2 imports this module: import it only here
     if torch.device(device).type == "cpu":
         tune_cpu_allocator()  # reuse the big logits buffers instead of page-faulting them in every forward
     try:

@@ -1,40 +1,65 @@
 """
 Train GPT-2 (124M) from scratch, fine-tune it, sample from it, export it to Hugging Face.
 
-One file, read top to bottom: the model, the data loader, the optimizer and schedule, checkpoints,
-the training loop. Importing it runs nothing.
+One file, read top to bottom. Importing it runs nothing.
 
     python train_gpt2.py --data input.txt --model d6 ...        # a small GPT on Tiny Shakespeare, CPU
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # the GPT-2 (124M) reproduction, 8 GPUs
     python train_gpt2.py --init_from gpt2 --sample "Hello, I'm a language model,"
+
+The seed's story (build-nanogpt's), each section using only what comes before it:
+    The model          GPTConfig and --model sizes; the blocks of GPT-2 and of the modern arch; the KV cache
+    The loss           cross-entropy over the lm_head in chunks, without the full logits
+    The model: GPT     init, forward, generate; Hugging Face import and export
+    The data           DataLoaderLite (train shards), ValSet (the val loss's tokens)
+    Optimization       the LR schedule, AdamW, Muon
+    Checkpoints        save, load, find, prune; resume checks; older checkpoints upgraded
+    Training           train_step, evaluation, sampling, train()
+Optional machinery, which train() reaches through the hooks marked "hook:" in it:
+    FSDP, batch-size probing and the loss path, hardware (dtype, GPU peak FLOPs), input checks, the command line.
 """
 
 import argparse
+import base64
 import contextlib
 import copy
 import ctypes
 import functools
 import glob
-import inspect
+import json
 import math
 import os
 import re
 import signal
 import sys
+import tempfile
 import time
+import urllib.request
+import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import tiktoken
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hellaswag
 
 GPT2_EOT = 50256
 GPT2_VOCAB = 50257  # real GPT-2 token ids are < 50257; ids above that only pad the embedding table
 
 
 class UsageError(ValueError):
-    """Bad input from the user: main() prints its one-line message instead of a traceback."""
+    """Bad input from the user: main() prints its one-line message instead of a traceback. (The model raises plain
+    ValueErrors; where the command line builds, loads or exports one, they become UsageErrors.)"""
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
 
 # -----------------------------------------------------------------------------
 # The model
@@ -51,6 +76,8 @@ class GPTConfig:
 
 
 ARCHS = ("gpt2", "modern")
+
+
 # sizes of OpenAI's released checkpoints (all with block_size 1024 and vocab 50257)
 MODEL_SIZES = {
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M
@@ -59,6 +86,21 @@ MODEL_SIZES = {
     "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),  # 1558M
 }
 
+
+def model_config(name, vocab_size=50304, block_size=1024, arch="gpt2"):
+    """--model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN = N layers of width 64*N with N heads (d12 = gpt2).
+    arch (--arch): gpt2, or modern (the same sizes with the modern block)."""
+    if name in MODEL_SIZES:
+        sizes = MODEL_SIZES[name]
+    elif re.fullmatch(r"d[1-9][0-9]*", name):
+        n = int(name[1:])
+        sizes = dict(n_layer=n, n_head=n, n_embd=64 * n)
+    else:
+        raise ValueError(f"unknown --model {name!r}: use one of {', '.join(MODEL_SIZES)} or dN (N layers, width 64*N, "
+                         "e.g. d6)")
+    return GPTConfig(block_size=block_size, vocab_size=vocab_size, arch=arch, **sizes)
+
+
 # ---- the modern block (--arch modern)
 # The GPT class below builds either OpenAI's GPT-2 or a block with the changes that sped up speedruns since
 # (modded-nanogpt): rotary position embeddings instead of the learned wpe, RMSNorm without a gain instead of
@@ -66,6 +108,7 @@ MODEL_SIZES = {
 # zero-initialized output projections and lm_head, an lm_head untied from wte, and logits soft-capped with tanh.
 # Every matrix of a block stays under transformer.h and the norms have no parameters, so an optimizer can
 # group the 2-D block weights (Muon) apart from the embedding and the head.
+
 
 ROTARY_BASE = 10000
 LOGIT_SOFTCAP = 15.0  # logits = cap * tanh(logits / cap): bounded, so no token's logit runs away
@@ -109,6 +152,14 @@ def softcap(logits, cap):
     return cap * torch.tanh(logits.float() / cap)
 
 
+def decoding_mask(T, length, device):
+    """Which of the `length` cached positions each of the T newest queries sees; None for one query, which sees
+    them all: a mask keeps SDPA off its flash and memory-efficient kernels on GPUs."""
+    if T == 1:
+        return None
+    return torch.ones(T, length, dtype=torch.bool, device=device).tril(diagonal=length - T)
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -137,14 +188,6 @@ class CausalSelfAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=decoding_mask(T, k.size(2), x.device))
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.c_proj(y)
-
-
-def decoding_mask(T, length, device):
-    """Which of the `length` cached positions each of the T newest queries sees; None for one query, which sees
-    them all: a mask keeps SDPA off its flash and memory-efficient kernels on GPUs."""
-    if T == 1:
-        return None
-    return torch.ones(T, length, dtype=torch.bool, device=device).tril(diagonal=length - T)
 
 
 class KVCache:
@@ -192,6 +235,26 @@ class Block(nn.Module):
         return x
 
 
+# -----------------------------------------------------------------------------
+# The loss: mean cross-entropy of the lm_head's logits, computed in chunks of rows
+
+
+def softcap_chunk_(logits, cap):
+    """(cap * tanh(logits / cap), its derivative 1 - tanh^2) in place in a chunk's float32 logits; cap None: as is."""
+    if cap is None:
+        return logits, None
+    t = logits.div_(cap).tanh_()
+    dcap = t.square().neg_().add_(1)
+    return t.mul_(cap), dcap
+
+
+def softmax_minus_one_hot_(logits, lse, safe_t):
+    """d(cross-entropy)/d(logits) per row, in place in the float32 logits: one chunk-sized buffer, not three."""
+    grad = logits.sub_(lse[:, None]).exp_()
+    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
+    return grad
+
+
 class LinearCrossEntropy(torch.autograd.Function):
     """mean cross-entropy of (x @ weight.T) against targets, without keeping the (N, vocab) logits.
 
@@ -230,22 +293,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss, grad_w * grad_loss, None, None, None
-
-
-def softcap_chunk_(logits, cap):
-    """(cap * tanh(logits / cap), its derivative 1 - tanh^2) in place in a chunk's float32 logits; cap None: as is."""
-    if cap is None:
-        return logits, None
-    t = logits.div_(cap).tanh_()
-    dcap = t.square().neg_().add_(1)
-    return t.mul_(cap), dcap
-
-
-def softmax_minus_one_hot_(logits, lse, safe_t):
-    """d(cross-entropy)/d(logits) per row, in place in the float32 logits: one chunk-sized buffer, not three."""
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-    return grad
 
 
 # ---- chunked loss for fp16: the gradient is made in backward, once the loss scale is known
@@ -304,10 +351,6 @@ def scaled_linear_cross_entropy(x, weight, targets, chunk_size, cap):
     return LinearCrossEntropyScaled.apply(x, weight, targets, chunk_size, cap)
 
 
-# Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-
 def chunked_cross_entropy(x, weight, targets, chunk_size, cap=None):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) without the full logits (soft-capped if cap)."""
     if torch.is_autocast_enabled(x.device.type):  # the lm_head matmul in the autocast dtype, as nn.Linear would do it
@@ -335,14 +378,70 @@ def default_loss_chunk_size(device):
     return 4096 if device.type == "cuda" else 1024
 
 
+# -----------------------------------------------------------------------------
+# The model: GPT, and its Hugging Face import and export
+
+
+# Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
+CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+# the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
+
+
+def check_hf_dir(path, accepted):
+    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another "
+                         "directory") from None
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging "
+                         "Face GPT-2 model")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
+        raise ValueError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there "
+                         "too")
+
+
+def save_gpt2_tokenizer(directory, model_max_length=1024):
+    """tokenizer.json + tokenizer_config.json for GPT-2's BPE, converted from tiktoken's (no download)."""
+    from transformers import GPT2TokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    enc = tiktoken.get_encoding("gpt2")
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = os.path.join(tmp, "gpt2.tiktoken")  # the converter reads tiktoken's file format: base64 token, rank
+        with open(ranks, "wb") as f:
+            for token, rank in enc._mergeable_ranks.items():
+                f.write(base64.b64encode(token) + b" %d\n" % rank)
+        converter = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=enc._special_tokens)
+        backend = converter.converted()
+    eot = enc.decode([GPT2_EOT])
+    hf = GPT2TokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot,
+                           model_max_length=model_max_length)
+    hf.save_pretrained(directory)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         if config.arch not in ARCHS:
-            raise UsageError(f"unknown arch {config.arch!r}: use one of {', '.join(ARCHS)}")
+            raise ValueError(f"unknown arch {config.arch!r}: use one of {', '.join(ARCHS)}")
         modern = config.arch == "modern"
         if modern and (config.n_embd // config.n_head) % 2:
-            raise UsageError(f"--arch modern needs an even head size for rotary embeddings, got {config.n_embd}/{config.n_head}")
+            raise ValueError("--arch modern needs an even head size for rotary embeddings, got "
+                             f"{config.n_embd}/{config.n_head}")
         self.config = config
         layers = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
         if not modern:  # modern: positions enter as rotations of q and k instead
@@ -363,15 +462,20 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # OpenAI's GPT-2 init. Each block adds two projections into the residual stream; scaling them by
-        # 1/sqrt(2*n_layer) keeps the stream's variance from growing with depth.
-        # The modern arch starts those projections and the lm_head at zero instead: every block starts as the
-        # identity and the first logits are uniform; gradients reach the other weights from the second step on.
+        """Which weight gets which init:
+        - wte, wpe (embeddings) and every other Linear weight: normal, std 0.02 (OpenAI's GPT-2);
+        - attn.c_proj and mlp.c_proj (RESIDUAL_PROJ), the two projections each block adds into the residual stream:
+          std 0.02 / sqrt(2 * n_layer), which keeps the stream's variance from growing with depth; modern: zeros;
+        - lm_head: tied to wte (gpt2); zeros (modern, ZERO_INIT);
+        - biases: zeros. Norms keep PyTorch's init (LayerNorm: gain 1, bias 0; RMSNorm has no parameters).
+        Modern's zeros make every block start as the identity and the first logits uniform; gradients reach the
+        other weights from the second step on."""
         if isinstance(module, nn.Linear):
             std = 0.02
-            if getattr(module, "RESIDUAL_PROJ", False):
+            residual = getattr(module, "RESIDUAL_PROJ", False)
+            if residual:
                 std *= (2 * self.config.n_layer) ** -0.5
-            if self.config.arch == "modern" and (getattr(module, "RESIDUAL_PROJ", False) or getattr(module, "ZERO_INIT", False)):
+            if self.config.arch == "modern" and (residual or getattr(module, "ZERO_INIT", False)):
                 torch.nn.init.zeros_(module.weight)
             else:
                 torch.nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -416,25 +520,13 @@ class GPT(nn.Module):
         if not chunk:
             logits = self.head(x)
             return logits, F.cross_entropy(logits.view(-1, logits.size(-1)).float(), targets.view(-1), ignore_index=-1)
-        return None, chunked_cross_entropy(x.view(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1), chunk, self.softcap)
+        x, targets = x.view(-1, x.size(-1)), targets.reshape(-1)
+        return None, chunked_cross_entropy(x, self.lm_head.weight, targets, chunk, self.softcap)
 
     def logits_at(self, idx, positions):
         """The logits of the positions where the (B, T) bool mask `positions` is True, as (N, vocab_size).
         Scoring a few tokens (HellaSwag endings) then skips most of the lm_head, a small model's largest matmul."""
         return self.head(self.hidden_states(idx)[positions])
-
-    # ---- optimization
-
-    def configure_optimizers(self, weight_decay, learning_rate, device_type):
-        # decay the matmul weights and embeddings (dim >= 2); never biases or LayerNorm gains
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-        return adamw(groups, learning_rate, device_type)
 
     # ---- sampling
 
@@ -459,7 +551,8 @@ class GPT(nn.Module):
             if idx.size(1) <= config.block_size:
                 if caches is None:  # prefill the cache with the whole prompt
                     hs = config.n_embd // config.n_head
-                    caches = [KVCache(B, config.n_head, hs, config.block_size, dtype, idx.device) for _ in range(config.n_layer)]
+                    caches = [KVCache(B, config.n_head, hs, config.block_size, dtype, idx.device)
+                              for _ in range(config.n_layer)]
                     x = self.hidden_states(idx, caches)
                 else:
                     x = self.hidden_states(idx[:, -1:], caches)
@@ -495,13 +588,14 @@ class GPT(nn.Module):
                 check_hf_dir(name_or_path, accepted)
             return cls._from_hf(name_or_path)
         if os.path.isfile(name_or_path):
-            checkpoint = load_checkpoint(name_or_path)  # checks that the weights fit the config
+            # load_checkpoint (Checkpoints, below) checks that the weights fit the config
+            checkpoint = load_checkpoint(name_or_path)
             model = cls(GPTConfig(**checkpoint["config"]))
             model.load_state_dict(checkpoint["model"])
             return model
         if name_or_path.endswith(".pt") or os.sep in name_or_path:
-            raise UsageError(f"{name_or_path}: no such file or directory; check the path ({accepted})")
-        raise UsageError(f"unknown model {name_or_path!r}: {accepted}")
+            raise ValueError(f"{name_or_path}: no such file or directory; check the path ({accepted})")
+        raise ValueError(f"unknown model {name_or_path!r}: {accepted}")
 
     @classmethod
     def _from_hf(cls, name_or_path):
@@ -511,16 +605,19 @@ class GPT(nn.Module):
             hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
         except Exception as e:  # no network, damaged weights, tensors of the wrong shape, ...
             msg = (str(e).strip().splitlines() or [""])[0]
-            raise UsageError(f"{name_or_path}: could not load it as GPT-2 with transformers ({type(e).__name__}: {msg}); pass a Hugging Face GPT-2 model") from None
+            raise ValueError(f"{name_or_path}: could not load it as GPT-2 with transformers ({type(e).__name__}: "
+                             f"{msg}); pass a Hugging Face GPT-2 model") from None
         # transformers fills weights missing from the file with random ones and only warns: a model missing
         # any weight is not the model the user meant (the causal-mask buffers are not weights)
         missing = [k for k in info.get("missing_keys", []) if not k.endswith((".attn.bias", ".attn.masked_bias"))]
         if missing:
-            raise UsageError(f"{name_or_path}: its weights lack {len(missing)} of GPT-2's tensors ({', '.join(missing[:3])}...); pass a complete Hugging Face GPT-2 model")
+            raise ValueError(f"{name_or_path}: its weights lack {len(missing)} of GPT-2's tensors "
+                             f"({', '.join(missing[:3])}...); pass a complete Hugging Face GPT-2 model")
         c = hf.config
         if getattr(c, "model_type", "gpt2") != "gpt2":
-            raise UsageError(f"{name_or_path} is a {c.model_type!r} model, not GPT-2")
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd)
+            raise ValueError(f"{name_or_path} is a {c.model_type!r} model, not GPT-2")
+        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
+                           n_embd=c.n_embd)
         model = cls(config)
         sd_hf = hf.state_dict()
         sd = model.state_dict()
@@ -538,7 +635,9 @@ class GPT(nn.Module):
         tokenizer: also write GPT-2's tokenizer, so pipeline() and lm-eval-harness need nothing else."""
         c = self.config
         if c.arch != "gpt2":
-            raise UsageError(f"cannot export an --arch {c.arch} model: Hugging Face's GPT-2 has no rotary embeddings, RMSNorm, ReLU^2 or logit soft-cap; only --arch gpt2 models export (use the .pt checkpoint with train_gpt2.py --sample and hellaswag.py)")
+            raise ValueError(f"cannot export an --arch {c.arch} model: Hugging Face's GPT-2 has no rotary embeddings, "
+                "RMSNorm, ReLU^2 or logit soft-cap; only --arch gpt2 models export (use the .pt checkpoint with "
+                             "train_gpt2.py --sample and hellaswag.py)")
         from transformers import GPT2Config, GPT2LMHeadModel
 
         vocab = min(c.vocab_size, GPT2_VOCAB)
@@ -557,103 +656,45 @@ class GPT(nn.Module):
             sd[k] = v.contiguous()
         hf = GPT2LMHeadModel(hf_config)
         missing, unexpected = hf.load_state_dict(sd, strict=False)
-        assert not unexpected and all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing), (missing, unexpected)
+        buffers = all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)  # not weights
+        assert not unexpected and buffers, (missing, unexpected)
         hf.save_pretrained(directory)
         if tokenizer:
             save_gpt2_tokenizer(directory, model_max_length=c.block_size)
 
 
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def check_hf_dir(path, accepted):
-    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
-    import json
-
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise UsageError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another directory") from None
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise UsageError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging Face GPT-2 model")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
-        raise UsageError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there too")
-
-
-# the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
-EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
-
-
-def save_gpt2_tokenizer(directory, model_max_length=1024):
-    """tokenizer.json + tokenizer_config.json for GPT-2's BPE, converted from tiktoken's (no download)."""
-    import base64
-    import tempfile
-
-    import tiktoken
-    from transformers import GPT2TokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    enc = tiktoken.get_encoding("gpt2")
-    with tempfile.TemporaryDirectory() as tmp:
-        ranks = os.path.join(tmp, "gpt2.tiktoken")  # the converter reads tiktoken's file format: base64 token, rank
-        with open(ranks, "wb") as f:
-            for token, rank in enc._mergeable_ranks.items():
-                f.write(base64.b64encode(token) + b" %d\n" % rank)
-        backend = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=enc._special_tokens).converted()
-    eot = enc.decode([GPT2_EOT])
-    hf = GPT2TokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot, model_max_length=model_max_length)
-    hf.save_pretrained(directory)
-
-
-def model_config(name, vocab_size=50304, block_size=1024, arch="gpt2"):
-    """--model: gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN = N layers of width 64*N with N heads (d12 = gpt2).
-    arch (--arch): gpt2, or modern (the same sizes with the modern block)."""
-    if name in MODEL_SIZES:
-        sizes = MODEL_SIZES[name]
-    elif re.fullmatch(r"d[1-9][0-9]*", name):
-        n = int(name[1:])
-        sizes = dict(n_layer=n, n_head=n, n_embd=64 * n)
-    else:
-        raise UsageError(f"unknown --model {name!r}: use one of {', '.join(MODEL_SIZES)} or dN (N layers, width 64*N, e.g. d6)")
-    return GPTConfig(block_size=block_size, vocab_size=vocab_size, arch=arch, **sizes)
-
-
 # -----------------------------------------------------------------------------
-# Data
+# The data
+
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-@functools.lru_cache(maxsize=2)
-def tokenize_text_file(path):
-    """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
-    import tiktoken
-
-    text = read_text_file(path)
-    tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
-    n_val = len(tokens) // 10
-    return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
 
 
 def read_text_file(path):
     """The text of a --data .txt file, or a UsageError that says what is wrong with it."""
     if os.path.isdir(path):
-        raise UsageError(f"{path}: a directory, not a text file; pass a .txt file, or a directory of shards without the .txt name")
+        raise UsageError(f"{path}: a directory, not a text file; pass a .txt file, or a directory of shards without "
+                         "the .txt name")
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to UTF-8 (e.g. iconv -t utf-8)") from None
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to "
+                         "UTF-8 (e.g. iconv -t utf-8)") from None
     except OSError as e:
         raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
     if not text.strip():
         raise UsageError(f"{path}: the file is empty; pass a text file with something to train on")
     return text
+
+
+@functools.lru_cache(maxsize=2)
+def tokenize_text_file(path):
+    """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
+    text = read_text_file(path)
+    tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
+    n_val = len(tokens) // 10
+    return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
 
 
 def check_shard(path, vocab_size=GPT2_VOCAB):
@@ -681,7 +722,8 @@ def check_shard(path, vocab_size=GPT2_VOCAB):
         raise UsageError(f"{path}: the shard holds no tokens; {fix}")
     top = int(tokens.max())
     if top >= vocab_size:
-        raise UsageError(f"{path}: holds token id {top}, outside GPT-2's vocabulary of {vocab_size} (not GPT-2 tokens?); {fix}")
+        raise UsageError(f"{path}: holds token id {top}, outside GPT-2's vocabulary of {vocab_size} (not GPT-2 "
+                         f"tokens?); {fix}")
     return tokens
 
 
@@ -692,9 +734,11 @@ def find_shards(data_root, split):
             raise UsageError(f"{data_root}: no such file; check the path (input.txt is part of the repository)")
         return [tokenize_text_file(str(data_root))[split]]
     if os.path.isfile(data_root):
-        raise UsageError(f"{data_root}: a file, but --data takes a directory of .npy token shards or a .txt file; tokenize it with `python fineweb.py --local_files {data_root}` and pass that --out_dir")
+        raise UsageError(f"{data_root}: a file, but --data takes a directory of .npy token shards or a .txt file; "
+                         f"tokenize it with `python fineweb.py --local_files {data_root}` and pass that --out_dir")
     if not os.path.isdir(data_root):
-        raise UsageError(f"data directory {data_root} does not exist: run `python fineweb.py` to make the FineWeb-Edu shards, or pass --data input.txt for a small run")
+        raise UsageError(f"data directory {data_root} does not exist: run `python fineweb.py` to make the FineWeb-Edu "
+                         "shards, or pass --data input.txt for a small run")
     paths = sorted(glob.glob(os.path.join(data_root, f"*{split}*.npy")))
     if not paths:
         raise UsageError(f"no {split} shards (*{split}*.npy) in {data_root}: run `python fineweb.py` to make them")
@@ -717,7 +761,8 @@ class DataLoaderLite:
     epoch: the pass over the data that the last batch came from (0 = the first).
     """
 
-    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root="edu_fineweb10B", shuffle=False, seed=0):
+    def __init__(self, B, T, process_rank=0, num_processes=1, split="train", data_root="edu_fineweb10B",
+                 shuffle=False, seed=0):
         assert split in ("train", "val")
         self.B, self.T = B, T
         self.process_rank, self.num_processes = process_rank, num_processes
@@ -726,12 +771,14 @@ class DataLoaderLite:
         self._fds = {}  # shard -> file descriptor, for _prefetch
         self.shards = find_shards(data_root, split)
         if shuffle and sum(self._windows_per_shard()) < num_processes:
-            raise UsageError(f"the {split} split of {data_root} holds fewer than {num_processes} batches of B={B} x T={T}, one for each rank; lower --batch_size or --seq_len")
+            raise UsageError(f"the {split} split of {data_root} holds fewer than {num_processes} batches of B={B} x "
+                             f"T={T}, one for each rank; lower --batch_size or --seq_len")
         if not shuffle and not any(len(s) >= B * T * (process_rank + 1) + 1 for s in self.shards):
             longest = max(len(s) for s in self.shards)
             raise UsageError(
                 f"the {split} split of {data_root} is too small: its longest shard has {longest} tokens, "
-                f"but rank {process_rank} needs {B * T * (process_rank + 1) + 1} for one batch of B={B} x T={T}; lower --batch_size or --seq_len"
+                f"but rank {process_rank} needs {B * T * (process_rank + 1) + 1} for one batch of B={B} x T={T}; lower "
+                    "--batch_size or --seq_len"
             )
         self.reset()
 
@@ -767,7 +814,8 @@ class DataLoaderLite:
         shards = np.concatenate([np.full(counts[s], s, dtype=np.int64) for s in order])
         offsets = np.concatenate([rng.permutation(counts[s]).astype(np.int64) * self.B * self.T for s in order])
         usable = len(shards) // self.num_processes * self.num_processes
-        return shards[self.process_rank : usable : self.num_processes], offsets[self.process_rank : usable : self.num_processes]
+        mine = slice(self.process_rank, usable, self.num_processes)
+        return shards[mine], offsets[mine]
 
     def epoch_tokens(self):
         """The tokens that all ranks together read in one epoch."""
@@ -775,7 +823,8 @@ class DataLoaderLite:
         if self.shuffle:
             return sum(self._windows_per_shard()) // world * world * BT
         # in order, rank r reads the batches at BT*r + k*BT*world that fit in each shard
-        return BT * sum((len(s) - 1 - BT * (r + 1)) // (BT * world) + 1 for s in self.shards for r in range(world) if len(s) - 1 >= BT * (r + 1))
+        return BT * sum((len(s) - 1 - BT * (r + 1)) // (BT * world) + 1
+                        for s in self.shards for r in range(world) if len(s) - 1 >= BT * (r + 1))
 
     def _prefetch(self, shard, position):
         """Have the OS start reading the next window from disk while the GPU computes: random windows defeat its
@@ -827,13 +876,15 @@ class DataLoaderLite:
 
     def load_state_dict(self, state):
         saved, here = state.get("shard_tokens"), [len(s) for s in self.shards]
-        if saved is not None and saved != here:
+        if saved is not None and saved != here:  # None: a checkpoint from before shard_tokens
             raise UsageError(
-                f"the {self.split} data in {self.data_root} ({len(here)} shards, {sum(here)} tokens) is not the data the "
+                f"the {self.split} data in {self.data_root} ({len(here)} shards, {sum(here)} tokens) is not the data "
+                    "the "
                 f"checkpoint was trained on ({len(saved)} shards, {sum(saved)} tokens); point --data at that data"
             )
         if bool(state.get("shuffle")) != self.shuffle:
-            raise UsageError(f"the checkpoint's data order is {'shuffled' if state.get('shuffle') else 'in order'}: resume {'with' if state.get('shuffle') else 'without'} --shuffle")
+            raise UsageError(f"the checkpoint's data order is {'shuffled' if state.get('shuffle') else 'in order'}: "
+                             f"resume {'with' if state.get('shuffle') else 'without'} --shuffle")
         self.epoch = state.get("epoch", 0)
         if self.shuffle:
             self.seed, self.index, self._plan = state["seed"], state["index"], None
@@ -858,7 +909,8 @@ class ValSet:
         self.split_tokens = int(self.starts[-1])
         self.n_windows = min(n_tokens // T, (self.split_tokens - 1) // T)  # the last window needs one more target
         if self.n_windows < 1:
-            raise UsageError(f"the val split of {data_root} ({self.split_tokens} tokens) or --val_tokens {n_tokens} is shorter than one window of --seq_len {T} (+1)")
+            raise UsageError(f"the val split of {data_root} ({self.split_tokens} tokens) or --val_tokens {n_tokens} is "
+                             f"shorter than one window of --seq_len {T} (+1)")
         self.n_tokens = self.n_windows * T
 
     def _read(self, start, length):
@@ -890,27 +942,6 @@ class ValSet:
             yield x, y, len(windows) * T
 
 
-def ensure_text_data(path):
-    """--data input.txt is Tiny Shakespeare: download it on first use."""
-    if os.path.exists(path) or os.path.basename(path) != "input.txt":
-        return
-    import urllib.request
-
-    print(f"downloading Tiny Shakespeare to {path}")
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
-            data = r.read()
-    except OSError as e:
-        raise UsageError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); download it yourself to {path}, or `git checkout input.txt` in the repository") from None
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot write the download there ({e.strerror or e}); pass --data with a writable path") from None
-
-
 # -----------------------------------------------------------------------------
 # Optimization
 
@@ -936,59 +967,25 @@ def get_lr(step, max_lr, min_lr, warmup_steps, max_steps, schedule="cosine", dec
 def adamw(groups, lr, device_type):
     """AdamW as in GPT-3: betas (0.9, 0.95), eps 1e-8. The fused kernel does the whole update in a few kernels
     instead of a loop over tensors (CUDA; CPU too)."""
-    fused = "fused" in inspect.signature(torch.optim.AdamW).parameters and device_type in ("cuda", "cpu")
+    fused = device_type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused or None)
 
 
-def make_optimizer(model, args, device_type):
-    """The run's optimizer. Every param group gets its own schedule bounds: "initial_lr" (the peak) and "min_lr";
-    set_lr moves each group along the schedule between its own two.
-    adamw: GPT.configure_optimizers, the seed's. muon: Muon for the blocks' 2-D matrices, AdamW for the rest
-    (embeddings and lm_head with --weight_decay, biases and norm gains without), at --max_lr or --embed_lr."""
-    if args.optimizer == "adamw":
-        optimizer = model.configure_optimizers(args.weight_decay, args.max_lr, device_type)
-        bounds = [(args.max_lr, args.min_lr)] * len(optimizer.param_groups)
-        inner = [optimizer]
-    else:
-        in_muon = set(muon_param_names(model))
-        rest = [(n, p) for n, p in model.named_parameters() if n not in in_muon and p.requires_grad]
-        embed_lr = args.embed_lr or args.max_lr
-        final = args.min_lr / args.max_lr  # each group decays to this fraction of its peak, as AdamW's does
-        groups = [
-            {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay, "lr": embed_lr},
-            {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": args.max_lr},
-        ]
-        rest_opt = adamw(groups, args.max_lr, device_type)
-        muon_params = [p for n, p in model.named_parameters() if n in in_muon]
-        muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay)
-        bounds = [(embed_lr, embed_lr * final), (args.max_lr, args.min_lr), (args.muon_lr, args.muon_lr * final)]
-        inner = [rest_opt, muon]
-        optimizer = MultiOptimizer(rest_opt, muon)
-
-    def set_bounds(opt=None):
-        for group, (peak, low) in zip(optimizer.param_groups, bounds):
-            group["initial_lr"], group["min_lr"] = peak, low
-
-    set_bounds()
-    for opt in inner:  # a resumed run's schedule is this run's flags (as --max_steps), not the checkpoint's
-        opt.register_load_state_dict_post_hook(set_bounds)
-    return optimizer
+def configure_optimizers(model, weight_decay, learning_rate, device_type):
+    """The seed's AdamW: weight decay on the matmul weights and embeddings (dim >= 2), never on biases or gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return adamw(groups, learning_rate, device_type)
 
 
-def set_lr(optimizer, step, args):
-    """Each param group's learning rate for this step (the schedule between its own bounds); returns the first's."""
-    for group in optimizer.param_groups:
-        group["lr"] = get_lr(step, group["initial_lr"], group["min_lr"], args.warmup_steps, args.lr_decay_steps, args.schedule, args.decay_frac)
-    return optimizer.param_groups[0]["lr"]
-
-
-# -----------------------------------------------------------------------------
-# Muon
-#
 # Muon (Keller Jordan, 2024; the optimizer of modded-nanogpt's speed records) updates a weight matrix with its
 # momentum made (nearly) orthogonal: every singular value of the update becomes ~1, so the rare directions of the
 # gradient move as fast as the dominant ones. It is for the 2-D matrices inside the transformer blocks; embeddings,
 # the output head, biases and norm gains keep AdamW.
+
 
 # quintic Newton-Schulz coefficients from Keller Jordan's Muon: picked for the steepest slope at 0, so 5 iterations
 # lift even tiny singular values to 0.7..1.2 (not exactly 1; that is fine for training and much cheaper than an SVD)
@@ -1019,7 +1016,8 @@ class Muon(torch.optim.Optimizer):
     decoupled (p -= lr * weight_decay * p) as in AdamW. The momentum buffers are the optimizer state."""
 
     def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps))
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
+        super().__init__(params, defaults)
         for group in self.param_groups:
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon updates 2-D weight matrices only; give the other parameters to AdamW")
@@ -1083,136 +1081,134 @@ class MultiOptimizer:
 
 def muon_param_names(model):
     """The parameters Muon updates: the 2-D matrices inside the transformer blocks (whatever the block is)."""
-    return [n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2 and p.requires_grad]
+    return [n for n, p in model.named_parameters()
+            if n.startswith("transformer.h.") and p.dim() == 2 and p.requires_grad]
 
 
-# -----------------------------------------------------------------------------
-# Hardware: device, precision, FLOPs
+def make_optimizer(model, args, device_type):
+    """The run's optimizer, with lr_bounds: each param group's (peak, final) learning rate, which set_lr moves
+    the group between. They live outside the param groups, which load_state_dict replaces with the checkpoint's: a
+    resumed run's schedule is its own flags' (as --max_steps is), and no hook has to put them back.
+    adamw: configure_optimizers, the seed's. muon: Muon for the blocks' 2-D matrices, AdamW for the rest
+    (embeddings and lm_head with --weight_decay, biases and norm gains without), at --max_lr or --embed_lr."""
+    if args.optimizer == "adamw":
+        optimizer = configure_optimizers(model, args.weight_decay, args.max_lr, device_type)
+        optimizer.lr_bounds = [(args.max_lr, args.min_lr)] * len(optimizer.param_groups)
+        return optimizer
+    in_muon = set(muon_param_names(model))
+    rest = [(n, p) for n, p in model.named_parameters() if n not in in_muon and p.requires_grad]
+    embed_lr = args.embed_lr or args.max_lr
+    final = args.min_lr / args.max_lr  # each group decays to this fraction of its peak, as AdamW's does
+    groups = [
+        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay, "lr": embed_lr},
+        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": args.max_lr},
+    ]
+    rest_opt = adamw(groups, args.max_lr, device_type)
+    muon_params = [p for n, p in model.named_parameters() if n in in_muon]
+    muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay)
+    optimizer = MultiOptimizer(rest_opt, muon)
+    optimizer.lr_bounds = [(embed_lr, embed_lr * final), (args.max_lr, args.min_lr),
+                           (args.muon_lr, args.muon_lr * final)]
+    return optimizer
 
 
-def pick_device(requested="auto"):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
-
-
-def cpu_has_native_bf16():
-    # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@functools.lru_cache(maxsize=1)
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def pick_dtype(requested, device_type):
-    """The autocast dtype. bf16 has float32's exponent range, so unlike fp16 it needs no loss scaling;
-    fp16 is for GPUs without bf16 (V100, T4)."""
-    if requested != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
-    if device_type == "cuda":
-        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
-    if device_type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-def cuda_has_native_bf16():
-    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
-    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
-    return torch.cuda.get_device_capability() >= (8, 0)
-
-
-def autocast_context(device_type, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
-# dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
-GPU_PEAK_FLOPS = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("A6000", 155e12),
-    ("V100", 125e12),  # fp16
-    ("T4", 65e12),  # fp16
-]
-
-
-def gpu_peak_flops(device_name):
-    for key, flops in GPU_PEAK_FLOPS:
-        if key in device_name:
-            return flops
-    return None
-
-
-def flops_per_token(config, T):
-    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
-    (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the lm_head is one matmul
-    whether tied to wte (gpt2) or not (modern), and the modern block has the same matmuls (its norms, rotary
-    and soft-cap are elementwise, negligible): one formula for both archs."""
-    N = sum(
-        [
-            config.vocab_size * config.n_embd,  # lm_head (tied with wte or not)
-            config.n_layer * 12 * config.n_embd**2,  # attention 4 C^2, MLP 8 C^2
-        ]
-    )
-    return 6 * N + 12 * config.n_layer * config.n_embd * T
-
-
-def tune_cpu_allocator():
-    """Stop glibc from returning big buffers (activations, logits) to the OS after every step.
-
-    By default malloc serves blocks over 32 MB with mmap and munmaps them on free, so every step pays page
-    faults for hundreds of MB; on CPU that was ~30% of the time, in the kernel. Keeping them on the heap,
-    and never trimming it, lets the next step reuse the same memory.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl or another libc
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    ok = libc.mallopt(M_MMAP_MAX, 0) == 1
-    ok &= libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1  # an int: the largest it takes
-    return bool(ok)
+def set_lr(optimizer, step, args, decay_steps):
+    """Each param group's learning rate for this step, on the schedule between its own bounds (the schedule ends at
+    decay_steps, see lr_decay_steps); returns the first group's."""
+    for group, (peak, final) in zip(optimizer.param_groups, optimizer.lr_bounds):
+        group["lr"] = get_lr(step, peak, final, args.warmup_steps, decay_steps, args.schedule, args.decay_frac)
+    return optimizer.param_groups[0]["lr"]
 
 
 # -----------------------------------------------------------------------------
 # Checkpoints
-#
+
+
 # A checkpoint is a dict of tensors, numbers, strings and lists only (no pickled classes), so that it loads with
 # torch.load(weights_only=True): a checkpoint from the internet cannot run code. It holds everything a run needs
 # to continue exactly: model, optimizer, config, flags, step, data positions of every rank and the RNG states.
 
+
 CHECKPOINT_RE = re.compile(r"model_(\d+)\.pt$")
+
+
+def upgrade_checkpoint(checkpoint):
+    """Fill in what older checkpoints lack, with what they meant: no config "arch" (before --arch): gpt2; no
+    "lr_decay_steps" (before --extend): their max_steps; no "precision": float16 if GradScaler was on (else it stays
+    unknown: bfloat16 or float32). (No "shard_tokens" in a loader state: the loader skips that check.)"""
+    if isinstance(checkpoint.get("config"), dict):
+        checkpoint["config"].setdefault("arch", "gpt2")
+    saved = checkpoint.get("args")
+    if isinstance(saved, dict):
+        if "max_steps" in saved:
+            saved.setdefault("lr_decay_steps", saved["max_steps"])
+        if "precision" not in saved and checkpoint.get("scaler"):
+            saved["precision"] = "float16"
+    return checkpoint
+
+
+def check_checkpoint_model(checkpoint, path):
+    """The config must be a GPTConfig and the weights exactly the tensors of that model; returns the model built
+    on the meta device (shapes only, no memory)."""
+    fix = "pass a checkpoint written by train_gpt2.py"
+    config, sd = checkpoint["config"], checkpoint["model"]
+    fields = set(GPTConfig.__dataclass_fields__)
+    if not isinstance(config, dict) or set(config) != fields:
+        raise UsageError(f"{path}: its config is not a GPT config (expected the keys {', '.join(sorted(fields))}); "
+                         f"{fix}")
+    sizes = {k: v for k, v in config.items() if k != "arch"}
+    positive = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values())
+    if not positive or config["n_embd"] % config["n_head"]:
+        raise UsageError(f"{path}: its config {config} is not a valid GPT config (positive whole numbers, n_embd "
+                         f"divisible by n_head); {fix}")
+    if config["arch"] not in ARCHS:
+        raise UsageError(f"{path}: its config has arch {config['arch']!r}, not one of {', '.join(ARCHS)}; {fix}")
+    try:
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**config))
+    except ValueError as e:  # e.g. an odd head size for the modern arch
+        raise UsageError(f"{path}: {e}; {fix}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UsageError(f"{path}: its model entry is not a dict of tensors; {fix}")
+    try:
+        with warnings.catch_warnings():  # on the meta device it checks the keys and the shapes and copies nothing
+            warnings.filterwarnings("ignore", message=".*to a meta parameter")
+            model.load_state_dict(sd)
+    except RuntimeError as e:
+        # load_state_dict's error lists the missing keys, the unexpected ones and each wrong shape, a line each
+        problems = [line.strip()[:200] for line in str(e).splitlines()[1:]]
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(f"{path}: its weights do not fit its config: {' '.join(problems[:3])}{more}; {fix}") from None
+    return model
+
+
+def check_checkpoint_state(checkpoint, path, model):
+    """--resume also needs the training state: flags, data positions, RNG states and an optimizer for this model."""
+    fix = "resume from another checkpoint, or start a new run from its weights with --init_from"
+    need = {"optimizer": dict, "args": dict, "train_loader": list, "rng": list}
+    bad = [k for k, kind in need.items() if not isinstance(checkpoint.get(k), kind)]
+    if bad:
+        raise UsageError(f"{path}: holds weights but no training state to resume ({', '.join(bad)} missing or "
+                         f"damaged); {fix}")
+    ranks = checkpoint.get("world_size", 1)
+    per_rank = len(checkpoint["train_loader"]) == ranks and len(checkpoint["rng"]) == ranks
+    if not per_rank or "batch_size" not in checkpoint["args"]:
+        raise UsageError(f"{path}: its data positions or RNG states do not match its world size {ranks}; {fix}")
+    opt = checkpoint["optimizer"]
+    parts = opt["optimizers"] if "optimizers" in opt else [opt]  # --optimizer muon: AdamW's and Muon's
+    try:
+        n_opt = sum(len(g["params"]) for part in parts for g in part["param_groups"])
+        # each parameter's first moment (AdamW) or momentum (Muon) has its shape
+        state_shapes = sorted(tuple(s["exp_avg" if "exp_avg" in s else "momentum_buffer"].shape)
+                              for part in parts for s in part["state"].values())
+    except (KeyError, TypeError, AttributeError):
+        raise UsageError(f"{path}: its optimizer state is damaged; {fix}") from None
+    params = list(model.parameters())
+    param_shapes = sorted(tuple(p.shape) for p in params)
+    fits = n_opt == len(params) and (not state_shapes or state_shapes == param_shapes)
+    if not fits:
+        raise UsageError(f"{path}: its optimizer state does not fit its model ({n_opt} tensors for {len(params)} "
+                         f"parameters); {fix}")
 
 
 def load_checkpoint(path, resume=False):
@@ -1224,67 +1220,16 @@ def load_checkpoint(path, resume=False):
         # memory-mapped: the pages of the file, shared by the ranks of a node and read only where used
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a zip, truncated, or holds pickled objects
-        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
-        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py (expected a dict with model, config and step)")
+        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py (expected a dict with model, config and "
+                         "step)")
+    upgrade_checkpoint(checkpoint)
     model = check_checkpoint_model(checkpoint, path)
     if resume:
         check_checkpoint_state(checkpoint, path, model)
     return checkpoint
-
-
-def check_checkpoint_model(checkpoint, path):
-    """The config must be a GPTConfig and the weights exactly the tensors of that model; returns the model built
-    on the meta device (shapes only, no memory)."""
-    fix = "pass a checkpoint written by train_gpt2.py"
-    config, sd = checkpoint["config"], checkpoint["model"]
-    fields = set(GPTConfig.__dataclass_fields__)
-    # checkpoints from before --arch have no "arch": they are GPT-2s
-    if not isinstance(config, dict) or not fields - {"arch"} <= set(config) <= fields:
-        raise UsageError(f"{path}: its config is not a GPT config (expected the keys {', '.join(sorted(fields))}); {fix}")
-    sizes = {k: v for k, v in config.items() if k != "arch"}
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values()) or config["n_embd"] % config["n_head"]:
-        raise UsageError(f"{path}: its config {config} is not a valid GPT config (positive whole numbers, n_embd divisible by n_head); {fix}")
-    if config.get("arch", "gpt2") not in ARCHS:
-        raise UsageError(f"{path}: its config has arch {config['arch']!r}, not one of {', '.join(ARCHS)}; {fix}")
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**config))
-    want = model.state_dict()
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UsageError(f"{path}: its model entry is not a dict of tensors; {fix}")
-    missing, extra = [k for k in want if k not in sd], [k for k in sd if k not in want]
-    if missing or extra:
-        what = "; ".join(f"{name} {', '.join(map(str, keys[:3]))}{'...' if len(keys) > 3 else ''}" for name, keys in (("missing", missing), ("unexpected", extra)) if keys)
-        raise UsageError(f"{path}: its weights do not fit its config ({what}); {fix}")
-    wrong = [f"{k} {tuple(sd[k].shape)} (the config needs {tuple(v.shape)})" for k, v in want.items() if sd[k].shape != v.shape]
-    if wrong:
-        raise UsageError(f"{path}: tensor shapes do not fit its config: {', '.join(wrong[:2])}; {fix}")
-    return model
-
-
-def check_checkpoint_state(checkpoint, path, model):
-    """--resume also needs the training state: flags, data positions, RNG states and an optimizer for this model."""
-    fix = "resume from another checkpoint, or start a new run from its weights with --init_from"
-    need = {"optimizer": dict, "args": dict, "train_loader": list, "rng": list}
-    bad = [k for k, kind in need.items() if not isinstance(checkpoint.get(k), kind)]
-    if bad:
-        raise UsageError(f"{path}: holds weights but no training state to resume ({', '.join(bad)} missing or damaged); {fix}")
-    ranks = checkpoint.get("world_size", 1)
-    if len(checkpoint["train_loader"]) != ranks or len(checkpoint["rng"]) != ranks or "batch_size" not in checkpoint["args"]:
-        raise UsageError(f"{path}: its data positions or RNG states do not match its world size {ranks}; {fix}")
-    opt = checkpoint["optimizer"]
-    parts = opt["optimizers"] if "optimizers" in opt else [opt]  # --optimizer muon: AdamW's and Muon's
-    try:
-        n_opt = sum(len(g["params"]) for part in parts for g in part["param_groups"])
-        # each parameter's first moment (AdamW) or momentum (Muon) has its shape
-        state_shapes = sorted(tuple(s["exp_avg" if "exp_avg" in s else "momentum_buffer"].shape) for part in parts for s in part["state"].values())
-    except (KeyError, TypeError, AttributeError):
-        raise UsageError(f"{path}: its optimizer state is damaged; {fix}") from None
-    params = list(model.parameters())
-    param_shapes = sorted(tuple(p.shape) for p in params)
-    fits = n_opt == len(params) and (not state_shapes or state_shapes == param_shapes)
-    if not fits:
-        raise UsageError(f"{path}: its optimizer state does not fit its model ({n_opt} tensors for {len(params)} parameters); {fix}")
 
 
 def save_checkpoint(checkpoint, path):
@@ -1359,19 +1304,73 @@ def truncate_log(log_file, step):
         if len(parts) != 3 or not parts[0].isdigit():
             continue
         s, stream = int(parts[0]), parts[1]
-        if s < step or (s == step and stream not in ("train", "epoch")):  # a step's epoch line is logged with its train line
+        # a step's epoch line is logged with its train line
+        if s < step or (s == step and stream not in ("train", "epoch")):
             kept.append(line)
     with open(log_file + ".tmp", "w") as f:
         f.writelines(kept)
     os.replace(log_file + ".tmp", log_file)
 
 
+# flags that decide the model and which tokens each step sees: a run can only resume with the same ones
+# --data may change (the loader checks that the shards are the same); these change the run itself
+RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed",
+                     "shuffle", "optimizer", "schedule")
+# flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
+# would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
+# would jump from min_lr back to 6x min_lr), so they must match; --extend alone changes --max_steps
+RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "decay_frac",
+                   "embed_lr", "muon_lr", "muon_momentum", "muon_weight_decay")
+
+
+def check_resume_compatible(checkpoint, flags, world_size):
+    """flags: this run's, as its checkpoints save them (Run.flags(): the command line and the run's precision and
+    micro-batch). The schedule and the precision must be the checkpoint's too."""
+    saved = checkpoint.get("args", {})
+    extend = flags.get("extend", False)
+
+    def differ(names):
+        return [f"--{k} {saved[k]} -> {flags[k]}" for k in names if k in saved and saved[k] != flags[k]]
+
+    diffs = differ(RESUME_MUST_MATCH)
+    if checkpoint.get("world_size", world_size) != world_size:
+        diffs.append(f"world size {checkpoint['world_size']} -> {world_size} (it changes each rank's data)")
+    diffs += differ(k for k in RESUME_SCHEDULE if not (k == "max_steps" and extend))
+    if extend and flags["max_steps"] < checkpoint["step"]:
+        diffs.append(f"--max_steps {flags['max_steps']} is before the checkpoint's step {checkpoint['step']}")
+    before, now = saved.get("precision"), flags.get("precision")
+    if now and before != now and (before is not None or now == "float16"):
+        before = before or "bfloat16 or float32"
+        diffs.append(f"precision {before} -> {now} (--dtype {flags['dtype']}; pass --dtype {before})")
+    if diffs:
+        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the "
+                         "checkpoint's settings (the eval, logging and checkpoint flags may change; --extend to train "
+                         "to another --max_steps), or --init_from CKPT to start a new run from its weights")
+
+
+def lr_decay_steps(args, checkpoint):
+    """Where the cosine ends: --max_steps, or for a resumed run the checkpoint's, which --extend keeps."""
+    return args.max_steps if checkpoint is None else checkpoint["args"]["lr_decay_steps"]
+
+
 # -----------------------------------------------------------------------------
 # Training
 
 
-class TrainingDiverged(RuntimeError):
-    pass
+def pick_device(requested="auto"):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def autocast_context(device_type, dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
 
 
 @dataclass
@@ -1398,7 +1397,6 @@ def setup_distributed(requested_device):
         if device.startswith("cuda:"):  # else seeding, synchronize, the dtype's capability query act on GPU 0
             torch.cuda.set_device(device)
         return DistContext(False, 0, 0, 1, device)
-    import torch.distributed as dist
     # Import dynamo before the process group exists. Imported afterwards (DDP and torch.compile import it), it keeps
     # a reference to the group, so destroy_process_group cannot join gloo's worker threads; one that frees its last
     # tensor after Python has begun shutting down aborts the process ("terminate called without an active exception").
@@ -1427,8 +1425,6 @@ def local_rank_from_env(rank):
 def all_reduce_mean(value, ctx):
     """The mean of a scalar tensor over ranks (gloo has no AVG, so SUM / world_size)."""
     if ctx.ddp:
-        import torch.distributed as dist
-
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
         value = value / ctx.world_size
     return value
@@ -1437,8 +1433,6 @@ def all_reduce_mean(value, ctx):
 def gather_objects(obj, ctx):
     if not ctx.ddp:
         return [obj]
-    import torch.distributed as dist
-
     out = [None] * ctx.world_size
     dist.all_gather_object(out, obj)
     return out
@@ -1470,590 +1464,12 @@ class StopSignal:
         """True on every rank if any rank was signalled, so that all ranks stop at the same step."""
         if not ctx.ddp:
             return self.requested
-        import torch.distributed as dist
-
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 
-# flags that decide the model and which tokens each step sees: a run can only resume with the same ones
-# --data may change (the loader checks that the shards are the same); these change the run itself
-RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed", "shuffle", "optimizer", "schedule")
-
-
-def check_resume_compatible(checkpoint, args, world_size):
-    saved = checkpoint.get("args", {})
-    diffs = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
-    if checkpoint.get("world_size", world_size) != world_size:
-        diffs.append(f"world size {checkpoint['world_size']} -> {world_size} (it changes each rank's data)")
-    diffs += resume_schedule_diffs(checkpoint, args)
-    if diffs:
-        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the checkpoint's settings (the eval, logging and checkpoint flags may change; --extend to train to another --max_steps), or --init_from CKPT to start a new run from its weights")
-
-
-# ---- resume: the schedule and the precision are the checkpoint's
-
-# flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
-# would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
-# would jump from min_lr back to 6x min_lr), so they must match; --extend alone changes --max_steps
-RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "decay_frac", "embed_lr",
-                   "muon_lr", "muon_momentum", "muon_weight_decay")
-
-
-def resume_schedule_diffs(checkpoint, args):
-    saved = checkpoint.get("args", {})
-    extend = getattr(args, "extend", False)
-    names = [k for k in RESUME_SCHEDULE if not (k == "max_steps" and extend)]
-    diffs = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in names if k in saved and saved[k] != getattr(args, k)]
-    if extend and args.max_steps < checkpoint["step"]:
-        diffs.append(f"--max_steps {args.max_steps} is before the checkpoint's step {checkpoint['step']}")
-    # the precision the checkpoint trained in; older checkpoints only say whether GradScaler (fp16) was on
-    before = saved.get("precision") or ("float16" if checkpoint.get("scaler") else None)
-    now = getattr(args, "precision", None)
-    if now and before != now and (before is not None or now == "float16"):
-        before = before or "bfloat16 or float32"
-        diffs.append(f"precision {before} -> {now} (--dtype {args.dtype}; pass --dtype {before})")
-    return diffs
-
-
-def lr_decay_steps(args, checkpoint):
-    """Where the cosine ends: --max_steps, or for a resumed run the checkpoint's, which --extend keeps."""
-    if checkpoint is None:
-        return args.max_steps
-    saved = checkpoint["args"]
-    return saved.get("lr_decay_steps", saved["max_steps"])
-
-
-# ---- setup: each function below prepares one thing train() needs
-
-
-def setup_device(args, ctx):
-    """The autocast dtype, with the device's fast math switched on and the seeds set."""
-    dtype = pick_dtype(args.dtype, ctx.device_type)
-    if dtype == torch.float16 and ctx.device_type != "cuda":
-        raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or float32")
-    args.precision = str(dtype).replace("torch.", "")  # saved in checkpoints: a resume must train in the same
-    if ctx.device_type == "cuda":
-        # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.manual_seed(args.seed)
-    if ctx.device_type == "cpu":
-        tune_cpu_allocator()
-    torch.manual_seed(args.seed)
-    return dtype
-
-
-def load_or_build_model(args, ctx):
-    """(model, checkpoint): the model of the checkpoint to resume (checkpoint is then its dict), or a new one."""
-    if not args.resume:
-        args.lr_decay_steps = lr_decay_steps(args, None)
-        if list_checkpoints(args.log_dir) and not args.overwrite:
-            raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, --overwrite to start over there, or choose another --log_dir")
-        if args.init_from == "scratch":
-            return GPT(model_config(args.model, args.vocab_size, arch=args.arch)), None
-        model = GPT.from_pretrained(args.init_from)
-        check_init_arch(model.config, args)
-        return model, None
-    if args.resume == "auto":
-        path, checkpoint = find_resume_checkpoint(args.log_dir)
-    else:
-        path, checkpoint = args.resume, load_checkpoint(args.resume, resume=True)
-    if args.batch_size == "auto":  # the micro-batch the run chose
-        args.batch_size = checkpoint["args"]["batch_size"]
-    check_resume_compatible(checkpoint, args, ctx.world_size)
-    args.lr_decay_steps = lr_decay_steps(args, checkpoint)
-    checkpoint["path"] = path
-    with torch.device(ctx.device):  # built where it trains: no CPU copy of the model on each rank
-        model = GPT(GPTConfig(**checkpoint["config"]))
-    model.load_state_dict(checkpoint["model"])
-    return model, checkpoint
-
-
-def check_init_arch(config, args):
-    # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
-    if config.arch != args.arch:
-        raise UsageError(f"--init_from {args.init_from} is an --arch {config.arch} model, not {args.arch}: pass --arch {config.arch}")
-
-
-def find_batch_size(fits, largest):
-    """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
-    With largest = total_batch_size // (T * world_size) every divisor is a micro-batch the total batch allows."""
-    candidates = [b for b in range(1, max(1, largest) + 1) if largest % b == 0]
-    if fits(candidates[-1]):
-        return candidates[-1]
-    lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), candidates[hi] does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(candidates[mid]) else (lo, mid)
-    if lo < 0:
-        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory; use a smaller --model or --seq_len")
-    return candidates[lo]
-
-
-def cuda_probe_peak(model, B, T, device, dtype):
-    """Peak bytes allocated during a forward and backward of micro-batch B (the model's own included); inf if it
-    runs out of memory."""
-    x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
-        with autocast_context(device.split(":")[0], dtype):
-            _, loss = model(x, x)
-        loss.backward()
-        return torch.cuda.max_memory_allocated(device)
-    except torch.cuda.OutOfMemoryError:
-        if is_sharded(model) and hasattr(model, "reset_iter_state"):  # FSDP stopped mid-forward or -backward
-            model.reset_iter_state()
-        return math.inf
-    finally:
-        model.zero_grad(set_to_none=True)
-        loss = None
-        torch.cuda.empty_cache()
-
-
-def choose_batch_size(args, model, ctx, dtype):
-    """--batch_size, or for 'auto' the largest micro-batch that fits and divides the total batch (the same on
-    every rank). Under FSDP `model` is the sharded model."""
-    if args.batch_size != "auto":
-        return args.batch_size
-    T = args.seq_len
-    if args.total_batch_size % (T * ctx.world_size):
-        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len*world_size = {T}*{ctx.world_size}, so no micro-batch adds up to it")
-    largest = args.total_batch_size // (T * ctx.world_size)
-    fused = head_is_fused(args, model)
-    if ctx.device_type == "cuda" and is_sharded(model):
-        return agree_batch_size(lambda: fsdp_batch_size(model, ctx, dtype, T, largest, fused), ctx)
-    if ctx.device_type == "cuda":
-        budget = cuda_step_budget(model, ctx)
-
-        def fits(b):
-            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused)  # the loss path training will use
-            return cuda_probe_peak(model, b, T, ctx.device, dtype) <= budget
-
-        B = agree_batch_size(lambda: find_batch_size(fits, largest), ctx)
-        model.loss_chunk_size = None
-        return B
-    # no reliable out-of-memory signal off CUDA: the OS kills the process instead
-    return agree_batch_size(lambda: find_batch_size(lambda b: b * T <= 8192, largest), ctx)  # ~6 GB for gpt2, T=1024
-
-
-def agree_batch_size(find, ctx):
-    """find() on this rank, then the smallest B over the ranks. A rank where nothing fits (find raises) still joins
-    the all-reduce, so that every rank stops with the error instead of waiting for it until the NCCL timeout."""
-    try:
-        B, error = find(), None
-    except UsageError as e:
-        B, error = 0, e
-    if ctx.ddp:
-        b = torch.tensor([B], device=ctx.device)
-        torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.MIN)
-        B = int(b.item())
-    if B == 0:
-        raise error or UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory on another rank; "
-                                  "use a smaller --model or --seq_len")
-    return B
-
-
-def fsdp_batch_size(model, ctx, dtype, T, largest, fused_head=True):
-    """--batch_size auto under FSDP, probing the sharded model. Its forward and backward are collectives: every rank
-    runs the same probes (the smallest budget and the largest peak over ranks decide), and none that is expected
-    to run out of memory, since one rank failing would leave the others waiting in an all-gather. So micro-batches
-    go from small to large, each probed only if the line through the last two peaks keeps it within budget."""
-    usable = agreed(cuda_usable_bytes(ctx), ctx, torch.distributed.ReduceOp.MIN)
-    n = model.num_params()
-
-    def budget(b):  # the optimizer's shards, and the unsharded gradients accumulated when b needs micro-steps
-        return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(n, ctx.ddp, ctx.world_size, b < largest)
-
-    def peak(b):
-        if b == 0:  # the shards alone
-            return agreed(torch.cuda.memory_allocated(ctx.device), ctx, torch.distributed.ReduceOp.MAX)
-        model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused_head)
-        return agreed(cuda_probe_peak(model, b, T, ctx.device, dtype), ctx, torch.distributed.ReduceOp.MAX)
-
-    B = grow_batch_size([b for b in range(1, largest + 1) if largest % b == 0], peak, budget)
-    model.loss_chunk_size = None
-    if not B:
-        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory under FSDP; "
-                         "use more GPUs, a smaller --model or --seq_len")
-    return B
-
-
-def grow_batch_size(candidates, peak, budget):
-    """The largest of the ascending candidates b with peak(b) <= budget(b), trying them in order and stopping at
-    the first that fails or that the line through the last two peaks measured (from peak(0)) puts over budget.
-    0 if none fits."""
-    points, best = [(0, peak(0))], 0
-    for b in candidates:
-        if len(points) > 1:
-            (b0, m0), (b1, m1) = points[-2:]
-            if m1 + (m1 - m0) * (b - b1) / (b1 - b0) > budget(b):
-                break
-        m = peak(b)
-        if m > budget(b):
-            break
-        best = b
-        points.append((b, m))
-    return best
-
-
-def agreed(value, ctx, op):
-    """A number agreed over the ranks (op: MIN or MAX); as is in a single process."""
-    if not ctx.ddp:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
-    torch.distributed.all_reduce(t, op=op)
-    return t.item()
-
-
-# ---- --batch_size auto and the loss path on GPUs: what the memory allows
-
-# share of the GPU memory a probed step may peak at: the rest is for what the uncompiled probe does not show
-# (compile's workspace, the allocator's fragmentation, the val and HellaSwag passes)
-BATCH_PROBE_MEMORY_FRACTION = 0.85
-
-
-def training_state_bytes(num_params, ddp, fsdp_shards=0, accumulating=False):
-    """GPU bytes training holds that a forward+backward probe does not allocate: AdamW's two float32 moments per
-    parameter, and under DDP its float32 gradient buckets. Under FSDP (fsdp_shards ranks) the moments are sharded,
-    and FSDP accumulates float32 gradients of the whole model between micro-steps."""
-    if fsdp_shards:
-        return num_params * 8 // fsdp_shards + (num_params * 4 if accumulating else 0)
-    return num_params * (8 + (4 if ddp else 0))
-
-
-def cuda_usable_bytes(ctx):
-    """The GPU memory this process may use: what the other processes on this GPU leave us."""
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(ctx.device)
-    return free + torch.cuda.memory_reserved(ctx.device)
-
-
-def cuda_step_budget(model, ctx):
-    """Bytes a probed forward+backward may peak at (the model's own parameters included)."""
-    return int(cuda_usable_bytes(ctx) * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
-
-
-# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
-FULL_LOGITS_MEMORY_FRACTION = 0.25
-# eager (uncompiled root: --compile 0, or FSDP, which compiles the blocks), the soft-capped head of --arch modern
-# saves three float32 (B, T, vocab) tensors for backward (tanh's output and two of cross-entropy's; counted with
-# saved_tensors_hooks) and makes a gradient of that size: four, not one. Compiled, it is fused like GPT-2's head
-EAGER_SOFTCAP_LOGITS_COPIES = 4
-
-
-def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes, copies=1):
-    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
-    micro-batch's float32 logits (times copies of them) take at most FULL_LOGITS_MEMORY_FRACTION of the free
-    memory; else chunks. CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
-    if device_type == "cuda" and copies * n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
-        return 0
-    return default_loss_chunk_size(torch.device(device_type))
-
-
-def head_is_fused(args, model):
-    """Whether torch.compile sees the head and the loss together: a compiled root (FSDP compiles only the blocks)."""
-    return bool(args.compile) and not is_sharded(model)
-
-
-def training_loss_chunk_size(model, ctx, B, T, fused_head=True):
-    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
-    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
-    copies = 1 if fused_head or model.softcap is None else EAGER_SOFTCAP_LOGITS_COPIES
-    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free, copies)
-
-
-def grad_accum_steps(total_batch_size, B, T, world_size):
-    """Micro-steps per optimizer step: total_batch_size tokens in micro-batches of B x T on each rank."""
-    tokens_per_micro_step = B * T * world_size
-    if total_batch_size % tokens_per_micro_step:
-        raise UsageError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size*seq_len*world_size = {B}*{T}*{world_size} = {tokens_per_micro_step}")
-    return total_batch_size // tokens_per_micro_step
-
-
-def check_seq_len(T, config):
-    if T > config.block_size:
-        raise UsageError(f"--seq_len {T} is longer than the model's block_size {config.block_size}")
-
-
-def make_loaders(args, ctx, B):
-    """The train loader, and the val set (None when --val_every is 0); says how many epochs the run is."""
-    say = print if ctx.master else (lambda *a, **k: None)
-    T = args.seq_len
-    train_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "train", args.data, shuffle=args.shuffle, seed=args.seed)
-    epoch_tokens = train_loader.epoch_tokens()
-    epochs = args.max_steps * args.total_batch_size / epoch_tokens
-    say(f"train data: {epoch_tokens:,} tokens an epoch ({'shuffled' if args.shuffle else 'in order'}); {args.max_steps} steps x {args.total_batch_size:,} tokens = {epochs:.3g} epochs")
-    if epochs > 1:
-        say(f"warning: this run reads its train data {epochs:.3g} times over (log.txt marks each new epoch with `STEP epoch N`)")
-    if not args.val_every:
-        return train_loader, None
-    val_tokens = args.val_tokens
-    if args.val_steps is not None:
-        val_tokens = args.val_steps * B * T * ctx.world_size
-        say(f"--val_steps is deprecated: --val_steps {args.val_steps} here means --val_tokens {val_tokens} ({args.val_steps} x {B} x {T} x {ctx.world_size} ranks); use --val_tokens")
-    val_set = ValSet(B, T, ctx.rank, ctx.world_size, args.data, val_tokens)
-    if val_set.n_tokens != val_tokens:
-        say(f"note: --val_tokens {val_tokens} cut to {val_set.n_tokens}, whole windows of {T} that the val split ({val_set.split_tokens:,} tokens) holds")
-    say(f"val loss: the mean over the first {val_set.n_tokens:,} tokens of the val split ({val_set.n_windows} windows of {T})")
-    return train_loader, val_set
-
-
-def wrap_model(model, args, ctx):
-    """The model that runs the training (and val) forward passes: compiled, and under torchrun wrapped in DDP,
-    which averages the gradients over ranks during backward. Everything else uses the plain model."""
-    wrapped = torch.compile(model) if args.compile else model
-    if ctx.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        wrapped = DDP(wrapped, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
-    return wrapped
-
-
-def start_or_resume(args, ctx, checkpoint, model, optimizer, scaler, train_loader, sample_generator, log_file):
-    """(start step, last val loss): the checkpoint's, with the optimizer, data and RNG states restored;
-    or step 0 with a fresh log (and the earlier run's checkpoints deleted if --overwrite)."""
-    if checkpoint is None:
-        if ctx.master:
-            if args.overwrite:
-                prune_checkpoints(args.log_dir, keep=0)
-            open(log_file, "w").close()
-        return 0, None
-    load_optimizer_state(model, optimizer, checkpoint["optimizer"])
-    scaler.load_state_dict(checkpoint.get("scaler", {}))
-    train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
-    set_rng_state(checkpoint["rng"][ctx.rank], sample_generator)
-    if ctx.master:
-        truncate_log(log_file, checkpoint["step"])
-        print(f"resuming from {checkpoint['path']} at step {checkpoint['step']}")
-        if checkpoint["args"].get("data") != args.data:
-            print(f"the data moved ({checkpoint['args'].get('data')} -> {args.data}); its shards are the checkpoint's")
-    return checkpoint["step"], checkpoint.get("val_loss")
-
-
-# ---- evaluation and sampling
-
-
-@torch.no_grad()
-def evaluate_val(model, val_set, ctx, dtype):
-    """The mean loss per token over the val set: summed losses and token counts of all ranks, so that it does not
-    depend on the micro-batch or the number of ranks (each rank runs the same number of forward passes)."""
-    model.eval()
-    acc = torch.float32 if ctx.device_type == "mps" else torch.float64  # MPS has no float64
-    total = torch.zeros(2, dtype=acc, device=ctx.device)  # summed loss, tokens
-    for x, y, n in val_set.batches():
-        x, y = x.to(ctx.device), y.to(ctx.device)
-        with autocast_context(ctx.device_type, dtype):
-            _, loss = model(x, y)
-        if n:  # a micro-batch of padding only has a NaN mean (0/0)
-            total[0] += loss.detach().to(acc) * n
-            total[1] += n
-    if ctx.ddp:
-        torch.distributed.all_reduce(total, op=torch.distributed.ReduceOp.SUM)
-    return (total[0] / total[1]).item()
-
-
-@torch.no_grad()
-def sample(model, prompt, num_samples, max_new_tokens, generator, dtype, temperature=1.0, top_k=50):
-    """num_samples continuations of prompt, as text."""
-    import tiktoken
-
-    enc = tiktoken.get_encoding("gpt2")
-    model.eval()
-    device = next(model.parameters()).device
-    tokens = enc.encode(prompt) or [GPT2_EOT]
-    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(num_samples, 1)
-    with autocast_context(device.type, dtype):
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    return [enc.decode(row.tolist()) for row in out]
-
-
-# ---- one optimization step
-
-
-def train_step(train_model, optimizer, scaler, train_loader, grad_accum_steps, ctx, dtype, grad_clip):
-    """One optimizer step over grad_accum_steps micro-batches, at the learning rates set_lr put in the param
-    groups. Returns (mean loss, gradient norm) as floats; raises TrainingDiverged, before updating the weights,
-    if the loss is not finite."""
-    train_model.train()
-    optimizer.zero_grad(set_to_none=True)
-    loss_accum = torch.zeros((), device=ctx.device)
-    for micro_step in range(grad_accum_steps):
-        x, y = train_loader.next_batch()
-        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
-        # DDP all-reduces (FSDP reduce-scatters) gradients in backward; do it only once, after the last micro-step
-        sync = not ctx.ddp or micro_step == grad_accum_steps - 1
-        with gradient_sync(train_model, sync):
-            with autocast_context(ctx.device_type, dtype):
-                loss = train_model(x, y)[1]  # the full-logits path's logits: freed now, not kept through backward
-            # each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps makes
-            # the summed gradients those of the mean over the whole batch, not a sum of means
-            loss = loss / grad_accum_steps
-            loss_accum += loss.detach()
-            scaler.scale(loss).backward()
-    loss_accum = all_reduce_mean(loss_accum, ctx)
-    scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    loss_value, norm_value = loss_accum.item(), norm.item()
-    # with fp16 an inf norm is an overflow that GradScaler skips; otherwise a non-finite norm means divergence
-    if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not scaler.is_enabled()):
-        raise TrainingDiverged(f"the loss is {loss_value} (grad norm {norm_value})")
-    scaler.step(optimizer)
-    scaler.update()
-    return loss_value, norm_value
-
-
-# ---- the loop
-
-
-def train(args, ctx):
-    say = print if ctx.master else (lambda *a, **k: None)
-    dtype = setup_device(args, ctx)
-    if args.data.endswith(".txt"):
-        if ctx.master:
-            ensure_text_data(args.data)
-        if ctx.ddp:
-            torch.distributed.barrier()
-    os.makedirs(args.log_dir, exist_ok=True)
-    model, checkpoint = load_or_build_model(args, ctx)
-    config = model.config
-    check_seq_len(args.seq_len, config)
-    model.to(ctx.device)
-    if args.fsdp:  # sharded before --batch_size auto, which probes the sharded model
-        model, dtype = shard_model(model, ctx, dtype)  # dtype float32 then: FSDP casts to bf16 itself
-    B, T = choose_batch_size(args, model, ctx, dtype), args.seq_len
-    if args.batch_size == "auto":
-        say(f"--batch_size auto: micro-batch {B}")
-        args.batch_size = B
-    accum_steps = grad_accum_steps(args.total_batch_size, B, T, ctx.world_size)
-    model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T, head_is_fused(args, model))
-    train_loader, val_set = make_loaders(args, ctx, B)
-    if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
-        import hellaswag
-
-        try:
-            hellaswag.load_examples(data=args.hellaswag_data)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--hellaswag_data: {e}") from None
-
-    if args.fsdp:
-        if args.compile:
-            compile_blocks(model)
-        train_model = model
-    else:
-        train_model = wrap_model(model, args, ctx)
-    optimizer = make_optimizer(model, args, ctx.device_type)
-    # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
-    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
-    sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
-    log_file = os.path.join(args.log_dir, "log.txt")
-    start_step, val_loss = start_or_resume(args, ctx, checkpoint, model, optimizer, scaler, train_loader, sample_generator, log_file)
-    checkpoint = None  # free its tensors
-
-    say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
-    say(f"device {ctx.device} x {ctx.world_size} | dtype {args.precision} | compile {bool(args.compile)}{' | FSDP' if args.fsdp else ''}")
-    say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {accum_steps} accumulation steps")
-    say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
-    flops_per_step = flops_per_token(config, T) * args.total_batch_size
-    # the table holds tensor-core bf16/fp16 peaks (under FSDP, dtype is float32 and FSDP itself casts to bf16)
-    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device_type == "cuda" and args.precision != "float32" else None
-
-    stop = StopSignal()
-    stop.install()
-    try:
-        evals_done_at = start_step if start_step else -1  # a checkpoint is written after its step's evaluations
-        for step in range(start_step, args.max_steps + 1):
-            last_step = step == args.max_steps
-            if step != evals_done_at:
-                if args.val_every and (step % args.val_every == 0 or last_step):
-                    val_loss = evaluate_val(train_model, val_set, ctx, dtype)
-                    say(f"validation loss: {val_loss:.4f}")
-                    log_line(ctx, log_file, f"{step} val {val_loss:.4f}")
-                if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
-                    model.eval()
-                    n_correct, n_correct_norm, n_total = hellaswag.evaluate(
-                        # under FSDP each forward needs every rank: all ranks score all examples, in step
-                        model, ctx.device, data=args.hellaswag_data, rank=0 if args.fsdp else ctx.rank, world_size=1 if args.fsdp else ctx.world_size,
-                        autocast_dtype=None if dtype == torch.float32 else dtype,
-                    )
-                    say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
-                    log_line(ctx, log_file, f"{step} hella {n_correct_norm / n_total:.4f}")
-                # under FSDP every rank runs the sampling forward passes (each all-gathers the weights); rank 0 prints
-                if (ctx.master or args.fsdp) and args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step):
-                    for i, text in enumerate(sample(model, args.sample_prompt, 4, 32, sample_generator, dtype)):
-                        say(f"sample {i}: {text}")
-
-            stopping = stop.agreed(ctx, ctx.device)
-            if step > start_step and (last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)):
-                write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, sample_generator)
-            if last_step or stopping:
-                break
-
-            t0 = time.time()
-            lr = set_lr(optimizer, step, args)
-            epoch = train_loader.epoch
-            try:
-                loss, norm = train_step(train_model, optimizer, scaler, train_loader, accum_steps, ctx, dtype, args.grad_clip)
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"step {step}: {e}; stopping without a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}") from None
-            if ctx.device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            mfu = f" | mfu {100 * flops_per_step / dt / (peak * ctx.world_size):.1f}%" if peak else ""
-            say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{mfu}")
-            if train_loader.epoch != epoch:  # (rank 0's data) this step began a new pass over the train data
-                say(f"step {step}: epoch {train_loader.epoch + 1} of the train data begins; the data repeats from here")
-                log_line(ctx, log_file, f"{step} epoch {train_loader.epoch + 1}")
-            if step == start_step:  # the optimizer state exists after the first step
-                say(state_memory_line(model, optimizer, ctx))
-            log_line(ctx, log_file, f"{step} train {loss:.6f}")
-    finally:
-        stop.restore()
-
-
-def log_line(ctx, log_file, line):
-    if ctx.master:
-        with open(log_file, "a") as f:
-            f.write(line + "\n")
-
-
-def write_checkpoint(model, optimizer, scaler, args, ctx, step, val_loss, train_loader, sample_generator):
-    """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
-    if not params_finite(model, ctx):
-        raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower --max_lr or resume from the last checkpoint in {args.log_dir}")
-    loader_states = gather_objects(train_loader.state_dict(), ctx)
-    rng_states = gather_objects(get_rng_state(sample_generator), ctx)
-    model_state, optimizer_state = full_state_dicts(model, optimizer, ctx)  # gathered on rank 0 under FSDP
-    if ctx.master:
-        checkpoint = {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "scaler": scaler.state_dict(),
-            "config": asdict(model.config),
-            "args": vars(args),
-            "step": step,
-            "val_loss": val_loss,
-            "world_size": ctx.world_size,
-            "train_loader": loader_states,
-            "rng": rng_states,
-        }
-        path = os.path.join(args.log_dir, f"model_{step:05d}.pt")
-        save_checkpoint(checkpoint, path)
-        prune_checkpoints(args.log_dir, args.keep_checkpoints)
-        print(f"saved {path}")
-    if ctx.ddp:
-        torch.distributed.barrier()  # nobody exits or moves on before the file is complete
-
-
-# -----------------------------------------------------------------------------
-# FSDP2: parameters, gradients and optimizer state sharded over the ranks (--fsdp)
-#
-# DDP keeps everything on every GPU: 4 bytes of weights, 4 of gradients and 8 of AdamW moments per parameter. FSDP2
-# (torch.distributed.fsdp.fully_shard) keeps 1/world_size of each; a block's weights are all-gathered just before
-# its forward and backward, and its gradients reduce-scattered after. Parameters become DTensors, with the names of
-# the plain model, so the fused AdamW, clip_grad_norm_ (a global norm over all shards) and the checkpoint format
-# stay those of a single process: a checkpoint moves between one process, DDP and FSDP.
+# ---- model and optimizer state across ranks: a full copy on each (DDP) or shards (FSDP, below)
 
 
 def is_sharded(model):
@@ -2063,53 +1479,6 @@ def is_sharded(model):
 def local_part(t):
     """This rank's shard of a DTensor; a plain tensor as is."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def fsdp_api():
-    """(MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method): FSDP2, public in torch.distributed.fsdp
-    since torch 2.6 (torch 2.4 and 2.5 keep it under torch.distributed._composable)."""
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    except ImportError:
-        raise UsageError(f"--fsdp needs torch >= 2.6 (FSDP2 in torch.distributed.fsdp), this is torch "
-                         f"{torch.__version__}: upgrade torch (pip install -U torch) or drop --fsdp") from None
-    return MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-
-def shard_model(model, ctx, dtype):
-    """(train_model, autocast dtype). Each Block is one FSDP group, the root holds the rest: wte and lm_head are
-    one tied parameter, and both modules live in the root, so the tie survives sharding. The root is sharded in
-    place, so `model` and train_model are the same module (its forward all-gathers: every rank must call it).
-    Not compiled yet: compile_blocks, once --batch_size auto has probed the sharded model."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method = fsdp_api()
-    if dtype == torch.float16:
-        raise UsageError("--fsdp runs in bfloat16 or float32 (float16 would need a sharded gradient scaler): use --dtype bfloat16 or float32")
-    mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
-    # bf16: FSDP casts the gathered weights to bf16 for compute, keeps the fp32 master shards, and reduces gradients
-    # in fp32. Autocast on top would only re-cast the same weights, so it is switched off (LayerNorm runs in bf16).
-    # Inputs are not cast: a block's come from the bf16 root already, and the rotary cos/sin tables (--arch modern)
-    # stay float32 as under DDP's autocast
-    param_dtype = None if dtype == torch.float32 else dtype
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    # sampling and HellaSwag call these instead of forward(): they must gather the root's weights too
-    register_fsdp_forward_method(model, "generate")
-    register_fsdp_forward_method(model, "logits_at")
-    if ctx.master:
-        compute = "float32" if dtype == torch.float32 else f"{str(dtype).replace('torch.', '')} (FSDP casts the weights; no autocast)"
-        print(f"FSDP: {len(model.transformer.h)} blocks + root sharded over {ctx.world_size} ranks | compute {compute} | gradients reduced in float32")
-    return model, torch.float32
-
-
-def compile_blocks(model):
-    """torch.compile each block in place (names unchanged): under FSDP each compiled graph sits between two
-    all-gathers."""
-    for block in model.transformer.h:
-        block.compile()
 
 
 def gradient_sync(train_model, sync):
@@ -2126,7 +1495,7 @@ def params_finite(model, ctx):
     """Whether all parameters are finite; under FSDP each rank checks its shards and all ranks agree."""
     ok = torch.stack([local_part(p).isfinite().all() for p in model.parameters()]).all().float()
     if is_sharded(model):
-        torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 
 
@@ -2172,6 +1541,459 @@ def load_optimizer_state(model, optimizer, state):
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
+@dataclass
+class Run:
+    """A training run's state besides its flags: what train() decides at start (checkpoints save it with the
+    flags, see flags()) and the objects its steps share. train() never writes into args."""
+
+    args: argparse.Namespace
+    ctx: DistContext
+    dtype: torch.dtype = torch.float32  # the autocast dtype (float32 under FSDP, which casts the weights itself)
+    precision: str = "float32"  # the dtype the run trains in: a resumed run must train in the same
+    batch_size: int = None  # the micro-batch: --batch_size, what 'auto' chose, or the resumed run's
+    lr_decay_steps: int = None  # where the schedule ends: --max_steps, or a resumed run's (which --extend keeps)
+    accum_steps: int = 1
+    model: nn.Module = None  # the plain model: sampling, HellaSwag and checkpoints use it
+    train_model: nn.Module = None  # the one training runs: compiled, in DDP, or sharded (FSDP)
+    optimizer: object = None
+    scaler: torch.amp.GradScaler = None
+    train_loader: object = None  # anything with next_batch(), state_dict() and load_state_dict()
+    val_set: object = None
+    sample_generator: torch.Generator = None
+    log_file: str = None
+
+    def flags(self):
+        """The flags as checkpoints save them ("args"), with the run's precision, micro-batch and schedule end."""
+        decided = dict(precision=self.precision, batch_size=self.batch_size, lr_decay_steps=self.lr_decay_steps)
+        return {**vars(self.args), **decided}
+
+
+# ---- setup: each function below prepares one thing train() needs
+
+
+def grad_accum_steps(total_batch_size, B, T, world_size):
+    """Micro-steps per optimizer step: total_batch_size tokens in micro-batches of B x T on each rank."""
+    tokens_per_micro_step = B * T * world_size
+    if total_batch_size % tokens_per_micro_step:
+        raise UsageError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size*seq_len*world_size = "
+                         f"{B}*{T}*{world_size} = {tokens_per_micro_step}")
+    return total_batch_size // tokens_per_micro_step
+
+
+def check_seq_len(T, config):
+    if T > config.block_size:
+        raise UsageError(f"--seq_len {T} is longer than the model's block_size {config.block_size}")
+
+
+@contextlib.contextmanager
+def model_errors_as_usage_errors():
+    """The model raises plain ValueErrors (an unknown --model, a bad --init_from, an arch that does not export):
+    around the calls that build, load or export it for the command line, they are the user's input errors."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+
+def load_or_build_model(run):
+    """(model, checkpoint): the model of the checkpoint to resume (checkpoint is then its dict), or a new one.
+    Sets the run's micro-batch (a resumed 'auto' run keeps its own) and where its schedule ends."""
+    args = run.args
+    if not args.resume:
+        run.lr_decay_steps = lr_decay_steps(args, None)
+        if list_checkpoints(args.log_dir) and not args.overwrite:
+            raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
+                             "--overwrite to start over there, or choose another --log_dir")
+        with model_errors_as_usage_errors():
+            if args.init_from == "scratch":
+                return GPT(model_config(args.model, args.vocab_size, arch=args.arch)), None
+            model = GPT.from_pretrained(args.init_from)
+        # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
+        if model.config.arch != args.arch:
+            raise UsageError(f"--init_from {args.init_from} is an --arch {model.config.arch} model, not {args.arch}: "
+                             f"pass --arch {model.config.arch}")
+        return model, None
+    if args.resume == "auto":
+        path, checkpoint = find_resume_checkpoint(args.log_dir)
+    else:
+        path, checkpoint = args.resume, load_checkpoint(args.resume, resume=True)
+    if args.batch_size == "auto":  # the micro-batch the run chose
+        run.batch_size = checkpoint["args"]["batch_size"]
+    check_resume_compatible(checkpoint, run.flags(), run.ctx.world_size)
+    run.lr_decay_steps = lr_decay_steps(args, checkpoint)
+    checkpoint["path"] = path
+    with torch.device(run.ctx.device):  # built where it trains: no CPU copy of the model on each rank
+        model = GPT(GPTConfig(**checkpoint["config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model, checkpoint
+
+
+def make_loaders(args, ctx, B):
+    """The train loader, and the val set (None when --val_every is 0); says how many epochs the run is."""
+    say = print if ctx.master else (lambda *a, **k: None)
+    T = args.seq_len
+    train_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "train", args.data, shuffle=args.shuffle,
+                                  seed=args.seed)
+    epoch_tokens = train_loader.epoch_tokens()
+    epochs = args.max_steps * args.total_batch_size / epoch_tokens
+    say(f"train data: {epoch_tokens:,} tokens an epoch ({'shuffled' if args.shuffle else 'in order'}); "
+        f"{args.max_steps} steps x {args.total_batch_size:,} tokens = {epochs:.3g} epochs")
+    if epochs > 1:
+        say(f"warning: this run reads its train data {epochs:.3g} times over (log.txt marks each new epoch with `STEP "
+            "epoch N`)")
+    if not args.val_every:
+        return train_loader, None
+    val_tokens = args.val_tokens
+    if args.val_steps is not None:
+        val_tokens = args.val_steps * B * T * ctx.world_size
+        say(f"--val_steps is deprecated: --val_steps {args.val_steps} here means --val_tokens {val_tokens} "
+            f"({args.val_steps} x {B} x {T} x {ctx.world_size} ranks); use --val_tokens")
+    val_set = ValSet(B, T, ctx.rank, ctx.world_size, args.data, val_tokens)
+    if val_set.n_tokens != val_tokens:
+        say(f"note: --val_tokens {val_tokens} cut to {val_set.n_tokens}, whole windows of {T} that the val split "
+            f"({val_set.split_tokens:,} tokens) holds")
+    say(f"val loss: the mean over the first {val_set.n_tokens:,} tokens of the val split ({val_set.n_windows} windows "
+        f"of {T})")
+    return train_loader, val_set
+
+
+def wrap_model(model, args, ctx):
+    """The model that runs the training (and val) forward passes: compiled, and under torchrun wrapped in DDP,
+    which averages the gradients over ranks during backward. Everything else uses the plain model."""
+    wrapped = torch.compile(model) if args.compile else model
+    if ctx.ddp:
+        wrapped = DDP(wrapped, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+    return wrapped
+
+
+def start_or_resume(run, checkpoint):
+    """(start step, last val loss): the checkpoint's, with the optimizer, data and RNG states restored;
+    or step 0 with a fresh log (and the earlier run's checkpoints deleted if --overwrite)."""
+    args, ctx = run.args, run.ctx
+    if checkpoint is None:
+        if ctx.master:
+            if args.overwrite:
+                prune_checkpoints(args.log_dir, keep=0)
+            open(run.log_file, "w").close()
+        return 0, None
+    load_optimizer_state(run.model, run.optimizer, checkpoint["optimizer"])
+    run.scaler.load_state_dict(checkpoint.get("scaler", {}))
+    run.train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
+    set_rng_state(checkpoint["rng"][ctx.rank], run.sample_generator)
+    if ctx.master:
+        truncate_log(run.log_file, checkpoint["step"])
+        print(f"resuming from {checkpoint['path']} at step {checkpoint['step']}")
+        if checkpoint["args"].get("data") != args.data:
+            print(f"the data moved ({checkpoint['args'].get('data')} -> {args.data}); its shards are the checkpoint's")
+    return checkpoint["step"], checkpoint.get("val_loss")
+
+
+# ---- evaluation and sampling
+
+
+@torch.no_grad()
+def evaluate_val(model, val_set, ctx, dtype):
+    """The mean loss per token over the val set: summed losses and token counts of all ranks, so that it does not
+    depend on the micro-batch or the number of ranks (each rank runs the same number of forward passes)."""
+    model.eval()
+    acc = torch.float32 if ctx.device_type == "mps" else torch.float64  # MPS has no float64
+    total = torch.zeros(2, dtype=acc, device=ctx.device)  # summed loss, tokens
+    for x, y, n in val_set.batches():
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with autocast_context(ctx.device_type, dtype):
+            _, loss = model(x, y)
+        if n:  # a micro-batch of padding only has a NaN mean (0/0)
+            total[0] += loss.detach().to(acc) * n
+            total[1] += n
+    if ctx.ddp:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def sample(model, prompt, generator, dtype, num_samples=4, max_new_tokens=32, temperature=1.0, top_k=50):
+    """num_samples continuations of prompt, as text."""
+    enc = tiktoken.get_encoding("gpt2")
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = enc.encode(prompt) or [GPT2_EOT]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(num_samples, 1)
+    with autocast_context(device.type, dtype):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return [enc.decode(row.tolist()) for row in out]
+
+
+# ---- one optimization step
+
+
+def train_step(run):
+    """One optimizer step of run.train_model over run.accum_steps micro-batches of run.train_loader, at the learning
+    rates set_lr put in the param groups. Returns (mean loss, gradient norm) as floats; raises TrainingDiverged,
+    before updating the weights, if the loss is not finite."""
+    train_model, optimizer, scaler, ctx = run.train_model, run.optimizer, run.scaler, run.ctx
+    train_model.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss_accum = torch.zeros((), device=ctx.device)
+    for micro_step in range(run.accum_steps):
+        x, y = run.train_loader.next_batch()
+        x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
+        # DDP all-reduces (FSDP reduce-scatters) gradients in backward; do it only once, after the last micro-step
+        sync = not ctx.ddp or micro_step == run.accum_steps - 1
+        with gradient_sync(train_model, sync):
+            with autocast_context(ctx.device_type, run.dtype):
+                loss = train_model(x, y)[1]  # the full-logits path's logits: freed now, not kept through backward
+            # each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps makes
+            # the summed gradients those of the mean over the whole batch, not a sum of means
+            loss = loss / run.accum_steps
+            loss_accum += loss.detach()
+            scaler.scale(loss).backward()
+    loss_accum = all_reduce_mean(loss_accum, ctx)
+    scaler.unscale_(optimizer)
+    grad_clip = run.args.grad_clip
+    norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    loss_value, norm_value = loss_accum.item(), norm.item()
+    # with fp16 an inf norm is an overflow that GradScaler skips; otherwise a non-finite norm means divergence
+    if not math.isfinite(loss_value) or (not math.isfinite(norm_value) and not scaler.is_enabled()):
+        raise TrainingDiverged(f"the loss is {loss_value} (grad norm {norm_value})")
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_value, norm_value
+
+
+# ---- the loop
+
+
+def log_line(ctx, log_file, line):
+    if ctx.master:
+        with open(log_file, "a") as f:
+            f.write(line + "\n")
+
+
+def write_checkpoint(run, step, val_loss):
+    """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
+    model, ctx, log_dir = run.model, run.ctx, run.args.log_dir
+    if not params_finite(model, ctx):
+        raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower "
+                               f"--max_lr or resume from the last checkpoint in {log_dir}")
+    loader_states = gather_objects(run.train_loader.state_dict(), ctx)
+    rng_states = gather_objects(get_rng_state(run.sample_generator), ctx)
+    model_state, optimizer_state = full_state_dicts(model, run.optimizer, ctx)  # gathered on rank 0 under FSDP
+    if ctx.master:
+        checkpoint = {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scaler": run.scaler.state_dict(),
+            "config": asdict(model.config),
+            "args": run.flags(),
+            "step": step,
+            "val_loss": val_loss,
+            "world_size": ctx.world_size,
+            "train_loader": loader_states,
+            "rng": rng_states,
+        }
+        path = os.path.join(log_dir, f"model_{step:05d}.pt")
+        save_checkpoint(checkpoint, path)
+        prune_checkpoints(log_dir, run.args.keep_checkpoints)
+        print(f"saved {path}")
+    if ctx.ddp:
+        dist.barrier()  # nobody exits or moves on before the file is complete
+
+
+def run_evals(run, step, log):
+    """The evaluations due at this step: val loss (returned, else None), HellaSwag, samples."""
+    args, ctx, model, last_step = run.args, run.ctx, run.model, step == run.args.max_steps
+    say = print if ctx.master else (lambda *a, **k: None)
+    val_loss = None
+    if args.val_every and (step % args.val_every == 0 or last_step):
+        val_loss = evaluate_val(run.train_model, run.val_set, ctx, run.dtype)
+        say(f"validation loss: {val_loss:.4f}")
+        log(f"{step} val {val_loss:.4f}")
+    if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
+        model.eval()
+        # under FSDP each forward needs every rank: all ranks score all examples, in step
+        rank, world_size = (0, 1) if args.fsdp else (ctx.rank, ctx.world_size)
+        n_correct, n_correct_norm, n_total = hellaswag.evaluate(
+            model, ctx.device, data=args.hellaswag_data, rank=rank, world_size=world_size,
+            autocast_dtype=None if run.dtype == torch.float32 else run.dtype,
+        )
+        say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
+        log(f"{step} hella {n_correct_norm / n_total:.4f}")
+    # under FSDP every rank runs the sampling forward passes (each all-gathers the weights); rank 0 prints
+    due = args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step)
+    if (ctx.master or args.fsdp) and due:
+        for i, text in enumerate(sample(model, args.sample_prompt, run.sample_generator, run.dtype)):
+            say(f"sample {i}: {text}")
+    return val_loss
+
+
+def train(args, ctx):
+    """The training run. The optional machinery is reached through the calls marked "hook:" below."""
+    say = print if ctx.master else (lambda *a, **k: None)
+    run = Run(args, ctx, batch_size=None if args.batch_size == "auto" else args.batch_size)
+    run.dtype = setup_device(args, ctx)  # hook: hardware (dtype for the device, TF32, CPU allocator, seeds)
+    run.precision = str(run.dtype).replace("torch.", "")
+    if args.data.endswith(".txt"):
+        if ctx.master:
+            ensure_text_data(args.data)  # hook: input checks (downloads Tiny Shakespeare on first use)
+        if ctx.ddp:
+            dist.barrier()
+    os.makedirs(args.log_dir, exist_ok=True)
+    model, checkpoint = load_or_build_model(run)
+    config = model.config
+    check_seq_len(args.seq_len, config)
+    run.model = model.to(ctx.device)
+    if args.fsdp:  # hook: FSDP, before --batch_size auto, which probes the shards. run.dtype is float32 then: FSDP
+        run.train_model, run.dtype = shard_model(model, ctx, run.dtype)  # casts to bf16 itself
+    if run.batch_size is None:
+        run.batch_size = choose_batch_size(args, model, ctx, run.dtype)  # hook: batch-size probing
+        say(f"--batch_size auto: micro-batch {run.batch_size}")
+    B, T = run.batch_size, args.seq_len
+    run.accum_steps = grad_accum_steps(args.total_batch_size, B, T, ctx.world_size)
+    model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T, head_is_fused(args, model))  # hook: loss path
+    run.train_loader, run.val_set = make_loaders(args, ctx, B)
+    if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
+        try:
+            hellaswag.load_examples(data=args.hellaswag_data)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--hellaswag_data: {e}") from None
+
+    if args.fsdp:
+        if args.compile:
+            compile_blocks(model)  # hook: FSDP
+    else:
+        run.train_model = wrap_model(model, args, ctx)
+    run.optimizer = make_optimizer(model, args, ctx.device_type)
+    # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
+    run.scaler = torch.amp.GradScaler(ctx.device_type, enabled=run.dtype == torch.float16)
+    run.sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
+    run.log_file = os.path.join(args.log_dir, "log.txt")
+    log = functools.partial(log_line, ctx, run.log_file)
+    start_step, val_loss = start_or_resume(run, checkpoint)
+    checkpoint = None  # free its tensors
+
+    say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
+    say(f"device {ctx.device} x {ctx.world_size} | dtype {run.precision} | compile "
+        f"{bool(args.compile)}{' | FSDP' if args.fsdp else ''}")
+    say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {run.accum_steps} "
+        "accumulation steps")
+    say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
+    # hook: hardware, for the MFU. The peak table holds tensor-core bf16/fp16 peaks (under FSDP, run.dtype is
+    # float32 and FSDP itself casts to bf16: the precision says which)
+    flops_per_step = flops_per_token(config, T) * args.total_batch_size
+    on_tensor_cores = ctx.device_type == "cuda" and run.precision != "float32"
+    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if on_tensor_cores else None
+
+    stop = StopSignal()
+    stop.install()
+    try:
+        evals_done_at = start_step if start_step else -1  # a checkpoint is written after its step's evaluations
+        for step in range(start_step, args.max_steps + 1):
+            last_step = step == args.max_steps
+            if step != evals_done_at:
+                now = run_evals(run, step, log)
+                val_loss = val_loss if now is None else now  # None: no val loss at this step
+
+            stopping = stop.agreed(ctx, ctx.device)
+            due = last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)
+            if step > start_step and due:
+                write_checkpoint(run, step, val_loss)
+            if last_step or stopping:
+                break
+
+            t0 = time.time()
+            lr = set_lr(run.optimizer, step, args, run.lr_decay_steps)
+            epoch = run.train_loader.epoch
+            try:
+                loss, norm = train_step(run)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"step {step}: {e}; stopping without a checkpoint. Lower --max_lr or resume "
+                                       f"from the last checkpoint in {args.log_dir}") from None
+            if ctx.device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            mfu = f" | mfu {100 * flops_per_step / dt / (peak * ctx.world_size):.1f}%" if peak else ""
+            say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms | tok/sec "
+                f"{args.total_batch_size / dt:.0f}{mfu}")
+            if run.train_loader.epoch != epoch:  # (rank 0's data) this step began a new pass over the train data
+                new_epoch = run.train_loader.epoch + 1
+                say(f"step {step}: epoch {new_epoch} of the train data begins; the data repeats from here")
+                log(f"{step} epoch {new_epoch}")
+            if step == start_step:  # the optimizer state exists after the first step
+                say(state_memory_line(model, run.optimizer, ctx))  # hook: FSDP (state bytes per rank)
+            log(f"{step} train {loss:.6f}")
+    finally:
+        stop.restore()
+
+
+# =============================================================================
+# Optional machinery. Everything above is the seed's training run; what follows is reached from train() only
+# through its "hook:" calls (and from the command line).
+# =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# FSDP2: parameters, gradients and optimizer state sharded over the ranks (--fsdp)
+#
+# DDP keeps everything on every GPU: 4 bytes of weights, 4 of gradients and 8 of AdamW moments per parameter. FSDP2
+# (torch.distributed.fsdp.fully_shard) keeps 1/world_size of each; a block's weights are all-gathered just before
+# its forward and backward, and its gradients reduce-scattered after. Parameters become DTensors, with the names of
+# the plain model, so the fused AdamW, clip_grad_norm_ (a global norm over all shards) and the checkpoint format
+# stay those of a single process: a checkpoint moves between one process, DDP and FSDP.
+
+
+def fsdp_api():
+    """(MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method): FSDP2, public in torch.distributed.fsdp
+    since torch 2.6 (torch 2.4 and 2.5 keep it under torch.distributed._composable)."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    except ImportError:
+        raise UsageError(f"--fsdp needs torch >= 2.6 (FSDP2 in torch.distributed.fsdp), this is torch "
+                         f"{torch.__version__}: upgrade torch (pip install -U torch) or drop --fsdp") from None
+    return MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+
+def shard_model(model, ctx, dtype):
+    """(train_model, autocast dtype). Each Block is one FSDP group, the root holds the rest: wte and lm_head are
+    one tied parameter, and both modules live in the root, so the tie survives sharding. The root is sharded in
+    place, so `model` and train_model are the same module (its forward all-gathers: every rank must call it).
+    Not compiled yet: compile_blocks, once --batch_size auto has probed the sharded model."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method = fsdp_api()
+    if dtype == torch.float16:
+        raise UsageError("--fsdp runs in bfloat16 or float32 (float16 would need a sharded gradient scaler): use "
+                         "--dtype bfloat16 or float32")
+    mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
+    # bf16: FSDP casts the gathered weights to bf16 for compute, keeps the fp32 master shards, and reduces gradients
+    # in fp32. Autocast on top would only re-cast the same weights, so it is switched off (LayerNorm runs in bf16).
+    # Inputs are not cast: a block's come from the bf16 root already, and the rotary cos/sin tables (--arch modern)
+    # stay float32 as under DDP's autocast
+    param_dtype = None if dtype == torch.float32 else dtype
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for block in model.transformer.h:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # sampling and HellaSwag call these instead of forward(): they must gather the root's weights too
+    register_fsdp_forward_method(model, "generate")
+    register_fsdp_forward_method(model, "logits_at")
+    if ctx.master:
+        compute = "float32"
+        if dtype != torch.float32:
+            compute = f"{str(dtype).replace('torch.', '')} (FSDP casts the weights; no autocast)"
+        print(f"FSDP: {len(model.transformer.h)} blocks + root sharded over {ctx.world_size} ranks | compute {compute} "
+              "| gradients reduced in float32")
+    return model, torch.float32
+
+
+def compile_blocks(model):
+    """torch.compile each block in place (names unchanged): under FSDP each compiled graph sits between two
+    all-gathers."""
+    for block in model.transformer.h:
+        block.compile()
+
+
 def state_bytes_per_rank(model, optimizer):
     """Bytes this rank holds of parameters, gradients and optimizer state (its shards under FSDP)."""
     size = lambda t: local_part(t).numel() * local_part(t).element_size()  # noqa: E731
@@ -2185,12 +2007,347 @@ def state_bytes_per_rank(model, optimizer):
 
 def state_memory_line(model, optimizer, ctx):
     b = state_bytes_per_rank(model, optimizer)
-    how = f"FSDP, 1/{ctx.world_size} each" if is_sharded(model) else "a full copy" + (" on every rank" if ctx.ddp else "")
+    how = "a full copy" + (" on every rank" if ctx.ddp else "")
+    if is_sharded(model):
+        how = f"FSDP, 1/{ctx.world_size} each"
     return "state per rank: " + " | ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in b.items()) + f" ({how})"
 
 
 # -----------------------------------------------------------------------------
-# Command line
+# --batch_size auto and the loss path on GPUs: what the memory allows
+
+# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
+FULL_LOGITS_MEMORY_FRACTION = 0.25
+# eager (uncompiled root: --compile 0, or FSDP, which compiles the blocks), the soft-capped head of --arch modern
+# saves three float32 (B, T, vocab) tensors for backward (tanh's output and two of cross-entropy's; counted with
+# saved_tensors_hooks) and makes a gradient of that size: four, not one. Compiled, it is fused like GPT-2's head
+EAGER_SOFTCAP_LOGITS_COPIES = 4
+
+
+def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes, copies=1):
+    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
+    micro-batch's float32 logits (times copies of them) take at most FULL_LOGITS_MEMORY_FRACTION of the free
+    memory; else chunks. CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
+    if device_type == "cuda" and copies * n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
+        return 0
+    return default_loss_chunk_size(torch.device(device_type))
+
+
+def head_is_fused(args, model):
+    """Whether torch.compile sees the head and the loss together: a compiled root (FSDP compiles only the blocks)."""
+    return bool(args.compile) and not is_sharded(model)
+
+
+def training_loss_chunk_size(model, ctx, B, T, fused_head=True):
+    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
+    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
+    copies = 1 if fused_head or model.softcap is None else EAGER_SOFTCAP_LOGITS_COPIES
+    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free, copies)
+
+
+def find_batch_size(fits, largest):
+    """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
+    With largest = total_batch_size // (T * world_size) every divisor is a micro-batch the total batch allows."""
+    candidates = [b for b in range(1, max(1, largest) + 1) if largest % b == 0]
+    if fits(candidates[-1]):
+        return candidates[-1]
+    lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), candidates[hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(candidates[mid]) else (lo, mid)
+    if lo < 0:
+        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory; use a smaller --model or "
+                         "--seq_len")
+    return candidates[lo]
+
+
+def grow_batch_size(candidates, peak, budget):
+    """The largest of the ascending candidates b with peak(b) <= budget(b), trying them in order and stopping at
+    the first that fails or that the line through the last two peaks measured (from peak(0)) puts over budget.
+    0 if none fits."""
+    points, best = [(0, peak(0))], 0
+    for b in candidates:
+        if len(points) > 1:
+            (b0, m0), (b1, m1) = points[-2:]
+            if m1 + (m1 - m0) * (b - b1) / (b1 - b0) > budget(b):
+                break
+        m = peak(b)
+        if m > budget(b):
+            break
+        best = b
+        points.append((b, m))
+    return best
+
+
+def cuda_probe_peak(model, B, T, device, dtype):
+    """Peak bytes allocated during a forward and backward of micro-batch B (the model's own included); inf if it
+    runs out of memory."""
+    x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with autocast_context(device.split(":")[0], dtype):
+            _, loss = model(x, x)
+        loss.backward()
+        return torch.cuda.max_memory_allocated(device)
+    except torch.cuda.OutOfMemoryError:
+        if is_sharded(model) and hasattr(model, "reset_iter_state"):  # FSDP stopped mid-forward or -backward
+            model.reset_iter_state()
+        return math.inf
+    finally:
+        model.zero_grad(set_to_none=True)
+        loss = None
+        torch.cuda.empty_cache()
+
+
+# share of the GPU memory a probed step may peak at: the rest is for what the uncompiled probe does not show
+# (compile's workspace, the allocator's fragmentation, the val and HellaSwag passes)
+BATCH_PROBE_MEMORY_FRACTION = 0.85
+
+
+def training_state_bytes(num_params, ddp, fsdp_shards=0, accumulating=False):
+    """GPU bytes training holds that a forward+backward probe does not allocate: AdamW's two float32 moments per
+    parameter, and under DDP its float32 gradient buckets. Under FSDP (fsdp_shards ranks) the moments are sharded,
+    and FSDP accumulates float32 gradients of the whole model between micro-steps."""
+    if fsdp_shards:
+        return num_params * 8 // fsdp_shards + (num_params * 4 if accumulating else 0)
+    return num_params * (8 + (4 if ddp else 0))
+
+
+def cuda_usable_bytes(ctx):
+    """The GPU memory this process may use: what the other processes on this GPU leave us."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    return free + torch.cuda.memory_reserved(ctx.device)
+
+
+def cuda_step_budget(model, ctx):
+    """Bytes a probed forward+backward may peak at (the model's own parameters included)."""
+    usable = cuda_usable_bytes(ctx)
+    return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
+
+
+def agreed(value, ctx, op):
+    """A number agreed over the ranks (op: MIN or MAX); as is in a single process."""
+    if not ctx.ddp:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def agree_batch_size(find, ctx):
+    """find() on this rank, then the smallest B over the ranks. A rank where nothing fits (find raises) still joins
+    the all-reduce, so that every rank stops with the error instead of waiting for it until the NCCL timeout."""
+    try:
+        B, error = find(), None
+    except UsageError as e:
+        B, error = 0, e
+    if ctx.ddp:
+        b = torch.tensor([B], device=ctx.device)
+        dist.all_reduce(b, op=dist.ReduceOp.MIN)
+        B = int(b.item())
+    if B == 0:
+        raise error or UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory on another rank; "
+                                  "use a smaller --model or --seq_len")
+    return B
+
+
+def fsdp_batch_size(model, ctx, dtype, T, largest, fused_head=True):
+    """--batch_size auto under FSDP, probing the sharded model. Its forward and backward are collectives: every rank
+    runs the same probes (the smallest budget and the largest peak over ranks decide), and none that is expected
+    to run out of memory, since one rank failing would leave the others waiting in an all-gather. So micro-batches
+    go from small to large, each probed only if the line through the last two peaks keeps it within budget."""
+    usable = agreed(cuda_usable_bytes(ctx), ctx, dist.ReduceOp.MIN)
+    n = model.num_params()
+
+    def budget(b):  # the optimizer's shards, and the unsharded gradients accumulated when b needs micro-steps
+        return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(n, ctx.ddp, ctx.world_size, b < largest)
+
+    def peak(b):
+        if b == 0:  # the shards alone
+            return agreed(torch.cuda.memory_allocated(ctx.device), ctx, dist.ReduceOp.MAX)
+        model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused_head)
+        return agreed(cuda_probe_peak(model, b, T, ctx.device, dtype), ctx, dist.ReduceOp.MAX)
+
+    B = grow_batch_size([b for b in range(1, largest + 1) if largest % b == 0], peak, budget)
+    model.loss_chunk_size = None
+    if not B:
+        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory under FSDP; "
+                         "use more GPUs, a smaller --model or --seq_len")
+    return B
+
+
+def choose_batch_size(args, model, ctx, dtype):
+    """--batch_size, or for 'auto' the largest micro-batch that fits and divides the total batch (the same on
+    every rank). Under FSDP `model` is the sharded model."""
+    if args.batch_size != "auto":
+        return args.batch_size
+    T = args.seq_len
+    if args.total_batch_size % (T * ctx.world_size):
+        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len*world_size = "
+                         f"{T}*{ctx.world_size}, so no micro-batch adds up to it")
+    largest = args.total_batch_size // (T * ctx.world_size)
+    fused = head_is_fused(args, model)
+    if ctx.device_type == "cuda" and is_sharded(model):
+        return agree_batch_size(lambda: fsdp_batch_size(model, ctx, dtype, T, largest, fused), ctx)
+    if ctx.device_type == "cuda":
+        budget = cuda_step_budget(model, ctx)
+
+        def fits(b):
+            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused)  # the path training will use
+            return cuda_probe_peak(model, b, T, ctx.device, dtype) <= budget
+
+        B = agree_batch_size(lambda: find_batch_size(fits, largest), ctx)
+        model.loss_chunk_size = None
+        return B
+    # no reliable out-of-memory signal off CUDA: the OS kills the process instead. ~6 GB for gpt2 at T=1024
+    return agree_batch_size(lambda: find_batch_size(lambda b: b * T <= 8192, largest), ctx)
+
+
+# -----------------------------------------------------------------------------
+# Hardware: precision, FLOPs, memory allocator
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_native_bf16():
+    # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
+    try:
+        native = _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and native
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def cuda_has_native_bf16():
+    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
+    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
+    return torch.cuda.get_device_capability() >= (8, 0)
+
+
+def pick_dtype(requested, device_type):
+    """The autocast dtype. bf16 has float32's exponent range, so unlike fp16 it needs no loss scaling;
+    fp16 is for GPUs without bf16 (V100, T4)."""
+    if requested != "auto":
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+    if device_type == "cuda":
+        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+    if device_type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+# dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
+GPU_PEAK_FLOPS = [
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),  # SXM
+    ("H800", 989e12),
+    ("A100", 312e12),
+    ("A800", 312e12),
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("A10", 125e12),
+    ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12),
+    ("A6000", 155e12),
+    ("V100", 125e12),  # fp16
+    ("T4", 65e12),  # fp16
+]
+
+
+def gpu_peak_flops(device_name):
+    for key, flops in GPU_PEAK_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def flops_per_token(config, T):
+    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
+    (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the lm_head is one matmul
+    whether tied to wte (gpt2) or not (modern), and the modern block has the same matmuls (its norms, rotary
+    and soft-cap are elementwise, negligible): one formula for both archs."""
+    N = sum(
+        [
+            config.vocab_size * config.n_embd,  # lm_head (tied with wte or not)
+            config.n_layer * 12 * config.n_embd**2,  # attention 4 C^2, MLP 8 C^2
+        ]
+    )
+    return 6 * N + 12 * config.n_layer * config.n_embd * T
+
+
+def tune_cpu_allocator():
+    """Stop glibc from returning big buffers (activations, logits) to the OS after every step.
+
+    By default malloc serves blocks over 32 MB with mmap and munmaps them on free, so every step pays page
+    faults for hundreds of MB; on CPU that was ~30% of the time, in the kernel. Keeping them on the heap,
+    and never trimming it, lets the next step reuse the same memory.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # musl or another libc
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    ok = libc.mallopt(M_MMAP_MAX, 0) == 1
+    ok &= libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1  # an int: the largest it takes
+    return bool(ok)
+
+
+def setup_device(args, ctx):
+    """The autocast dtype, with the device's fast math switched on and the seeds set."""
+    dtype = pick_dtype(args.dtype, ctx.device_type)
+    if dtype == torch.float16 and ctx.device_type != "cuda":
+        raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or "
+                         "float32")
+    if ctx.device_type == "cuda":
+        # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.cuda.manual_seed(args.seed)
+    if ctx.device_type == "cpu":
+        tune_cpu_allocator()
+    torch.manual_seed(args.seed)
+    return dtype
+
+
+# -----------------------------------------------------------------------------
+# Input checks: flags and files, before any work starts
+
+
+def ensure_text_data(path):
+    """--data input.txt is Tiny Shakespeare: download it on first use."""
+    if os.path.exists(path) or os.path.basename(path) != "input.txt":
+        return
+    print(f"downloading Tiny Shakespeare to {path}")
+    try:
+        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
+            data = r.read()
+    except OSError as e:
+        raise UsageError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); download it yourself to "
+                         f"{path}, or `git checkout input.txt` in the repository") from None
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the download there ({e.strerror or e}); pass --data with a writable "
+                         "path") from None
 
 
 def positive_int(value):
@@ -2212,90 +2369,6 @@ def batch_size_arg(value):
         raise argparse.ArgumentTypeError(f"{e}; use a whole number >= 1 or 'auto'") from None
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Train GPT-2 (defaults: the 124M reproduction on FineWeb-Edu 10B), or sample from / export a model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    g = p.add_argument_group("data and model")
-    g.add_argument("--data", default="edu_fineweb10B", help="a directory of uint16 .npy token shards (from fineweb.py), or a .txt file tokenized at start (last 10%% = val); input.txt is downloaded if missing")
-    g.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN: N layers, width 64*N, N heads (d12 = gpt2)")
-    g.add_argument("--arch", default="gpt2", choices=list(ARCHS), help="gpt2: OpenAI's GPT-2 block; modern: rotary embeddings, RMSNorm, QK-norm, ReLU^2, no biases, zero-init projections, untied zero-init lm_head, logits soft-capped at 15 (not exportable to Hugging Face)")
-    g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to ignore them")
-    g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
-    g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
-    g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the largest that fits in GPU memory (with AdamW's state and a margin) and divides the total batch")
-    g.add_argument("--seq_len", type=int, default=1024, help="sequence length T")
-    g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19, ~0.5M as in GPT-3); reached by gradient accumulation")
-    g.add_argument("--max_steps", type=int, default=19073, help="19073 steps x 524288 tokens = 10B tokens, one epoch of FineWeb-Edu sample-10BT")
-    g.add_argument("--shuffle", action="store_true", help="each epoch, read the train shards and the batches within each shard in a new random order (from --seed and the epoch); default: the same order every epoch")
-    g.add_argument("--warmup_steps", type=int, default=715, help="375M tokens of linear warmup, as in GPT-3")
-    g.add_argument("--max_lr", type=float, default=6e-4)
-    g.add_argument("--min_lr", type=float, default=6e-5, help="cosine decay ends here (10%% of max_lr)")
-    g.add_argument("--weight_decay", type=float, default=0.1, help="on 2-D parameters (matmul weights, embeddings) only")
-    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
-    g = p.add_argument_group("faster recipes (README: Faster than the seed)")
-    g.add_argument("--recipe", default="gpt2", choices=sorted(RECIPES), help="a preset of the flags below (and --max_lr ...); flags given explicitly win over it. gpt2: the seed's recipe, i.e. these defaults; fast: " + ", ".join(f"--{k} {v}" for k, v in RECIPES["fast"].items()))
-    g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' 2-D matrices, AdamW (--max_lr, --embed_lr) for embeddings, head, biases and gains")
-    g.add_argument("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine decay to --min_lr, or wsd: constant, then linear decay over the last --decay_frac of the steps")
-    g.add_argument("--decay_frac", type=float, default=0.2, help="wsd: the fraction of --max_steps spent decaying")
-    g.add_argument("--muon_lr", type=float, default=0.02, help="Muon's peak lr (decays to the same fraction of it as --min_lr of --max_lr)")
-    g.add_argument("--muon_momentum", type=float, default=0.95, help="Muon's (Nesterov) momentum")
-    g.add_argument("--muon_weight_decay", type=float, default=0.0, help="Muon's decoupled weight decay")
-    g.add_argument("--embed_lr", type=float, default=None, help="with --optimizer muon: AdamW's lr for the embeddings and lm_head (default: --max_lr)")
-    g = p.add_argument_group("evaluation and logging")
-    g.add_argument("--val_every", type=int, default=250, help="val loss every N steps (0 = off)")
-    g.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8, help="the val loss is the mean loss over the first N tokens of the val split, whatever the batch size and number of GPUs (default: 20 x 64 x 1024 x 8, the 8-GPU reproduction's); cut to what the split holds")
-    g.add_argument("--val_steps", type=int, default=None, help="deprecated: use --val_tokens; N micro-batches of every rank (N x batch_size x seq_len x GPUs tokens)")
-    g.add_argument("--hellaswag_every", type=int, default=250, help="HellaSwag acc_norm every N steps (0 = off)")
-    g.add_argument("--hellaswag_data", default=None, help="a local HellaSwag jsonl (default: download the val split)")
-    g.add_argument("--sample_every", type=int, default=250, help="print samples every N steps (0 = off)")
-    g.add_argument("--sample_prompt", default="Hello, I'm a language model,", help="the prompt those samples continue")
-    g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps (0 = only at the end); the last step always writes one")
-    g.add_argument("--keep_checkpoints", type=int, default=2, help="keep the newest N checkpoints (and any marked with a model_XXXXX.pt.keep file)")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from the newest checkpoint in --log_dir, or from PATH")
-    g.add_argument("--extend", action="store_true", help="with --resume: train on to a new --max_steps; the LR schedule stays the checkpoint's (cosine to its max_steps), the added steps run at --min_lr")
-    g.add_argument("--overwrite", action="store_true", help="start a new run in a --log_dir that holds an earlier run's checkpoints (deletes them)")
-    g = p.add_argument_group("system")
-    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="autocast dtype; auto = bfloat16 where the device has it natively, float16 on older GPUs, else float32")
-    g.add_argument("--compile", type=int, default=1, choices=[0, 1], help="torch.compile the model")
-    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer state over the ranks (FSDP2) instead of a full copy per GPU (DDP); for models that do not fit one GPU (gpt2-medium to gpt2-xl)")
-    g.add_argument("--seed", type=int, default=1337)
-    g = p.add_argument_group("sampling and export (with --init_from; no training)")
-    g.add_argument("--sample", default=None, metavar="PROMPT", help="print samples continuing PROMPT and exit")
-    g.add_argument("--num_samples", type=int, default=4)
-    g.add_argument("--max_new_tokens", type=int, default=32)
-    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    g.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (1 = greedy, 0 = all)")
-    g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face GPT-2 directory and exit")
-    args = p.parse_args(argv)
-    # parsed again with no defaults, the namespace holds only the flags on the command line: those win over the preset
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    apply_recipe(args, given=vars(p.parse_args(argv)))
-    return args
-
-
-# --recipe presets: flag values, measured best at small scale (README: Faster than the seed). A flag this script does
-# not have is skipped, so "arch" takes effect once --arch (the modern block) exists.
-RECIPES = {
-    "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
-    # measured best on CPU (bench.py --mode recipe, README "Faster than the seed"); embed_lr: the AdamW lr of the
-    # embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's records go higher still)
-    "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3, "arch": "modern", "embed_lr": 6e-3},
-}
-
-
-def apply_recipe(args, given):
-    """Set the --recipe preset's values on args, except for flags the user gave explicitly (in `given`)."""
-    for name, value in RECIPES[args.recipe].items():
-        if hasattr(args, name) and name not in given:
-            setattr(args, name, value)
-
-
 def check_output_dir(path, flag):
     """A directory the program will write: it must be a directory (or creatable as one) that we can write."""
     target = os.path.abspath(path)
@@ -2314,7 +2387,8 @@ def check_export_dir(path):
     if os.path.isdir(path):
         others = sorted(set(os.listdir(path)) - EXPORT_FILES)
         if others:
-            raise UsageError(f"{path}: --export directory already holds other files ({', '.join(others[:3])}); pass a new or empty directory")
+            raise UsageError(f"{path}: --export directory already holds other files ({', '.join(others[:3])}); pass a "
+                             "new or empty directory")
 
 
 def check_args(args):
@@ -2325,7 +2399,8 @@ def check_args(args):
             raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.val_steps is not None and args.val_steps < 1:
         raise UsageError(f"--val_steps must be >= 1, got {args.val_steps} (and it is deprecated: use --val_tokens)")
-    for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every", "max_new_tokens"]:
+    for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every",
+                 "max_new_tokens"]:
         if getattr(args, name) < 0:
             raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
     if not 0 <= args.decay_frac <= 1:
@@ -2338,37 +2413,168 @@ def check_args(args):
     if args.vocab_size < GPT2_VOCAB:
         raise UsageError(f"--vocab_size {args.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} tokens")
     if args.init_from == "scratch":
-        check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))  # also raises on an unknown --model
+        with model_errors_as_usage_errors():  # an unknown --model
+            config = model_config(args.model, args.vocab_size)
+        check_seq_len(args.seq_len, config)
     if args.batch_size != "auto":
         grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
     if args.extend and not args.resume:
         raise UsageError("--extend continues a run: pass it with --resume")
-    if args.fsdp and not ("RANK" in os.environ and "WORLD_SIZE" in os.environ) and args.sample is None and not args.export:
-        raise UsageError("--fsdp shards the model over the processes of a torchrun launch: run `torchrun --standalone --nproc_per_node=N train_gpt2.py --fsdp ...`, or drop --fsdp")
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    if args.fsdp and not under_torchrun and args.sample is None and not args.export:
+        raise UsageError("--fsdp shards the model over the processes of a torchrun launch: run `torchrun --standalone "
+                         "--nproc_per_node=N train_gpt2.py --fsdp ...`, or drop --fsdp")
     if args.fsdp:
         fsdp_api()  # an old torch: said now, not after the model is built
     if args.fsdp and args.optimizer == "muon":  # Newton-Schulz needs each whole matrix; FSDP leaves a rank a slice
-        raise UsageError("--optimizer muon does not run under --fsdp yet (it orthogonalizes whole matrices, FSDP shards them): use DDP (drop --fsdp) or --optimizer adamw")
+        raise UsageError("--optimizer muon does not run under --fsdp yet (it orthogonalizes whole matrices, FSDP "
+                         "shards them): use DDP (drop --fsdp) or --optimizer adamw")
     if (args.sample is not None or args.export) and args.init_from == "scratch":
-        raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face directory, or log/model_XXXXX.pt)")
+        raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face "
+                         "directory, or log/model_XXXXX.pt)")
     if args.export:
         check_export_dir(args.export)
     elif args.sample is None:  # training writes log.txt and checkpoints
         check_output_dir(args.log_dir, "--log_dir")
 
 
+# -----------------------------------------------------------------------------
+# Command line
+
+
+# --recipe presets: flag values, measured best at small scale (README: Faster than the seed)
+RECIPE_PRESETS = {
+    "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
+    # measured best on CPU (bench.py --mode recipe, README "Faster than the seed"); embed_lr: the AdamW lr of the
+    # embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's records go higher still)
+    "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3,
+             "arch": "modern", "embed_lr": 6e-3},
+}
+
+
+def apply_recipe(args, given):
+    """Set the --recipe preset's values on args, except for flags the user gave explicitly (in `given`)."""
+    for name, value in RECIPE_PRESETS[args.recipe].items():
+        if name not in given:
+            setattr(args, name, value)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train GPT-2 (defaults: the 124M reproduction on FineWeb-Edu 10B), or sample from / export a "
+            "model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default="edu_fineweb10B", help="a directory of uint16 .npy token shards (from "
+        "fineweb.py), or a .txt file tokenized at start (last 10%% = val); input.txt is downloaded if missing")
+    g.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN: N layers, width "
+                   "64*N, N heads (d12 = gpt2)")
+    g.add_argument("--arch", default="gpt2", choices=list(ARCHS), help="gpt2: OpenAI's GPT-2 block; modern: rotary "
+        "embeddings, RMSNorm, QK-norm, ReLU^2, no biases, zero-init projections, untied zero-init lm_head, logits "
+                   "soft-capped at 15 (not exportable to Hugging Face)")
+    g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul "
+        "kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to ignore them")
+    g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face "
+                   "directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
+    g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
+    g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the "
+                   "largest that fits in GPU memory (with AdamW's state and a margin) and divides the total batch")
+    g.add_argument("--seq_len", type=int, default=1024, help="sequence length T")
+    g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19, ~0.5M as in "
+                   "GPT-3); reached by gradient accumulation")
+    g.add_argument("--max_steps", type=int, default=19073, help="19073 steps x 524288 tokens = 10B tokens, one epoch "
+                   "of FineWeb-Edu sample-10BT")
+    g.add_argument("--shuffle", action="store_true", help="each epoch, read the train shards and the batches within "
+                   "each shard in a new random order (from --seed and the epoch); default: the same order every epoch")
+    g.add_argument("--warmup_steps", type=int, default=715, help="375M tokens of linear warmup, as in GPT-3")
+    g.add_argument("--max_lr", type=float, default=6e-4)
+    g.add_argument("--min_lr", type=float, default=6e-5, help="cosine decay ends here (10%% of max_lr)")
+    g.add_argument("--weight_decay", type=float, default=0.1, help="on 2-D parameters (matmul weights, embeddings) "
+                   "only")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g = p.add_argument_group("faster recipes (README: Faster than the seed)")
+    fast = ", ".join(f"--{k} {v}" for k, v in RECIPE_PRESETS["fast"].items())
+    g.add_argument("--recipe", default="gpt2", choices=sorted(RECIPE_PRESETS),
+                   help="a preset of the flags below (and --max_lr ...); flags given explicitly win over it. gpt2: the "
+                   f"seed's recipe, i.e. these defaults; fast: {fast}")
+    g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' 2-D "
+                   "matrices, AdamW (--max_lr, --embed_lr) for embeddings, head, biases and gains")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine decay to "
+                   "--min_lr, or wsd: constant, then linear decay over the last --decay_frac of the steps")
+    g.add_argument("--decay_frac", type=float, default=0.2, help="wsd: the fraction of --max_steps spent decaying")
+    g.add_argument("--muon_lr", type=float, default=0.02, help="Muon's peak lr (decays to the same fraction of it as "
+                   "--min_lr of --max_lr)")
+    g.add_argument("--muon_momentum", type=float, default=0.95, help="Muon's (Nesterov) momentum")
+    g.add_argument("--muon_weight_decay", type=float, default=0.0, help="Muon's decoupled weight decay")
+    g.add_argument("--embed_lr", type=float, default=None, help="with --optimizer muon: AdamW's lr for the embeddings "
+                   "and lm_head (default: --max_lr)")
+    g = p.add_argument_group("evaluation and logging")
+    g.add_argument("--val_every", type=int, default=250, help="val loss every N steps (0 = off)")
+    g.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8, help="the val loss is the mean loss over the "
+        "first N tokens of the val split, whatever the batch size and number of GPUs (default: 20 x 64 x 1024 x 8, the "
+                   "8-GPU reproduction's); cut to what the split holds")
+    g.add_argument("--val_steps", type=int, default=None, help="deprecated: use --val_tokens; N micro-batches of every "
+                   "rank (N x batch_size x seq_len x GPUs tokens)")
+    g.add_argument("--hellaswag_every", type=int, default=250, help="HellaSwag acc_norm every N steps (0 = off)")
+    g.add_argument("--hellaswag_data", default=None, help="a local HellaSwag jsonl (default: download the val split)")
+    g.add_argument("--sample_every", type=int, default=250, help="print samples every N steps (0 = off)")
+    g.add_argument("--sample_prompt", default="Hello, I'm a language model,", help="the prompt those samples continue")
+    g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps (0 = only at the end); "
+                   "the last step always writes one")
+    g.add_argument("--keep_checkpoints", type=int, default=2, help="keep the newest N checkpoints (and any marked with "
+                   "a model_XXXXX.pt.keep file)")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from the newest checkpoint in "
+                   "--log_dir, or from PATH")
+    g.add_argument("--extend", action="store_true", help="with --resume: train on to a new --max_steps; the LR "
+                   "schedule stays the checkpoint's (cosine to its max_steps), the added steps run at --min_lr")
+    g.add_argument("--overwrite", action="store_true", help="start a new run in a --log_dir that holds an earlier "
+                   "run's checkpoints (deletes them)")
+    g = p.add_argument_group("system")
+    g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N, mps")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="autocast dtype; auto = bfloat16 where the device has it natively, float16 on older GPUs, "
+                   "else float32")
+    g.add_argument("--compile", type=int, default=1, choices=[0, 1], help="torch.compile the model")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
+        "state over the ranks (FSDP2) instead of a full copy per GPU (DDP); for models that do not fit one GPU "
+                   "(gpt2-medium to gpt2-xl)")
+    g.add_argument("--seed", type=int, default=1337)
+    g = p.add_argument_group("sampling and export (with --init_from; no training)")
+    g.add_argument("--sample", default=None, metavar="PROMPT", help="print samples continuing PROMPT and exit")
+    g.add_argument("--num_samples", type=int, default=4)
+    g.add_argument("--max_new_tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (1 = greedy, 0 = all)")
+    g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face GPT-2 "
+                   "directory and exit")
+    args = p.parse_args(argv)
+    # parsed again with no defaults, the namespace holds only the flags on the command line: those win over the preset
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    apply_recipe(args, given=vars(p.parse_args(argv)))
+    return args
+
+
 def sample_or_export(args):
-    model = GPT.from_pretrained(args.init_from)
+    with model_errors_as_usage_errors():
+        model = GPT.from_pretrained(args.init_from)
+        if args.export:
+            model.save_pretrained(args.export)
     if args.export:
-        model.save_pretrained(args.export)
-        print(f"wrote a Hugging Face GPT-2 model and tokenizer to {args.export} (load them with GPT2LMHeadModel and AutoTokenizer .from_pretrained)")
+        print(f"wrote a Hugging Face GPT-2 model and tokenizer to {args.export} (load them with GPT2LMHeadModel and "
+              "AutoTokenizer .from_pretrained)")
     if args.sample is None:
         return
     device = pick_device(args.device)
     model.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     dtype = pick_dtype(args.dtype, device.split(":")[0])
-    for text in sample(model, args.sample, args.num_samples, args.max_new_tokens, generator, dtype, args.temperature, args.top_k or None):
+    texts = sample(model, args.sample, generator, dtype, args.num_samples, args.max_new_tokens, args.temperature,
+                   args.top_k or None)
+    for text in texts:
         print(f"> {text}")
 
 
@@ -2389,8 +2595,9 @@ def main(argv=None):
         sys.exit(1)
     finally:
         if ctx is not None and ctx.ddp:
-            torch.distributed.destroy_process_group()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
     main()
+

@@ -5,6 +5,7 @@
 Without CUDA these tests skip ("needs CUDA"), and those that need two GPUs skip on one. The CPU tests at the end
 cover the GPU paths' logic where PyTorch allows it on a CPU (faked memory queries, inductor's partitioner, gloo).
 """
+import argparse
 import math
 import os
 import re
@@ -176,17 +177,18 @@ def test_compiled_chunked_loss_peak_memory_is_at_most_the_eager_probes(dtype):
 @needs_cuda
 def test_fp16_grad_scaler_skips_an_overflowing_step_and_lowers_the_scale():
     model = tiny_model()
-    optimizer = model.configure_optimizers(0.1, 1e-3, "cuda")
-    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**40)  # loss x 2^40 overflows fp16's 65504
-    loader = tg.DataLoaderLite(4, 64, data_root=str(ROOT / "input.txt"))
-    ctx = tg.DistContext(False, 0, 0, 1, "cuda")
+    run = tg.Run(argparse.Namespace(grad_clip=1.0), tg.DistContext(False, 0, 0, 1, "cuda"), dtype=torch.float16,
+                 train_model=model, optimizer=tg.configure_optimizers(model, 0.1, 1e-3, "cuda"),
+                 scaler=torch.amp.GradScaler("cuda", init_scale=2.0**40),  # loss x 2^40 overflows fp16's 65504
+                 train_loader=tg.DataLoaderLite(4, 64, data_root=str(ROOT / "input.txt")))
+    scaler = run.scaler
     before = [p.detach().clone() for p in model.parameters()]
-    loss, norm = tg.train_step(model, optimizer, scaler, loader, 1, ctx, torch.float16, 1.0)
+    loss, norm = tg.train_step(run)
     assert math.isfinite(loss) and not math.isfinite(norm)  # a finite loss, an overflowing gradient: no divergence
     assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # the step was skipped
     assert scaler.get_scale() == 2.0**39
     for _ in range(30):  # the scale halves at each overflow until the gradients fit, then steps resume
-        loss, norm = tg.train_step(model, optimizer, scaler, loader, 1, ctx, torch.float16, 1.0)
+        loss, norm = tg.train_step(run)
     assert math.isfinite(norm)
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
@@ -475,7 +477,7 @@ def test_checkpoints_load_memory_mapped(tmp_path):
     """Every rank loads the checkpoint: memory-mapped, its tensors are pages of the file in the page cache, shared by
     the ranks of a node and read only where used (--init_from never reads the optimizer state)."""
     model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=128, n_layer=1, n_head=2, n_embd=16))
-    optimizer = model.configure_optimizers(0.1, 1e-3, "cpu")
+    optimizer = tg.configure_optimizers(model, 0.1, 1e-3, "cpu")
     model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 4, dtype=torch.long))[1].backward()
     optimizer.step()
     path = tmp_path / "model_00000.pt"
@@ -486,7 +488,7 @@ def test_checkpoints_load_memory_mapped(tmp_path):
     loaded = tg.GPT.from_pretrained(str(path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     # on a CPU AdamW would keep the tensors it is given: its state must not stay pages of the file
-    resumed = loaded.configure_optimizers(0.1, 1e-3, "cpu")
+    resumed = tg.configure_optimizers(loaded, 0.1, 1e-3, "cpu")
     tg.load_optimizer_state(loaded, resumed, checkpoint["optimizer"])
     moments = [v for s in resumed.state.values() for v in s.values() if v.dim()]
     assert moments and not any(mapped_file(v.data_ptr()) == str(path) for v in moments)
@@ -547,8 +549,9 @@ def test_train_step_lets_the_logits_go_before_backward(tmp_path, shakespeare_fil
     loader = tg.DataLoaderLite(2, 32, data_root=str(text))
     loader.shards = [s % 512 for s in loader.shards]  # the tiny vocab
     ctx = tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    tg.train_step(watch, model.configure_optimizers(0.1, 1e-3, "cpu"), scaler, loader, 2, ctx, torch.float32, 1.0)
+    tg.train_step(tg.Run(argparse.Namespace(grad_clip=1.0), ctx, accum_steps=2, train_model=watch, train_loader=loader,
+                         optimizer=tg.configure_optimizers(model, 0.1, 1e-3, "cpu"),
+                         scaler=torch.amp.GradScaler("cpu", enabled=False)))
     assert watch.alive_in_backward == [False, False]
 
 

@@ -305,11 +305,11 @@ def test_tokenizer_is_the_real_gpt2_vocab():
 
 
 def test_from_pretrained_bad_inputs(tmp_path):
-    with pytest.raises(tg.UsageError, match="gpt2-medium.*gpt2-xl") as e:
+    with pytest.raises(ValueError, match="gpt2-medium.*gpt2-xl") as e:
         tg.GPT.from_pretrained("gpt5")
     assert "\n" not in str(e.value)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(tg.UsageError, match="no config.json"):
+    with pytest.raises(ValueError, match="no config.json"):
         tg.GPT.from_pretrained(tmp_path / "empty")
     bogus = tmp_path / "bogus.pt"
     torch.save({"weights": torch.zeros(3)}, bogus)
@@ -425,7 +425,7 @@ def test_lr_schedule():
 
 def test_optimizer_groups():
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
-    opt = model.configure_optimizers(0.1, 6e-4, "cpu")
+    opt = tg.configure_optimizers(model, 0.1, 6e-4, "cpu")
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
@@ -808,14 +808,13 @@ def test_resume_keeps_the_schedule_unless_extended_and_refuses_another_precision
     ("bfloat16", {}, "bfloat16", None),
 ])
 def test_resume_refuses_another_precision(saved, scaler, now, refused):
-    checkpoint = {"args": {"precision": saved} if saved else {}, "scaler": scaler, "step": 10}
-    args = tg.parse_args(["--dtype", now])
-    args.precision = now
+    checkpoint = tg.upgrade_checkpoint({"args": {"precision": saved} if saved else {}, "scaler": scaler, "step": 10})
+    flags = {**vars(tg.parse_args(["--dtype", now])), "precision": now}
     if refused is None:
-        tg.check_resume_compatible(checkpoint, args, 1)
+        tg.check_resume_compatible(checkpoint, flags, 1)
         return
     with pytest.raises(tg.UsageError, match=refused):
-        tg.check_resume_compatible(checkpoint, args, 1)
+        tg.check_resume_compatible(checkpoint, flags, 1)
 
 
 def test_resume_follows_moved_data_and_refuses_other_data(tmp_path, shakespeare):
@@ -949,9 +948,9 @@ def foreign_checkpoints(tmp_path):
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
     sd, config = model.state_dict(), asdict(model.config)
     kinds = {
-        "missing": ({k: v for k, v in sd.items() if "ln_f" not in k}, config, "missing transformer.ln_f.weight"),
-        "extra": (dict(sd, **{"transformer.h.1.ln_1.weight": torch.ones(32)}), config, "unexpected transformer.h.1.ln_1.weight"),
-        "shapes": (sd, dict(config, n_embd=64), "tensor shapes do not fit its config"),
+        "missing": ({k: v for k, v in sd.items() if "ln_f" not in k}, config, 'Missing key(s) in state_dict: "transformer.ln_f.weight"'),
+        "extra": (dict(sd, **{"transformer.h.1.ln_1.weight": torch.ones(32)}), config, 'Unexpected key(s) in state_dict: "transformer.h.1.ln_1.weight"'),
+        "shapes": (sd, dict(config, n_embd=64), "size mismatch for transformer.wte.weight"),
         "config": (sd, {"hidden_size": 32, "num_layers": 1}, "its config is not a GPT config"),
     }
     out = {}
@@ -1018,7 +1017,7 @@ def test_bad_hugging_face_directories_are_refused(tmp_path):
         (variant("partial", drop_ln_f), "its weights lack 2 of GPT-2's tensors"),
     ]
     for d, message in cases:
-        with pytest.raises(tg.UsageError, match=re.escape(message)) as e:
+        with pytest.raises(ValueError, match=re.escape(message)) as e:
             tg.GPT.from_pretrained(d)
         assert "\n" not in str(e.value) and str(d) in str(e.value)
     assert_one_line_error(run_cli(["--init_from", cases[0][0], "--sample", "hi"], tmp_path, check=False), "not GPT-2")
@@ -1252,7 +1251,7 @@ def test_fsdp_matches_ddp_and_writes_plain_checkpoints(reference_runs, fsdp_run)
     plain = tg.GPT(tg.GPTConfig(**ckpt["config"]))
     assert ckpt["model"].keys() == plain.state_dict().keys()
     assert torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"])
-    optimizer = plain.configure_optimizers(0.1, 1e-3, "cpu")
+    optimizer = tg.configure_optimizers(plain, 0.1, 1e-3, "cpu")
     params = [p for g in optimizer.param_groups for p in g["params"]]
     assert [i for g in ckpt["optimizer"]["param_groups"] for i in g["params"]] == list(range(len(params)))
     for i, p in enumerate(params):
@@ -1468,7 +1467,6 @@ def test_make_optimizer_muon_groups_and_schedule():
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
     args = tg.parse_args(["--optimizer", "muon", "--muon_lr", "0.03", "--embed_lr", "1e-3", "--schedule", "wsd", "--max_steps", "100", "--warmup_steps", "10"])
-    args.lr_decay_steps = args.max_steps  # what train() sets for a new run
     opt = tg.make_optimizer(model, args, "cpu")
     embed, gains, muon = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
@@ -1477,19 +1475,19 @@ def test_make_optimizer_muon_groups_and_schedule():
     assert all(p.dim() == 1 for p in gains["params"]) and gains["weight_decay"] == 0.0 and embed["weight_decay"] == 0.1
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
     # each group between its own peak and the same final fraction of it
-    assert [(g["initial_lr"], g["min_lr"]) for g in opt.param_groups] == [(1e-3, pytest.approx(1e-4)), (6e-4, 6e-5), (0.03, pytest.approx(0.003))]
-    assert tg.set_lr(opt, 50, args) == 1e-3 and muon["lr"] == 0.03 and gains["lr"] == 6e-4
-    tg.set_lr(opt, 90, args)  # halfway through the decay (the last 20 steps)
+    assert opt.lr_bounds == [(1e-3, pytest.approx(1e-4)), (6e-4, 6e-5), (0.03, pytest.approx(0.003))]
+    assert tg.set_lr(opt, 50, args, 100) == 1e-3 and muon["lr"] == 0.03 and gains["lr"] == 6e-4
+    tg.set_lr(opt, 90, args, 100)  # halfway through the decay (the last 20 steps)
     assert muon["lr"] == pytest.approx(0.0165) and gains["lr"] == pytest.approx(3.3e-4)
     # a resumed run keeps its own flags' schedule (as with --max_steps), not the one saved in the checkpoint
     again = tg.make_optimizer(model, tg.parse_args(["--optimizer", "muon", "--muon_lr", "0.05"]), "cpu")
     again.load_state_dict(opt.state_dict())
-    assert again.param_groups[2]["initial_lr"] == 0.05 and again.param_groups[0]["initial_lr"] == 6e-4
+    tg.set_lr(again, 50, args, 100)
+    assert again.param_groups[2]["lr"] == 0.05 and again.param_groups[0]["lr"] == 6e-4
     # the default recipe: the seed's AdamW, every group at --max_lr
     default = tg.parse_args([])
-    default.lr_decay_steps = default.max_steps
     opt = tg.make_optimizer(model, default, "cpu")
-    assert isinstance(opt, torch.optim.AdamW) and tg.set_lr(opt, 1000, default) == tg.get_lr(1000, 6e-4, 6e-5, 715, 19073)
+    assert isinstance(opt, torch.optim.AdamW) and tg.set_lr(opt, 1000, default, default.max_steps) == tg.get_lr(1000, 6e-4, 6e-5, 715, 19073)
 
 
 def test_wsd_schedule():
@@ -1526,11 +1524,11 @@ def test_muon_under_grad_scaler_equals_unscaled_step():
 def test_recipe_preset_and_explicit_flags_win():
     fast = tg.parse_args(["--recipe", "fast"])
     assert (fast.optimizer, fast.schedule) == ("muon", "wsd")
-    for name, value in tg.RECIPES["fast"].items():
+    for name, value in tg.RECIPE_PRESETS["fast"].items():
         assert getattr(fast, name, value) == value  # "arch" only where the script has --arch
     # an explicit flag wins, even when it equals the flag's default
     mixed = tg.parse_args(["--recipe", "fast", "--optimizer", "adamw", "--muon_lr", "0.5", "--schedule=cosine"])
-    assert (mixed.optimizer, mixed.muon_lr, mixed.schedule, mixed.decay_frac) == ("adamw", 0.5, "cosine", tg.RECIPES["fast"]["decay_frac"])
+    assert (mixed.optimizer, mixed.muon_lr, mixed.schedule, mixed.decay_frac) == ("adamw", 0.5, "cosine", tg.RECIPE_PRESETS["fast"]["decay_frac"])
     assert vars(tg.parse_args([])) == vars(tg.parse_args(["--recipe", "gpt2"]))  # gpt2 = the defaults
 
 

@@ -1417,11 +1417,7 @@ def setup_distributed(requested_device):
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = local_rank_from_env(rank)
-    # torchrun --max-restarts gives every attempt the same rendezvous store: a restarted group would read the dead
-    # one's addresses (a hang, or "Connection refused"), so the keys of each attempt get a prefix of their own
-    store, _, _ = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/", store)
-    group = dict(store=store, rank=rank, world_size=world_size)
+    group = restart_safe_group(rank, world_size)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -1429,6 +1425,17 @@ def setup_distributed(requested_device):
     else:
         dist.init_process_group(backend="gloo", **group)
     return DistContext(True, rank, local_rank, world_size, device)
+
+
+def restart_safe_group(rank, world_size):
+    """init_process_group's store under torchrun. torchrun --max-restarts gives every attempt the same rendezvous
+    store: a restarted group would read the dead one's addresses (a hang, or "Connection refused"), so the keys of
+    each attempt get a prefix of their own. Without torchrun (srun, mpirun): {}, env:// as usual."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dict(store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank, world_size=world_size)
 
 
 def local_rank_from_env(rank):

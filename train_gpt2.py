@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import errno
 import functools
 import glob
 import json
@@ -58,6 +59,10 @@ class UsageError(ValueError):
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class CheckpointWriteFailed(RuntimeError):
+    """Rank 0 could not write a checkpoint: every rank stops at that step; rank 0 says why."""
 
 
 # -----------------------------------------------------------------------------
@@ -1229,13 +1234,20 @@ def load_checkpoint(path, resume=False):
 
 
 def save_checkpoint(checkpoint, path):
-    """Write atomically: a crash mid-write leaves the previous checkpoints intact and no half-written model_*.pt."""
+    """Write atomically: a crash mid-write leaves the previous checkpoints intact and no half-written model_*.pt;
+    a write that fails (disk full, file-size limit, I/O error) leaves no temporary file either."""
     tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except Exception as e:
+        if os_error_in(e) is not None:  # a failed write; an abort (second Ctrl-C) leaves it, as a killed writer would
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+        raise
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
@@ -1261,13 +1273,18 @@ def prune_checkpoints(log_dir, keep):
 
 
 def find_resume_checkpoint(log_dir):
-    """The newest checkpoint in log_dir that loads; damaged ones are reported and skipped."""
-    for _, path in list_checkpoints(log_dir):
+    """(path, checkpoint) of the newest checkpoint in log_dir that loads, damaged ones reported and skipped; or
+    (None, None) when log_dir holds none: the first start of a job that every restart runs again as it is."""
+    found = list_checkpoints(log_dir)
+    for _, path in found:
         try:
             return path, load_checkpoint(path, resume=True)
         except UsageError as e:
             print(f"skipping {path}: {e}")
-    raise UsageError(f"--resume: no checkpoint (model_*.pt) in {log_dir} to resume from; start without --resume")
+    if found:
+        raise UsageError(f"--resume: none of the {len(found)} checkpoints in {log_dir} loads; pass --resume PATH to "
+                         "one that does, or start over there with --overwrite instead of --resume")
+    return None, None
 
 
 def get_rng_state(generator):
@@ -1400,13 +1417,25 @@ def setup_distributed(requested_device):
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = local_rank_from_env(rank)
+    group = restart_safe_group(rank, world_size)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device))
+        dist.init_process_group(backend="nccl", device_id=torch.device(device), **group)
     else:
-        dist.init_process_group(backend="gloo")
+        dist.init_process_group(backend="gloo", **group)
     return DistContext(True, rank, local_rank, world_size, device)
+
+
+def restart_safe_group(rank, world_size):
+    """init_process_group's store under torchrun. torchrun --max-restarts gives every attempt the same rendezvous
+    store: a restarted group would read the dead one's addresses (a hang, or "Connection refused"), so the keys of
+    each attempt get a prefix of their own. Without torchrun (srun, mpirun): {}, env:// as usual."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dict(store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank, world_size=world_size)
 
 
 def local_rank_from_env(rank):
@@ -1434,16 +1463,25 @@ def gather_objects(obj, ctx):
     return out
 
 
+def any_rank(flag, ctx):
+    """True on every rank if flag is True on any (a collective: every rank calls it)."""
+    if not ctx.ddp:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 class StopSignal:
-    """SIGTERM (what a cluster sends before preemption) or Ctrl-C: finish the step, checkpoint, exit.
-    A second Ctrl-C aborts at once."""
+    """SIGTERM (what a cluster sends before preemption), SIGUSR1 (SLURM's --signal=USR1@120 before the time limit)
+    or Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts at once."""
 
     def __init__(self):
         self.requested = False
         self._old = {}
 
     def install(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
 
     def restore(self):
@@ -1456,13 +1494,9 @@ class StopSignal:
         self.requested = True
         print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint", flush=True)
 
-    def agreed(self, ctx, device):
+    def agreed(self, ctx):
         """True on every rank if any rank was signalled, so that all ranks stop at the same step."""
-        if not ctx.ddp:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return any_rank(self.requested, ctx)
 
 
 # ---- model and optimizer state across ranks: a full copy on each (DDP) or shards (FSDP, below)
@@ -1598,21 +1632,19 @@ def load_or_build_model(run):
     Sets the run's micro-batch (a resumed 'auto' run keeps its own) and where its schedule ends."""
     args = run.args
     if not args.resume:
-        run.lr_decay_steps = lr_decay_steps(args, None)
         if list_checkpoints(args.log_dir) and not args.overwrite:
             raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                              "--overwrite to start over there, or choose another --log_dir")
-        with model_errors_as_usage_errors():
-            if args.init_from == "scratch":
-                return GPT(model_config(args.model, args.vocab_size, arch=args.arch)), None
-            model = GPT.from_pretrained(args.init_from)
-        # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
-        if model.config.arch != args.arch:
-            raise UsageError(f"--init_from {args.init_from} is an --arch {model.config.arch} model, not {args.arch}: "
-                             f"pass --arch {model.config.arch}")
-        return model, None
+        return new_model(run), None
     if args.resume == "auto":
         path, checkpoint = find_resume_checkpoint(args.log_dir)
+        if checkpoint is None:  # so that the first start and every restart can be the same command
+            if args.extend:
+                raise UsageError(f"--extend: {args.log_dir} holds no checkpoint to train on from; pass the run's "
+                                 "--log_dir, or drop --extend to start a new run")
+            if run.ctx.master:
+                print(f"--resume: no checkpoint in {args.log_dir}, starting a new run there")
+            return new_model(run), None
     else:
         path, checkpoint = args.resume, load_checkpoint(args.resume, resume=True)
     if args.batch_size == "auto":  # the micro-batch the run chose
@@ -1624,6 +1656,21 @@ def load_or_build_model(run):
         model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
+
+
+def new_model(run):
+    """The model of a new run: from scratch, or --init_from's weights."""
+    args = run.args
+    run.lr_decay_steps = lr_decay_steps(args, None)
+    with model_errors_as_usage_errors():
+        if args.init_from == "scratch":
+            return GPT(model_config(args.model, args.vocab_size, arch=args.arch))
+        model = GPT.from_pretrained(args.init_from)
+    # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
+    if model.config.arch != args.arch:
+        raise UsageError(f"--init_from {args.init_from} is an --arch {model.config.arch} model, not {args.arch}: "
+                         f"pass --arch {model.config.arch}")
+    return model
 
 
 def make_loaders(args, ctx, B):
@@ -1776,6 +1823,7 @@ def write_checkpoint(run, step, val_loss):
     loader_states = gather_objects(run.train_loader.state_dict(), ctx)
     rng_states = gather_objects(get_rng_state(run.sample_generator), ctx)
     model_state, optimizer_state = full_state_dicts(model, run.optimizer, ctx)  # gathered on rank 0 under FSDP
+    error = None
     if ctx.master:
         checkpoint = {
             "model": model_state,
@@ -1790,11 +1838,48 @@ def write_checkpoint(run, step, val_loss):
             "rng": rng_states,
         }
         path = os.path.join(log_dir, f"model_{step:05d}.pt")
+        error = try_save_checkpoint(checkpoint, path, step)
+        if error is None:
+            prune_checkpoints(log_dir, run.args.keep_checkpoints)
+            print(f"saved {path}")
+    # also the barrier after the write: nobody moves on before the file is complete, or waits for a rank 0 that stopped
+    if any_rank(error is not None, ctx):
+        raise CheckpointWriteFailed(error or "rank 0 could not write a checkpoint")
+
+
+def try_save_checkpoint(checkpoint, path, step):
+    """None, or the one-line error for a checkpoint that could not be written (disk full, file-size limit, I/O
+    error, permissions); the previous checkpoints are left as they are."""
+    try:
         save_checkpoint(checkpoint, path)
-        prune_checkpoints(log_dir, run.args.keep_checkpoints)
-        print(f"saved {path}")
-    if ctx.ddp:
-        dist.barrier()  # nobody exits or moves on before the file is complete
+    except (OSError, RuntimeError) as e:
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        fix = WRITE_FIXES.get(cause.errno, "check that disk")
+        done = list_checkpoints(os.path.dirname(path))
+        since = f"the last checkpoint, {os.path.basename(done[0][1])}" if done else "the start (no checkpoint yet)"
+        return (f"{path}: cannot write the checkpoint of step {step} ({cause.strerror or cause}); {fix}, then run "
+                f"the same command with --resume: it continues from {since}")
+    return None
+
+
+WRITE_FIXES = {
+    errno.ENOSPC: "make room on that disk", errno.EDQUOT: "make room in your disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EACCES: "make the directory writable",
+    errno.EPERM: "make the directory writable", errno.EROFS: "use a writable --log_dir",
+}
+
+
+def os_error_in(e):
+    """The OSError behind e, if any: torch.save reports a failed write as a RuntimeError whose __context__ is it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def run_evals(run, step, log):
@@ -1837,6 +1922,10 @@ def train(args, ctx):
             dist.barrier()
     os.makedirs(args.log_dir, exist_ok=True)
     model, checkpoint = load_or_build_model(run)
+    if checkpoint is not None and checkpoint["step"] >= args.max_steps:  # schedulers run finished jobs again
+        say(f"{checkpoint['path']}: the run already reached --max_steps {args.max_steps}; nothing to do "
+            "(--extend --max_steps N trains on)")
+        return
     config = model.config
     check_seq_len(args.seq_len, config)
     run.model = model.to(ctx.device)
@@ -1894,7 +1983,7 @@ def train(args, ctx):
                 now = run_evals(run, step, log)
                 val_loss = val_loss if now is None else now  # None: no val loss at this step
 
-            stopping = stop.agreed(ctx, ctx.device)
+            stopping = stop.agreed(ctx)
             due = last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)
             if step > start_step and due:
                 write_checkpoint(run, step, val_loss)
@@ -2637,7 +2726,7 @@ def parse_args(argv=None):
     g.add_argument("--keep_checkpoints", type=int, default=2, help="keep the newest N checkpoints (and any marked with "
                    "a model_XXXXX.pt.keep file)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, help="continue from the newest checkpoint in "
-                   "--log_dir, or from PATH")
+                   "--log_dir that loads (none there: start a new run; a finished run: do nothing), or from PATH")
     g.add_argument("--extend", action="store_true", help="with --resume: train on to a new --max_steps; the LR "
                    "schedule stays the checkpoint's (cosine to its max_steps), the added steps run at --min_lr")
     g.add_argument("--overwrite", action="store_true", help="start a new run in a --log_dir that holds an earlier "
@@ -2702,6 +2791,10 @@ def main(argv=None):
         sys.exit(2)
     except TrainingDiverged as e:
         print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except CheckpointWriteFailed as e:
+        if ctx.master:  # one line: the other ranks only stop
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     finally:
         if ctx is not None and ctx.ddp:

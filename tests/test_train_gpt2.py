@@ -7,12 +7,15 @@ import json
 import math
 import os
 import re
+import resource
 import select
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
@@ -1961,3 +1964,177 @@ def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespear
     train_here(args + ["--resume", tmp_path / "single" / "model_00004.pt"])
     assert_resumed_equal(ref, read_log(tmp_path / "single"), 4)
     assert "--optimizer muon -> adamw" in main_error(args + ["--resume", "--optimizer", "adamw"], capsys)
+
+
+# -----------------------------------------------------------------------------
+# Restarts with the same command (issue 21): `--resume` starts, restarts and ends a run; torchrun --max-restarts
+# after a failed checkpoint write and a SIGKILLed worker; SIGUSR1; a full disk. (Kept at the end of the file.)
+
+
+def elastic_torchrun(args, cwd, max_restarts):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += [f"--max-restarts={max_restarts}", "--monitor-interval=0.05", str(ROOT / "train_gpt2.py"), *map(str, args)]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def workers_of(proc, attempt):
+    """{rank: pid} of the workers of torchrun restart attempt `attempt` (the agent's children)."""
+    found = {}
+    for tid in os.listdir(f"/proc/{proc.pid}/task"):
+        try:
+            with open(f"/proc/{proc.pid}/task/{tid}/children") as f:
+                children = f.read().split()
+        except OSError:
+            continue
+        for pid in children:
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            except OSError:  # already gone
+                continue
+            if env.get(b"TORCHELASTIC_RESTART_COUNT") == str(attempt).encode() and b"RANK" in env:
+                found[int(env[b"RANK"])] = int(pid)
+    return found
+
+
+def wait_for(condition, proc, what, timeout=300):
+    t0 = time.time()
+    while not condition():
+        assert proc.poll() is None, f"the run ended before {what}"
+        assert time.time() - t0 < timeout, f"no {what} after {timeout} s"
+        time.sleep(0.005)
+
+
+def in_background(fn, *args):
+    """Run fn(*args) on a thread; the returned join() re-raises what it raised."""
+    failed = []
+
+    def target():
+        try:
+            fn(*args)
+        except BaseException as e:  # handed to the test's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def join():
+        thread.join()
+        if failed:
+            raise failed[0]
+
+    return join
+
+
+def fill_disk_then_kill_a_worker(proc, log_dir):
+    """Attempt 0: once model_00002.pt is written, rank 0's file-size limit drops below a checkpoint's size (a full
+    disk). Attempt 1 (after the failed write): SIGKILL of rank 1 once it wrote model_00004.pt."""
+    wait_for(lambda: (log_dir / "model_00002.pt").exists(), proc, "model_00002.pt")
+    limit = (log_dir / "model_00002.pt").stat().st_size // 2
+    resource.prlimit(workers_of(proc, 0)[0], resource.RLIMIT_FSIZE, (limit, limit))
+    wait_for(lambda: len(workers_of(proc, 1)) == 2, proc, "the restart after the failed write")
+    # the failed write left nothing behind: no temporary file, the step-2 checkpoint intact
+    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00002.pt", "run.json"]
+    wait_for(lambda: (log_dir / "model_00004.pt").exists(), proc, "model_00004.pt of attempt 1")
+    os.kill(workers_of(proc, 1)[1], signal.SIGKILL)
+
+
+# two ranks of one micro-step each: DDP's gradient (g0 / 2 + g1 / 2, pre-divided, summed) is bit for bit that of one
+# process accumulating two micro-steps, so the uninterrupted reference runs in this process
+ELASTIC_RUN = dict(max_steps=12, checkpoint_every=2, val_every=4, total_batch_size=512)
+
+
+def test_elastic_restarts_after_a_full_disk_and_a_sigkill_give_the_uninterrupted_log(tmp_path, shakespeare_file):
+    """One `torchrun --max-restarts=2 ... --resume` launch in a new --log_dir: attempt 0 starts the run and fails to
+    write model_00004.pt (a full disk under rank 0): both ranks stop, one line, exit 1. Attempt 1 resumes from step 2
+    and loses rank 1 to SIGKILL after writing model_00004.pt. Attempt 2 resumes from step 4 and ends with the log of
+    the uninterrupted run, bit for bit."""
+    log_dir = tmp_path / "log"
+    proc = elastic_torchrun(tiny_run_args(shakespeare_file, log_dir, **ELASTIC_RUN) + ["--resume"], tmp_path, 2)
+    faults = in_background(fill_disk_then_kill_a_worker, proc, log_dir)
+    train_here(tiny_run_args(shakespeare_file, tmp_path / "ref", **ELASTIC_RUN))  # meanwhile: the reference
+    error = None
+    try:
+        faults()
+    except AssertionError as e:
+        error = e
+    out, _ = proc.communicate(timeout=300)
+    assert error is None and proc.returncode == 0, f"{error}\n{out[-4000:]}"
+    first = out.split("resuming from")[0]  # attempt 0, to its end
+    assert "no checkpoint in" in first and "starting a new run" in first and "Traceback" not in first, first[-3000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "model_00004.pt: cannot write the checkpoint of step 4 (File too large)" in errors[0]
+    assert "continues from the last checkpoint, model_00002.pt" in errors[0], errors
+    assert re.findall(r"resuming from \S+model_(\d+)\.pt at step", out) == ["00002", "00004"], out[-3000:]
+    assert read_log(log_dir) == read_log(tmp_path / "ref")
+    assert sorted(p.name for p in log_dir.iterdir()) == ["log.txt", "model_00010.pt", "model_00012.pt", "run.json"]
+
+
+RESTART_RUN = dict(max_steps=6, checkpoint_every=3, val_every=3, total_batch_size=256)
+
+
+def run_until_sigusr1(argv, log_dir, after):
+    """Train in this process and send it SIGUSR1 once log.txt holds the line `after`; its stdout."""
+
+    def signal_later():
+        log = log_dir / "log.txt"
+        while not (log.exists() and after in log.read_text()):
+            time.sleep(0.002)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    guard = signal.signal(signal.SIGUSR1, lambda *_: None)  # a signal that comes after the run cannot end pytest
+    sender = threading.Thread(target=signal_later, daemon=True)
+    sender.start()
+    try:
+        return train_here(argv)
+    finally:
+        sender.join(timeout=60)
+        signal.signal(signal.SIGUSR1, guard)
+
+
+def files_of(log_dir):
+    return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in log_dir.iterdir()}
+
+
+def assert_one_line_error_exit_1(p, *needles):
+    err = p.stderr.strip()
+    assert p.returncode == 1 and err.startswith("error: ") and err.count("\n") == 0, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_same_command_through_sigusr1_a_full_disk_and_completion(tmp_path, shakespeare_file):
+    """The same `--resume` command starts a new run, stops at SIGUSR1 with a checkpoint, meets a full disk (a real
+    file-size limit in a child: EFBIG), continues exactly once there is room, and is a no-op once finished."""
+    train_here(tiny_run_args(shakespeare_file, tmp_path / "ref", **RESTART_RUN))
+    reference = read_log(tmp_path / "ref")
+    log_dir = tmp_path / "log"
+    args = tiny_run_args(shakespeare_file, log_dir, **RESTART_RUN) + ["--resume"]
+    out = run_until_sigusr1(args, log_dir, after="1 train")
+    assert "starting a new run" in out and "SIGUSR1: stopping after this step" in out, out
+    [(stopped, path)] = tg.list_checkpoints(log_dir)
+    assert 2 <= stopped < 6, out
+    kept = files_of(log_dir)
+    # resumed on a disk with no room for another checkpoint: one line, exit 1, nothing lost, nothing partial
+    limit = os.path.getsize(path) - 1
+    full_disk = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))  # noqa: E731
+    p = run_cli(args, tmp_path, check=False, preexec_fn=full_disk)
+    failed_at = 3 if stopped < 3 else 6
+    assert_one_line_error_exit_1(
+        p,
+        f"model_{failed_at:05d}.pt: cannot write the checkpoint of step {failed_at} (File too large)",
+        f"continues from the last checkpoint, model_{stopped:05d}.pt",
+    )
+    name = os.path.basename(path)
+    assert sorted(os.listdir(log_dir)) == ["log.txt", name, "run.json"] and files_of(log_dir)[name] == kept[name]
+    assert f"{failed_at - 1} train" in (log_dir / "log.txt").read_text()  # the log went on to the failed step
+    # room again: the same command continues from the checkpoint, exactly
+    out = train_here(args)
+    assert f"at step {stopped}" in out and read_log(log_dir) == reference
+    # finished: the same command again says so and writes nothing, not even the log
+    finished = files_of(log_dir)
+    out = train_here(args)
+    assert "the run already reached --max_steps 6; nothing to do" in out and "step " not in out, out
+    assert files_of(log_dir) == finished

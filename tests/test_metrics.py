@@ -1,0 +1,192 @@
+"""Live metrics of train_gpt2.py (--tensorboard, --wandb): the real packages (wandb offline, no account, no network),
+read back with TensorBoard's own event accumulator and a reader of wandb's offline run file, compared with log.txt;
+a resumed run continues the same curves."""
+import json
+import struct
+import sys
+
+import pytest
+import torch
+
+import train_gpt2 as tg
+
+torch.set_num_threads(2)
+
+# d2, Muon (so that AdamW's and Muon's learning rates both show), evaluations and a checkpoint every 3 steps
+RUN = dict(model="d2", batch_size=4, seq_len=64, total_batch_size=256, max_steps=6, warmup_steps=2, max_lr=3e-3,
+           min_lr=3e-4, optimizer="muon", val_every=3, val_tokens=256, hellaswag_every=6, sample_every=3,
+           checkpoint_every=3, keep_checkpoints=3, device="cpu", dtype="float32", compile=0)
+METRICS = ["--tensorboard", "--wandb", "test", "--wandb_run", "tiny"]
+# log.txt stream: (metric name, how far log.txt rounds it)
+FROM_LOG = {"train": ("train/loss", 1e-6), "lr": ("lr/adamw0", 1e-9), "norm": ("train/grad_norm", 1e-6),
+            "val": ("val/loss", 1e-4), "hella": ("hellaswag/acc_norm", 1e-4)}
+
+
+def train_argv(data, log_dir, **flags):
+    return [str(a) for k, v in {**RUN, "data": data, "log_dir": log_dir, **flags}.items() for a in (f"--{k}", v)]
+
+
+def read_log(log_dir):
+    out = {}
+    for line in (log_dir / "log.txt").read_text().splitlines():
+        step, stream, value = line.split()
+        assert (int(step), stream) not in out, f"{line}: logged twice"
+        out[(int(step), stream)] = float(value)
+    return out
+
+
+@pytest.fixture
+def wandb_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for name in ("WANDB_CONFIG_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):  # nothing written outside tmp_path
+        monkeypatch.setenv(name, str(tmp_path / "wandb_home"))
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+
+
+def tensorboard_events(log_dir):
+    """{tag: {step: value}} as TensorBoard's server sees the event files (purged steps dropped); and the hparams."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+    from tensorboard.util import tensor_util
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"tensors": 0}).Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        events = acc.Tensors(tag)
+        steps = [e.step for e in events]
+        assert len(steps) == len(set(steps)), f"{tag}: a step shown twice: {steps}"
+        out[tag] = {e.step: tensor_util.make_ndarray(e.tensor_proto) for e in events}
+    hparams = HParamsPluginData.FromString(acc.SummaryMetadata("_hparams_/session_start_info").plugin_data.content)
+    hparams = {k: v.number_value if v.HasField("number_value") else v.string_value for k, v in hparams.session_start_info.hparams.items()}
+    return out, hparams
+
+
+WANDB_BLOCK = 32768
+
+
+def wandb_records(path):
+    """The Records of a wandb offline run file: a 7-byte ':W&B' header, then a LevelDB log: chunks (crc32c 4 bytes,
+    length 2, type 1: full, first, middle, last) in 32 KiB blocks, each a piece of a serialized Record."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", data[:7]
+    pos, pieces = 7, []
+    while pos + 7 <= len(data):
+        left = WANDB_BLOCK - pos % WANDB_BLOCK
+        if left < 7:  # a block's tail too short for a chunk header is zero padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pieces.append(data[pos + 7:pos + 7 + length])
+        pos += 7 + length
+        if kind in (1, 4):  # full, or the last piece
+            yield Record.FromString(b"".join(pieces))
+            pieces = []
+
+
+def wandb_run(path):
+    """(the run record, its config, {step: history row}) of an offline run file."""
+    run, config, rows = None, {}, {}
+    for record in wandb_records(path):
+        kind = record.WhichOneof("record_type")
+        if kind == "run":
+            run = record.run
+            config.update({item.key: json.loads(item.value_json) for item in run.config.update})
+        elif kind == "history":
+            step = record.history.step.num
+            assert step not in rows, f"step {step} twice in {path}"
+            rows[step] = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+    return run, config, rows
+
+
+def wandb_runs(log_dir):
+    return [wandb_run(p) for p in sorted(log_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+
+
+def assert_matches_log(log, tb, rows, steps):
+    """Every metric log.txt also has, at every step, in TensorBoard and wandb: the same value (to log.txt's rounding)."""
+    for (step, stream), value in log.items():
+        if step in steps and stream in FROM_LOG:
+            tag, tol = FROM_LOG[stream]
+            assert float(tb[tag][step]) == pytest.approx(value, rel=1e-6, abs=tol), (step, tag)
+            assert rows[step][tag] == pytest.approx(value, rel=1e-6, abs=tol), (step, tag)
+
+
+def test_tensorboard_and_wandb_log_every_metric_and_a_resumed_run_continues_the_curves(tmp_path, shakespeare, hellaswag_sample, wandb_offline):
+    log_dir = tmp_path / "log"
+    argv = train_argv(shakespeare, log_dir, hellaswag_data=hellaswag_sample) + METRICS
+    tg.main(argv)
+    log, log_text = read_log(log_dir), (log_dir / "log.txt").read_text()
+    tb, hparams = tensorboard_events(log_dir)
+    ((run, config, rows),) = wandb_runs(log_dir)
+    steps = range(RUN["max_steps"])
+    # log.txt: lr and norm every step, beside train
+    assert {s for s, stream in log if stream == "lr"} == {s for s, stream in log if stream == "norm"} == set(steps)
+    assert_matches_log(log, tb, rows, range(RUN["max_steps"] + 1))
+    for s in steps:
+        for source in (lambda tag: float(tb[tag][s]), lambda tag: rows[s][tag]):
+            assert source("train/tokens") == 256 * (s + 1) and source("train/epoch") == 1
+            assert source("perf/tokens_per_s") == pytest.approx(256 / (source("perf/step_time_ms") / 1000), rel=1e-4)
+            assert source("lr/adamw1") == pytest.approx(source("lr/adamw0"))  # biases and gains: --max_lr too
+            assert source("lr/muon0") == pytest.approx(0.02 * tg.get_lr(s, 1, 0.1, 2, 6), rel=1e-6)  # Muon's own peak
+    assert not [tag for tag in tb if tag.startswith(("perf/mfu", "memory/"))]  # GPU only
+    assert sorted(tb["val/loss"]) == [0, 3, 6] and sorted(tb["hellaswag/acc_norm"]) == [0, 6]
+    for s in (3, 6):  # the samples as text
+        assert tb["samples/text_summary"][s].item().decode().count("Hello, I'm a language model,") == 4
+        assert rows[s]["samples/_type"] == "table-file" and rows[s]["samples/nrows"] == 4
+    # the run's flags and model config
+    assert hparams["model.n_layer"] == 2 and hparams["optimizer"] == "muon"
+    assert config["model.n_layer"] == 2 and config["optimizer"] == "muon"
+    assert run.project == "test" and run.display_name == "tiny"
+    assert torch.load(log_dir / "model_00003.pt", weights_only=True)["metrics"]["wandb_id"] == run.run_id
+
+    # preempted after step 6's evaluations were logged, before its checkpoint: resume from step 3
+    (log_dir / "model_00006.pt").unlink()
+    tg.main(argv + ["--resume"])
+    assert (log_dir / "log.txt").read_text() == log_text  # lr and norm lines trimmed and written again, once
+    resumed_tb, _ = tensorboard_events(log_dir)  # (no step twice: checked in there)
+    first, second = wandb_runs(log_dir)
+    assert first[2] == rows and second[0].run_id == run.run_id  # the same wandb run continues
+    assert min(second[2]) == 3 and max(second[2]) == 6
+    assert_matches_log(log, resumed_tb, second[2], range(3, RUN["max_steps"] + 1))
+    assert_matches_log(log, resumed_tb, rows, range(3))
+    for tag, values in tb.items():
+        if not tag.startswith(("perf/", "_hparams_")):
+            assert resumed_tb[tag].keys() == values.keys(), tag
+            for s, value in values.items():
+                if tag == "samples/text_summary":
+                    assert resumed_tb[tag][s].item() == value.item() and second[2][s]["samples/sha256"] == rows[s]["samples/sha256"]
+                else:
+                    assert float(resumed_tb[tag][s]) == pytest.approx(float(value), abs=1e-4 if s == 3 else 1e-7), (tag, s)
+
+
+def test_without_the_flags_nothing_is_imported_and_a_missing_package_is_one_line(tmp_path, shakespeare, monkeypatch, capsys):
+    for name in ("wandb", "tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, name, None)  # an import of any of them would raise ImportError
+    small = dict(max_steps=1, val_every=0, hellaswag_every=0, sample_every=0, checkpoint_every=0)
+    tg.main(train_argv(shakespeare, tmp_path / "plain", **small))
+    assert read_log(tmp_path / "plain").keys() == {(0, "train"), (0, "lr"), (0, "norm")}
+    for flags, package in ((["--tensorboard"], "tensorboard"), (["--wandb", "test"], "wandb")):
+        with pytest.raises(SystemExit) as e:
+            tg.main(train_argv(shakespeare, tmp_path / package, **small) + flags)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and f"pip install {package}" in err and "\n" not in err, err
+        assert not (tmp_path / package).exists()  # refused before any work
+
+
+def test_mfu_is_logged_where_there_is_a_peak_and_adamw_shows_its_two_groups(tmp_path, shakespeare):
+    """train() passes the GPUs' peak FLOP/s on CUDA only; given one, MFU is the model's FLOPs over the peak's."""
+    args = tg.parse_args(["--model", "d2", "--seq_len", "64", "--total_batch_size", "256", "--log_dir", str(tmp_path),
+                          "--tensorboard"])
+    run = tg.Run(args, tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu"))
+    run.model = tg.GPT(tg.model_config("d2"))
+    run.optimizer = tg.make_optimizer(run.model, args, "cpu")
+    run.train_loader = tg.DataLoaderLite(4, 64, split="train", data_root=str(shakespeare))
+    metrics = tg.Metrics(run, peak_flops=1e12)
+    metrics.log_step(0, 10.0, 1.0, 0.5)
+    metrics.close()
+    tb, _ = tensorboard_events(tmp_path)
+    flops = tg.flops_per_token(run.model.config, 64) * 256
+    assert float(tb["perf/mfu_percent"][0]) == pytest.approx(100 * flops / 0.5 / 1e12, rel=1e-6)
+    assert sorted(tag for tag in tb if tag.startswith("lr/")) == ["lr/adamw0", "lr/adamw1"]

@@ -548,7 +548,8 @@ def test_default_recipe_losses_are_the_seeds(tmp_path, shakespeare):
     log_dir = tmp_path / "log"
     run_cli(tiny_run_args(shakespeare, log_dir, max_steps=6, val_every=3, checkpoint_every=0), tmp_path)
     log = read_log(log_dir)
-    assert log.keys() == SEED_LOG.keys()
+    assert {k for k in log if k[1] in ("train", "val")} == SEED_LOG.keys()
+    assert {k for k in log if k[1] in ("lr", "norm")} == {(s, stream) for s in range(6) for stream in ("lr", "norm")}
     for key, expected in SEED_LOG.items():
         assert log[key] == pytest.approx(expected, abs=2e-6), key
 
@@ -1243,8 +1244,8 @@ def fsdp_run(tmp_path_factory, reference_runs):
 def test_fsdp_matches_ddp_and_writes_plain_checkpoints(reference_runs, fsdp_run):
     ddp, fsdp = reference_runs["ddp"], fsdp_run["log"]
     assert fsdp.keys() == ddp.keys()
-    for key in ddp:
-        assert abs(fsdp[key] - ddp[key]) < 1e-4, key
+    for key in ddp:  # gradient norms: as in test_fsdp_resume_is_exact_and_its_checkpoint_resumes_under_ddp
+        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-3 if key[1] == "norm" else 0, abs=1e-4), key
     assert "FSDP: 2 blocks + root sharded over 2 ranks" in fsdp_run["out"]
     # today's format: the plain model's keys (tied lm_head included) and a plain AdamW state_dict (int ids)
     ckpt = torch.load(fsdp_run["dir"] / "model_00024.pt", weights_only=True)
@@ -1273,8 +1274,8 @@ def test_fsdp_resume_is_exact_and_its_checkpoint_resumes_under_ddp(tmp_path, ref
     out = wait_ok(torchrun(args(tmp_path / "ddp"), tmp_path))
     log, fsdp = read_log(tmp_path / "ddp"), fsdp_run["log"]
     assert log.keys() == fsdp.keys()
-    for key in log:
-        assert abs(log[key] - fsdp[key]) < 1e-4, key
+    for key in log:  # gradient norms: FSDP's is over all shards, within 1e-3
+        assert log[key] == pytest.approx(fsdp[key], rel=1e-3 if key[1] == "norm" else 0, abs=1e-4), key
     ddp_norms, fsdp_norms = norms(out), norms(fsdp_run["out"])
     assert sorted(ddp_norms) == list(range(12, 24))
     for step, n in ddp_norms.items():

@@ -2258,11 +2258,12 @@ class Metrics:
     def replay(self, step, last_texts):
         """A resumed run: log the checkpoint step's evaluations again (TensorBoard dropped them with the step's
         other events): the values from log.txt, the samples from the checkpoint."""
-        with open(self.training.log_file) as f:
-            for line in f:
-                s, stream, value = line.split()
-                if int(s) == step and stream in EVAL_TAGS:
-                    self.log_eval(step, stream, float(value))
+        if os.path.exists(self.training.log_file):
+            with open(self.training.log_file) as f:
+                for line in f:
+                    s, stream, value = line.split()
+                    if int(s) == step and stream in EVAL_TAGS:
+                        self.log_eval(step, stream, float(value))
         if last_texts and last_texts[0] == step:
             self.log_text(*last_texts)
 

@@ -165,17 +165,29 @@ def test_both_log_every_metric_and_a_resumed_run_continues_them(tmp_path, shakes
 
 def test_without_the_flags_nothing_is_imported_and_a_missing_package_is_one_line(tmp_path, shakespeare, monkeypatch,
                                                                                   capsys):
-    for name in ("wandb", "tensorboard", "torch.utils.tensorboard"):
-        monkeypatch.setitem(sys.modules, name, None)  # an import of any of them would raise ImportError
     small = dict(max_steps=1, val_every=0, hellaswag_every=0, sample_every=0, checkpoint_every=0)
-    tg.main(train_argv(shakespeare, tmp_path / "plain", **small))
-    assert read_log(tmp_path / "plain").keys() == {(0, "train"), (0, "lr"), (0, "norm")}
-    for flags, package in ((["--tensorboard"], "tensorboard"), (["--wandb", "test"], "wandb")):
-        with pytest.raises(SystemExit) as e:
-            tg.main(train_argv(shakespeare, tmp_path / package, **small) + flags)
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and f"pip install {package}" in err and "\n" not in err, err
-        assert not (tmp_path / package).exists()  # refused before any work
+    with monkeypatch.context() as m:
+        for name in ("wandb", "tensorboard", "torch.utils.tensorboard"):
+            m.setitem(sys.modules, name, None)  # an import of any of them would raise ImportError
+        tg.main(train_argv(shakespeare, tmp_path / "plain", **small))
+        assert read_log(tmp_path / "plain").keys() == {(0, "train"), (0, "lr"), (0, "norm")}
+        for flags, package in ((["--tensorboard"], "tensorboard"), (["--wandb", "test"], "wandb")):
+            with pytest.raises(SystemExit) as e:
+                tg.main(train_argv(shakespeare, tmp_path / package, **small) + flags)
+            err = capsys.readouterr().err.strip()
+            assert e.value.code == 2 and f"pip install {package}" in err and "\n" not in err, err
+            assert not (tmp_path / package).exists()  # refused before any work
+    # online without an account: one line before the first step, not a traceback
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_home"))
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    with pytest.raises(SystemExit) as e:
+        tg.main(train_argv(shakespeare, tmp_path / "online", **small) + ["--wandb", "test"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: --wandb test: ") and "\n" not in err, err
+    assert "wandb login" in err and "WANDB_MODE=offline" in err
+    assert not (tmp_path / "online" / "log.txt").read_text()  # no step
 
 
 def test_mfu_is_logged_where_there_is_a_peak_and_adamw_shows_its_two_groups(tmp_path, shakespeare):

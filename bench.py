@@ -3,21 +3,21 @@ Benchmarks for train_gpt2.py. Every training step here is train_gpt2.train_step,
 Each comparison runs its variants interleaved (A, B, A, B, ...) in one run and reports medians, so that load from
 other programs hits all of them alike.
 
-    python bench.py --model gpt2 --batch_size 4 --seq_len 256 --compare hf   # ours vs transformers' GPT2LMHeadModel
-    python bench.py --compare ladder                                         # fp32 -> ... -> our defaults, one change at a time
-    python bench.py --model gpt2 --batch_size auto --seq_len 1024            # one GPU: tokens/s and MFU
-    python bench.py --mode memory --model gpt2 --batch_size 8 --seq_len 1024 # peak memory: full logits vs chunked loss
-    python bench.py --mode sample                                            # sampling: KV cache vs a forward per token
-    python bench.py --mode memory --procs 2 --fsdp                           # memory per rank: DDP vs FSDP, under torchrun
-    python bench.py --mode data                                              # DataLoaderLite: in order vs --shuffle
-    python bench.py --mode recipe --log_root runs_recipe                     # tokens to the seed's val loss: gpt2, +muon, fast
+    python bench.py --model gpt2 --batch_size 4 --seq_len 256 --compare hf  # ours vs transformers' GPT2LMHeadModel
+    python bench.py --compare ladder                      # fp32 -> ... -> our defaults, one change at a time
+    python bench.py --model gpt2 --batch_size auto --seq_len 1024           # one GPU: tokens/s and MFU
+    python bench.py --mode memory --model gpt2 --batch_size 8 --seq_len 1024  # full logits vs chunked loss
+    python bench.py --mode sample                         # sampling: KV cache vs a forward per token
+    python bench.py --mode memory --procs 2 --fsdp        # memory per rank: DDP vs FSDP, under torchrun
+    python bench.py --mode data                           # DataLoaderLite: in order vs --shuffle
+    python bench.py --mode recipe --log_root runs_recipe  # tokens to the seed's val loss: gpt2, +muon, fast
 
 A mode is one function `bench_NAME(args)` registered in MODES at the bottom; its docstring is its --help line.
 """
 
 import argparse
+import copy
 import json
-import multiprocessing
 import os
 import re
 import resource
@@ -27,62 +27,58 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
 
-from train_gpt2 import (
-    GPT,
-    GPT2_VOCAB,
-    DataLoaderLite,
-    Run,
-    UsageError,
-    autocast_context,
-    batch_size_arg,
-    check_seq_len,
-    choose_batch_size,
-    configure_optimizers,
-    flops_per_token,
-    gpu_peak_flops,
-    model_config,
-    pick_device,
-    positive_int,
-    setup_device,
-    setup_distributed,
-    shard_model,
-    state_bytes_per_rank,
-    train_step,
-    wrap_model,
-)
+from train_gpt2 import (GPT, GPT2_VOCAB, DataLoaderLite, Run, UsageError, autocast_context, batch_size_arg,
+                        check_seq_len, choose_batch_size, configure_optimizers, flops_per_token, gpu_peak_flops,
+                        model_config, pick_device, positive_int, setup_device, setup_distributed, shard_model,
+                        state_bytes_per_rank, train_step, wrap_model)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtype names in printed lines
 
 # -----------------------------------------------------------------------------
 # Measuring
 
 
-def now(device_type):
-    """A timestamp after the GPU has finished its queued work (CUDA kernels run asynchronously)."""
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter()
+def timed(fn, device_type):
+    """(seconds, result) of fn(), up to when the GPU has finished its work (CUDA kernels run asynchronously)."""
+    sync = torch.cuda.synchronize if device_type == "cuda" else lambda: None
+    sync()
+    t0 = time.perf_counter()
+    result = fn()
+    sync()
+    return time.perf_counter() - t0, result
+
+
+def interleaved(fns, rounds, after_round=None):
+    """{name: [each round's result]} of the callables in fns, run A, B, A, B, ...: load from other programs hits
+    all of them alike. after_round(round, results) runs after each round."""
+    results = {name: [] for name in fns}
+    for r in range(rounds):
+        for name, fn in fns.items():
+            results[name].append(fn())
+        if after_round:
+            after_round(r, results)
+    return results
 
 
 def peak_rss_bytes():
-    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is bytes on macOS, KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    """This process's peak resident memory: on Linux VmHWM, since ru_maxrss keeps the parent's peak across exec."""
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # bytes on macOS
 
 
 def cpu_matmul_peak(dtype, n=2048, reps=3):
     """FLOP/s of the best of `reps` (n, n) @ (n, n) matmuls: the rate the CPU's matmul library reaches here."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    return 2 * n**3 / min(timed(lambda: a @ b, "cpu")[0] for _ in range(reps))
 
 
 def device_description(device):
@@ -101,10 +97,6 @@ def warn_if_busy():
     if load > 0.5 * (os.cpu_count() or 1):
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: CPU timings will be slow and noisy "
               f"(ratios of interleaved variants hold up better than absolute numbers)")
-
-
-def dtype_name(dtype):
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def gib(n):
@@ -132,26 +124,22 @@ class FixedBatch:
         return self.batch
 
 
-def timed_step(model, optimizer, scaler, batch, ctx, dtype):
-    """(seconds, loss) of one train_step: one micro-batch, clip at 1.0, at the optimizer's lr (6e-4)."""
-    t0 = now(ctx.device_type)
-    run = Run(argparse.Namespace(grad_clip=1.0), ctx, dtype, train_model=model, optimizer=optimizer, scaler=scaler,
-              train_loader=batch)
-    loss, _ = train_step(run)
-    return now(ctx.device_type) - t0, loss
-
-
 # -----------------------------------------------------------------------------
 # Training steps: ours, transformers' GPT2LMHeadModel, and the ladder
 
 
 class HFLoss(torch.nn.Module):
-    """GPT2LMHeadModel behind our forward(idx, targets) -> (logits, loss), so that train_step runs it.
-    It shifts the labels itself, so its labels are the inputs."""
+    """transformers' GPT2LMHeadModel in config's shape (GPT-2's vocab, no dropout, its default attention: sdpa)
+    behind our forward(idx, targets) -> (logits, loss), so that train_step runs it. It shifts the labels itself,
+    so its labels are the inputs."""
 
-    def __init__(self, hf):
+    def __init__(self, config):
         super().__init__()
-        self.hf = hf
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        shape = dict(n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head)
+        self.hf = GPT2LMHeadModel(GPT2Config(vocab_size=GPT2_VOCAB, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0, **shape))
+        self.hf.loss_type = "ForCausalLM"  # its default; saying so silences a warning
 
     def forward(self, idx, targets):
         return None, self.hf(input_ids=idx, labels=idx, use_cache=False).loss
@@ -159,6 +147,8 @@ class HFLoss(torch.nn.Module):
 
 @dataclass
 class Variant:
+    """One way to train: built as train() builds (wrap_model compiles, and wraps in DDP under torchrun; or
+    shard_model), stepped with train_step at the optimizer's lr (6e-4), one micro-batch, clip at 1.0."""
     name: str
     dtype: torch.dtype
     compile: bool
@@ -166,53 +156,50 @@ class Variant:
     loss_chunk_size: int = None  # ours: None = the device's default, 0 = full logits
     hf: bool = False
     tf32: bool = True
+    fsdp: bool = False
     times: list = field(default_factory=list)
+    losses: list = field(default_factory=list)
     peak_mem: int = 0
 
     def build(self, config, ctx):
         torch.manual_seed(1337)
-        if self.hf:
-            from transformers import GPT2Config, GPT2LMHeadModel
-
-            hf_config = GPT2Config(
-                vocab_size=GPT2_VOCAB, n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer,
-                n_head=config.n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            )
-            hf = GPT2LMHeadModel(hf_config)  # attention: its default implementation (sdpa)
-            hf.loss_type = "ForCausalLM"  # its default; saying so silences a warning
-            model, self.flops_config = HFLoss(hf), replace(config, vocab_size=GPT2_VOCAB)
-        else:
-            model, self.flops_config = GPT(config), config
-            model.loss_chunk_size = self.loss_chunk_size
+        model = HFLoss(config) if self.hf else GPT(config)
+        self.flops_config = replace(config, vocab_size=GPT2_VOCAB) if self.hf else config
+        model.loss_chunk_size = self.loss_chunk_size
         model.to(ctx.device)
+        how = argparse.Namespace(compile=self.compile)
+        if self.fsdp:
+            self.model, self.dtype = shard_model(model, how, ctx, self.dtype)
+        else:
+            self.model = wrap_model(model, how, ctx)
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
         self.optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
-        if not self.fused:
-            for group in self.optimizer.param_groups:
-                group["fused"] = False
-        self.model = torch.compile(model) if self.compile else model
+        for group in self.optimizer.param_groups if not self.fused else []:
+            group["fused"] = False
         self.scaler = torch.amp.GradScaler(ctx.device_type, enabled=self.dtype == torch.float16)
 
     def step(self, batch, ctx):
+        """The step's seconds; its loss goes to self.losses, the peak GPU memory so far to self.peak_mem."""
         if ctx.device_type == "cuda":  # train() turns TF32 on; torch's default is off
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        dt, self.loss = timed_step(self.model, self.optimizer, self.scaler, batch, ctx, self.dtype)
+        run = Run(argparse.Namespace(grad_clip=1.0), ctx, self.dtype, train_model=self.model, optimizer=self.optimizer,
+                  scaler=self.scaler, train_loader=batch)
+        dt, (loss, _) = timed(lambda: train_step(run), ctx.device_type)
+        self.losses.append(loss)
         if ctx.device_type == "cuda":
             self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated(ctx.device))
         return dt
 
 
 def train_variants(args, dtype):
-    d, c = dtype_name(dtype), bool(args.compile)
-    chunk = args.loss_chunk_size  # None: the device's default
+    d, c, chunk = SHORT[dtype], bool(args.compile), args.loss_chunk_size  # chunk None: the device's default
     ours = Variant(f"ours: {d}{', compile' if c else ''}, fused AdamW, chunked loss", dtype, c, loss_chunk_size=chunk)
     if args.compare == "hf":
-        return [
-            ours,
-            Variant("hf GPT2LMHeadModel: fp32, default AdamW", torch.float32, False, fused=False, hf=True, tf32=False),
-            Variant(f"hf GPT2LMHeadModel: {d}, fused AdamW, no compile (transformers' default)", dtype, False, hf=True),
-        ] + ([Variant(f"hf GPT2LMHeadModel: {d}, compile, fused AdamW (all our settings)", dtype, True, hf=True)] if c else [])
+        hf = "hf GPT2LMHeadModel: "
+        return [ours, Variant(hf + "fp32, default AdamW", torch.float32, False, fused=False, hf=True, tf32=False),
+                Variant(hf + f"{d}, fused AdamW, no compile (transformers' default)", dtype, False, hf=True)] + (
+            [Variant(hf + f"{d}, compile, fused AdamW (all our settings)", dtype, True, hf=True)] if c else [])
     if args.compare == "ladder":  # one change at a time, from plain fp32 to our defaults, then build-nanogpt's setup
         f32 = torch.float32
         ladder = [
@@ -227,15 +214,21 @@ def train_variants(args, dtype):
     return [ours]
 
 
+def mfu_text(v, flops, step_s, device, cpu_peaks):
+    if device.startswith("cuda"):
+        peak, what = gpu_peak_flops(torch.cuda.get_device_name(device)), "datasheet bf16 peak"
+    else:
+        peak, what = median(cpu_peaks[v.dtype]), f"measured {SHORT[v.dtype]} matmul peak"
+    return f"MFU {100 * flops / step_s / peak:.1f}% of {what} ({peak / 1e12:.3g} TFLOP/s)" if peak else "MFU n/a"
+
+
 def bench_train(args):
     """training steps: tokens/s, MFU and peak memory; --compare hf or ladder"""
     t_start = time.time()
     ctx, dtype = setup(args)
-    config = model_config(args.model, args.vocab_size)
-    T = args.seq_len
+    config, T, B = model_config(args.model, args.vocab_size), args.seq_len, args.batch_size
     check_seq_len(T, config)
     probe = GPT(config).to(ctx.device)
-    B = args.batch_size
     if B == "auto":  # train()'s choice, as for gpt2's 0.5M-token batch
         B = choose_batch_size(argparse.Namespace(batch_size=B, seq_len=T, total_batch_size=2**19), probe, ctx, dtype)
         print(f"--batch_size auto: micro-batch {B}")
@@ -246,101 +239,100 @@ def bench_train(args):
             import transformers
         except ImportError:
             raise UsageError("--compare hf needs transformers: pip install transformers") from None
-        print(f"transformers {transformers.__version__}: GPT2LMHeadModel with its default attention (sdpa), dropout 0, "
-              f"vocab {GPT2_VOCAB}, labels = inputs (it shifts them itself), use_cache=False")
+        print(f"transformers {transformers.__version__}: GPT2LMHeadModel with its default attention (sdpa), dropout "
+              f"0, vocab {GPT2_VOCAB}, labels = inputs (it shifts them itself), use_cache=False")
     del probe
-    variants, batch = train_variants(args, dtype), FixedBatch(B, T, ctx.device)
-
+    variants, batch, cpu = train_variants(args, dtype), FixedBatch(B, T, ctx.device), ctx.device_type == "cpu"
     for v in variants:  # build and warm up: the first step compiles and allocates
         v.build(config, ctx)
         first = [v.step(batch, ctx) for _ in range(args.warmup)][0]
         print(f"  built and warmed up {v.name}: first step {first:.1f}s", flush=True)
+    # on CPU the matmul peak is measured in every round, under the same load as the steps
+    peaks = {d: (lambda d=d: cpu_matmul_peak(d)) for d in {v.dtype: 0 for v in variants}} if cpu else {}
 
-    cpu_peaks = {v.dtype: [] for v in variants}
-    for r in range(args.steps):  # interleaved: A, B, C, A, B, C, ...
-        for v in variants:
-            v.times.append(v.step(batch, ctx))
-        if ctx.device_type == "cpu":  # the matmul peak is measured under the same load as the steps
-            for d in cpu_peaks:
-                cpu_peaks[d].append(cpu_matmul_peak(d))
-        print(f"  round {r + 1}/{args.steps}: " + ", ".join(f"{v.times[-1] * 1000:.0f}ms" for v in variants), flush=True)
+    def each_round(r, times):
+        print(f"  round {r + 1}/{args.steps}: " + ", ".join(f"{times[v.name][-1] * 1000:.0f}ms" for v in variants),
+              flush=True)
 
-    if ctx.device_type == "cpu":
+    steps = {v.name: lambda v=v: v.step(batch, ctx) for v in variants}
+    results = interleaved(steps | peaks, args.steps, each_round)
+    if cpu:
         print("CPU matmul peak (2048^3, best of 3 per round, median): "
-              + ", ".join(f"{dtype_name(d)} {median(p) / 1e9:.0f} GFLOP/s" for d, p in cpu_peaks.items()))
+              + ", ".join(f"{SHORT[d]} {median(results[d]) / 1e9:.0f} GFLOP/s" for d in peaks))
     for v in variants:
-        step_s = median(v.times)
+        v.times, step_s = results[v.name], median(results[v.name])
         flops = flops_per_token(v.flops_config, T) * B * T
-        if ctx.device_type == "cuda":
-            peak, what = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)), "datasheet bf16 peak"
-        else:
-            peak, what = median(cpu_peaks[v.dtype]), f"measured {dtype_name(v.dtype)} matmul peak"
-        mfu = f"MFU {100 * flops / step_s / peak:.1f}% of {what} ({peak / 1e12:.3g} TFLOP/s)" if peak else "MFU n/a"
-        mem = f" | peak mem {gib(v.peak_mem)}" if ctx.device_type == "cuda" else ""
+        mem = "" if cpu else f" | peak mem {gib(v.peak_mem)}"
         print(f"{v.name}\n    {B * T / step_s:9.1f} tok/s | {step_s * 1000:.1f} ms/step | {flops / step_s / 1e9:.1f} "
-              f"GFLOP/s | {mfu}{mem} | loss {v.loss:.4f}")
-    if ctx.device_type == "cpu":
+              f"GFLOP/s | {mfu_text(v, flops, step_s, ctx.device, results)}{mem} | loss {v.losses[-1]:.4f}")
+    if cpu:
         print(f"peak RSS of this process (all variants together): {gib(peak_rss_bytes())}")
     print(f"{args.steps} timed steps per variant after {args.warmup} warm-up; total time {time.time() - t_start:.1f}s")
+    print_speedups(args.compare, variants, dtype)
 
+
+def print_speedups(compare, variants, dtype):
     def speedup(fast, slow):  # the median of each round's ratio: a slow spell hits both sides of a round alike
         return median([b / a for a, b in zip(fast.times, slow.times)])
 
-    if args.compare == "hf":
+    if compare == "hf":
         ours, hf = variants[0], variants[1:]
-        print(f"ratio vs hf {dtype_name(dtype)} + fused AdamW without torch.compile: {speedup(ours, hf[1]):.2f}")
+        print(f"ratio vs hf {SHORT[dtype]} + fused AdamW without torch.compile: {speedup(ours, hf[1]):.2f}")
         print(f"ratio vs hf fp32: {speedup(ours, hf[0]):.2f}  vs hf same settings: {speedup(ours, hf[-1]):.2f}")
-    elif args.compare == "ladder":
+    elif compare == "ladder":
         print("speed-up over the first: " + ", ".join(f"{speedup(v, variants[0]):.2f}x" for v in variants))
 
 
 # -----------------------------------------------------------------------------
-# Peak memory: full logits vs chunked loss
+# Peak memory: full logits vs chunked loss, each in a fresh process; memory per rank: DDP vs FSDP, under torchrun
 
 
-def in_fresh_process(fn, *args):
-    """fn(*args) in a new interpreter: a process's peak RSS never goes down, so each variant needs its own."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+def run_checked(cmd):
+    """cmd's stdout; UsageError, after the end of its output, if it fails."""
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if p.returncode:
+        print(p.stdout[-3000:] + p.stderr[-3000:], file=sys.stderr)
+        raise UsageError(f"{shlex.join(map(str, cmd))} failed (exit {p.returncode}); its output is above")
+    return p.stdout
 
 
-def memory_run(args, loss_chunk_size):
-    """Peak memory, losses and step times of args.steps training steps (from the second on, AdamW's state exists)."""
+def measure_steps(args):
+    """Peak memory, state bytes, losses and step times of args.steps training steps (from the second on, AdamW's
+    state exists) of a Variant set up as train() sets it up: under torchrun DDP, or FSDP with args.fsdp."""
     ctx, dtype = setup(args)
-    model = GPT(model_config(args.model, args.vocab_size)).to(ctx.device)
-    model.loss_chunk_size = loss_chunk_size
-    optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
-    train_model = torch.compile(model) if args.compile else model
-    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
-    batch = FixedBatch(args.batch_size, args.seq_len, ctx.device)
-    cuda = ctx.device_type == "cuda"
+    base_rss = peak_rss_bytes()
+    v = Variant("", dtype, bool(args.compile), loss_chunk_size=args.loss_chunk_size, fsdp=args.fsdp)
+    v.build(model_config(args.model, args.vocab_size), ctx)
+    batch, cuda = FixedBatch(args.batch_size, args.seq_len, ctx.device), ctx.device_type == "cuda"
     before = torch.cuda.memory_allocated(ctx.device) if cuda else peak_rss_bytes()
-    times, losses = zip(*(timed_step(train_model, optimizer, scaler, batch, ctx, dtype) for _ in range(args.steps)))
-    peak = torch.cuda.max_memory_allocated(ctx.device) if cuda else peak_rss_bytes()
-    return dict(peak=peak, before=before, losses=losses, times=times, dtype=dtype_name(dtype))
+    times = [v.step(batch, ctx) for _ in range(args.steps)]
+    return dict(state_bytes_per_rank(v.model, v.optimizer), rank=ctx.rank, cuda=cuda, base_rss=base_rss,
+                peak_rss=peak_rss_bytes(), before=before, peak=v.peak_mem if cuda else peak_rss_bytes(),
+                losses=v.losses, times=times, dtype=SHORT[dtype])
 
 
 def bench_memory(args):
-    """peak memory of training steps: full logits vs the chunked loss, each in a fresh process; with --procs N: memory per rank of DDP (and FSDP with --fsdp), each under torchrun"""
-    if args.worker_out:
-        return memory_worker(args)
+    """peak memory of training steps: full logits vs the chunked loss, each in a fresh process; with --procs N:
+    memory per rank of DDP (and FSDP with --fsdp), each under torchrun"""
     if args.procs > 1:
         return bench_memory_procs(args)
     t_start = time.time()
     check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))
     what = "max_memory_allocated" if pick_device(args.device).startswith("cuda") else "peak RSS"
-    print(f"bench memory: --model {args.model}, B={args.batch_size}, T={args.seq_len}, {args.steps} training steps in a "
-          f"fresh process per variant, {args.repeats} interleaved rounds, compile {bool(args.compile)}")
+    print(f"bench memory: --model {args.model}, B={args.batch_size}, T={args.seq_len}, {args.steps} training steps in "
+          f"a fresh process per variant, {args.repeats} interleaved rounds, compile {bool(args.compile)}")
     chunk = args.loss_chunk_size  # None: the device's default
     variants = {"full logits (loss_chunk_size=0)": 0, f"chunked loss (loss_chunk_size={chunk or 'default'})": chunk}
-    results = {name: [] for name in variants}
-    for _ in range(args.repeats):  # peak RSS varies from run to run with how the heap fragments: take medians
-        for name, chunk_size in variants.items():
-            results[name].append(r := in_fresh_process(memory_run, args, chunk_size))
-            print(f"{name:42s} {r['dtype']}: {what} {gib(r['peak'])} (before the steps {gib(r['before'])}), losses "
-                  f"{', '.join(f'{x:.6f}' for x in r['losses'])}, step times {', '.join(f'{t:.1f}s' for t in r['times'])}",
-                  flush=True)
-    (full, chunked) = results.values()
+
+    def run(name, chunk_size):
+        r = fresh_processes(args, 1, loss_chunk_size=chunk_size)[0]
+        print(f"{name:42s} {r['dtype']}: {what} {gib(r['peak'])} (before the steps {gib(r['before'])}), losses "
+              f"{', '.join(f'{x:.6f}' for x in r['losses'])}, step times {', '.join(f'{t:.1f}s' for t in r['times'])}",
+              flush=True)
+        return r
+
+    # peak RSS varies from run to run with how the heap fragments: take medians
+    full, chunked = interleaved({n: lambda n=n, c=c: run(n, c) for n, c in variants.items()}, args.repeats).values()
     peak = [median([r["peak"] for r in rs]) for rs in (full, chunked)]
     own = [median([r["peak"] - r["before"] for r in rs]) for rs in (full, chunked)]
     diff = max(abs(a - b) for f, c in zip(full, chunked) for a, b in zip(f["losses"], c["losses"]))
@@ -350,65 +342,46 @@ def bench_memory(args):
           f"total time {time.time() - t_start:.1f}s")
 
 
-# -----------------------------------------------------------------------------
-# Memory per rank: DDP vs FSDP, each under torchrun with --procs processes
+def memory_worker(out):
+    """One process of fresh_processes: measure_steps with the arguments in out.args.json, results to out.RANK."""
+    with open(f"{out}.args.json") as f:
+        r = measure_steps(argparse.Namespace(**json.load(f)))
+    with open(f"{out}.{r['rank']}", "w") as f:
+        json.dump(r, f)
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
-def memory_worker(args):
-    """One rank of a --procs run, set up as train() sets up: DDP (wrap_model) or FSDP (shard_model), then --steps
-    train_steps. Writes its state bytes and peak memory to --_worker_out.RANK (the ranks' stdout lines interleave)."""
-    ctx, dtype = setup(args)
-    base_rss = peak_rss_bytes()
-    model = GPT(model_config(args.model, args.vocab_size)).to(ctx.device)
-    model.loss_chunk_size = args.loss_chunk_size
-    if args.fsdp:
-        train_model, dtype = shard_model(model, args, ctx, dtype)
-    else:
-        train_model = wrap_model(model, args, ctx)
-    optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
-    scaler = torch.amp.GradScaler(ctx.device_type, enabled=dtype == torch.float16)
-    batch = FixedBatch(args.batch_size, args.seq_len, ctx.device)
-    for _ in range(args.steps):
-        timed_step(train_model, optimizer, scaler, batch, ctx, dtype)
-    cuda_peak = torch.cuda.max_memory_allocated(ctx.device) if ctx.device_type == "cuda" else None
-    with open(f"{args.worker_out}.{ctx.rank}", "w") as f:
-        json.dump(dict(state_bytes_per_rank(model, optimizer), base_rss=base_rss, peak_rss=peak_rss_bytes(),
-                       cuda_peak=cuda_peak), f)
-    torch.distributed.destroy_process_group()
+def fresh_processes(args, procs, **changes):
+    """Each rank's measure_steps(args with changes) in new processes: one (a process's peak RSS never goes down, so
+    each variant needs its own), or procs ranks under torchrun. Arguments and results travel in files."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "run")
+        with open(f"{out}.args.json", "w") as f:
+            json.dump(vars(args) | changes, f)
+        launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
+        run_checked([sys.executable, *launch, os.path.abspath(__file__), f"--_worker_out={out}"])
+        return [json.load(open(f"{out}.{rank}")) for rank in range(procs)]
 
 
 def bench_memory_procs(args):
     # auto: one GPU per rank if there are enough, else CPU processes with gloo
-    device = args.device if args.device != "auto" else "cuda" if torch.cuda.device_count() >= args.procs else "cpu"
-    flags = [f"--{k}={getattr(args, k)}" for k in ("model", "vocab_size", "batch_size", "seq_len", "steps", "dtype", "compile")]
-    flags += [f"--device={device}"] + ([f"--loss_chunk_size={args.loss_chunk_size}"] if args.loss_chunk_size else [])
-    results = {name: [] for name in ["DDP"] + (["FSDP"] if args.fsdp else [])}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            for name, runs in results.items():  # interleaved: DDP, FSDP, DDP, FSDP, ...
-                out = os.path.join(tmp, f"{name}{r}")
-                p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                    f"--nproc_per_node={args.procs}", os.path.abspath(__file__), "--mode=memory", "--procs=1",
-                                    f"--_worker_out={out}", *flags] + (["--fsdp"] if name == "FSDP" else []),
-                                   capture_output=True, text=True)
-                files = [f"{out}.{rank}" for rank in range(args.procs)]
-                if p.returncode != 0 or not all(map(os.path.exists, files)):
-                    print(p.stdout[-3000:] + p.stderr[-3000:], file=sys.stderr)
-                    raise UsageError(f"the {name} run under torchrun failed (exit {p.returncode}); its output is above")
-                runs.append([json.load(open(f)) for f in files])
-    print(f"bench memory per rank: --model {args.model}, {args.procs} ranks on {device}, B={args.batch_size}, "
-          f"T={args.seq_len}, after {args.steps} training steps, --dtype {args.dtype}; median of {args.repeats} run(s) "
-          f"per variant, interleaved, max over ranks (RSS varies with the machine's load)")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.device_count() >= args.procs else "cpu"
+    runs = {name: lambda fsdp=fsdp: fresh_processes(args, args.procs, fsdp=fsdp)
+            for name, fsdp in [("DDP", False), ("FSDP", True)][: 1 + args.fsdp]}
+    results = interleaved(runs, args.repeats)
+    print(f"bench memory per rank: --model {args.model}, {args.procs} ranks on {args.device}, B={args.batch_size}, "
+          f"T={args.seq_len}, after {args.steps} training steps, --dtype {args.dtype}; median of {args.repeats} "
+          f"run(s) per variant, interleaved, max over ranks (RSS varies with the machine's load)")
     rows = {}
     for name, runs in results.items():
         per_rank = lambda f: median([max(f(r) for r in ranks) for ranks in runs])  # noqa: E731
         row = {k: per_rank(lambda r: r[k]) for k in ("parameters", "gradients", "optimizer")}
-        row["sharded total"] = sum(row.values())
-        row["peak RSS"] = per_rank(lambda r: r["peak_rss"])
-        row["RSS over start"] = per_rank(lambda r: r["peak_rss"] - r["base_rss"])
-        if runs[0][0]["cuda_peak"] is not None:
-            row["peak CUDA"] = per_rank(lambda r: r["cuda_peak"])
-        rows[name] = row
+        rows[name] = row | {"sharded total": sum(row.values()), "peak RSS": per_rank(lambda r: r["peak_rss"]),
+                            "RSS over start": per_rank(lambda r: r["peak_rss"] - r["base_rss"])}
+        if runs[0][0]["cuda"]:
+            rows[name]["peak CUDA"] = per_rank(lambda r: r["peak"])
     print(f"{'MiB per rank':<12}" + "".join(f"{c:>16}" for c in rows["DDP"]))
     for name, row in rows.items():
         print(f"{name:<12}" + "".join(f"{v / 2**20:>16.1f}" for v in row.values()))
@@ -420,45 +393,67 @@ def bench_memory_procs(args):
 # Sampling: KV cache vs a full forward per new token
 
 
+def decode(model, prompt, n, dtype, cache):
+    """n greedy tokens after prompt under autocast in dtype: model.generate (KV cache), or without a cache: the
+    whole sequence through the model per new token."""
+    with torch.no_grad(), autocast_context(prompt.device.type, dtype):
+        if cache:
+            return model.generate(prompt, n, top_k=1)
+        idx = prompt
+        for _ in range(n):
+            logits, _ = model(idx[:, -model.config.block_size :])
+            idx = torch.cat([idx, logits[:, -1, :GPT2_VOCAB].argmax(-1, keepdim=True)], dim=1)
+        return idx
+
+
 @torch.no_grad()
-def generate_without_cache(model, idx, max_new_tokens):
-    """Greedy decoding the way it is done without a cache: the whole sequence through the model per token."""
-    for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size :])
-        idx = torch.cat([idx, logits[:, -1, :GPT2_VOCAB].argmax(-1, keepdim=True)], dim=1)
-    return idx
+def token_check(model, cached, uncached, dtype, prompt_len):
+    """Whether the decodes with and without the cache agree, as text. Where a sequence first differs, a forward of
+    the common prefix gives the two tokens' logits in float64 and the error of dtype's logits: a gap within twice
+    that error is a near-tie that rounding flips (common in bf16), a larger one a real mismatch."""
+    differ = (cached != uncached).any(1).nonzero().flatten().tolist()
+    if not differ:
+        return "identical"
+    exact, rows = copy.deepcopy(model).double(), []
+    for i in differ:
+        p = int((cached[i] != uncached[i]).nonzero()[0])
+        prefix = uncached[i : i + 1, :p]
+        ref = exact(prefix)[0][0, -1, :GPT2_VOCAB]
+        with autocast_context(prefix.device.type, dtype):
+            err = (model(prefix)[0][0, -1, :GPT2_VOCAB].double() - ref).abs().max().item()
+        rows.append(((ref[cached[i, p]] - ref[uncached[i, p]]).abs().item(), err, i, p - prompt_len))
+    gap, err, i, p = max(rows, key=lambda r: r[0] / max(r[1], 1e-30))
+    return (f"{len(rows)} of {len(cached)} sequence(s) differ; the worst: sequence {i} from new token {p}, where the "
+            f"two tokens' float64 logits are {gap:.2g} apart and {SHORT[dtype]}'s logits up to {err:.2g} off: "
+            + ("near-ties that rounding flips" if gap <= 2 * err else "a real mismatch"))
 
 
 def bench_sample(args):
     """sampling tokens/s: KV cache (model.generate) vs a full forward per token"""
     ctx, dtype = setup(args)
     model = GPT(model_config(args.model, args.vocab_size)).to(ctx.device).eval()
-    B, n = args.batch_size, args.max_new_tokens
-    prompt = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11]] * B, device=ctx.device)  # "Hello, I'm a language model,"
-    if prompt.size(1) + n > model.config.block_size:
-        raise UsageError(f"--max_new_tokens {n} plus the 8-token prompt is longer than block_size {model.config.block_size}")
-    print(f"bench sample: --model {args.model} ({model.num_params() / 1e6:.2f}M parameters), {B} sequence(s) x {n} new "
-          f"tokens after an 8-token prompt, greedy, {dtype_name(dtype)}, device {ctx.device} "
+    B, n, prompt = args.batch_size, args.max_new_tokens, [15496, 11, 314, 1101, 257, 3303, 2746, 11]
+    if len(prompt) + n > model.config.block_size:
+        raise UsageError(f"--max_new_tokens {n} plus the 8-token prompt is longer than block_size "
+                         f"{model.config.block_size}")
+    print(f"bench sample: --model {args.model} ({model.num_params() / 1e6:.2f}M parameters), {B} sequence(s) x {n} "
+          f"new tokens after an 8-token prompt, greedy, {SHORT[dtype]}, device {ctx.device} "
           f"({device_description(ctx.device)}), {args.repeats} interleaved repeats")
-    variants = {
-        "with KV cache (model.generate)": lambda: model.generate(prompt, n, top_k=1),
-        "without cache (a full forward per token)": lambda: generate_without_cache(model, prompt, n),
-    }
-    outs, times = {}, {k: [] for k in variants}
-    for name, fn in variants.items():  # warm-up, and check both decode the same tokens
-        with autocast_context(ctx.device_type, dtype):
-            outs[name] = fn()
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            t0 = now(ctx.device_type)
-            with autocast_context(ctx.device_type, dtype):
-                fn()
-            times[name].append(now(ctx.device_type) - t0)
-    med = {k: median(v) for k, v in times.items()}
-    for name, t in med.items():
-        print(f"{name:42s} {B * n / t:9.1f} tok/s | {t:.3f}s (all: {', '.join(f'{x:.2f}' for x in times[name])})")
-    cached, uncached = med.values()
-    print(f"identical tokens: {torch.equal(*outs.values())}")
+    prompt = torch.tensor([prompt] * B, device=ctx.device)  # "Hello, I'm a language model,"
+    variants = {"with KV cache (model.generate)": True, "without cache (a full forward per token)": False}
+    outs = [decode(model, prompt, n, dtype, cache) for cache in variants.values()]  # also the warm-up
+    times = interleaved({name: lambda c=c: timed(lambda: decode(model, prompt, n, dtype, c), ctx.device_type)[0]
+                         for name, c in variants.items()}, args.repeats)
+    for name, ts in times.items():
+        all_s = ", ".join(f"{x:.2f}" for x in ts)
+        print(f"{name:42s} {B * n / median(ts):9.1f} tok/s | {median(ts):.3f}s (all: {all_s})")
+    print(f"tokens with and without the cache, {SHORT[dtype]}: {token_check(model, *outs, dtype, prompt.size(1))}")
+    if dtype != torch.float32:  # the same check without autocast, and on GPUs without TF32: exact up to fp32 rounding
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        outs = [decode(model, prompt, n, torch.float32, cache) for cache in variants.values()]
+        print(f"tokens with and without the cache, fp32 (no autocast, no TF32): "
+              f"{token_check(model, *outs, torch.float32, prompt.size(1))}")
+    cached, uncached = (median(ts) for ts in times.values())
     print(f"sampling speed-up with the KV cache: {uncached / cached:.2f}x")
 
 
@@ -486,36 +481,36 @@ def evict_pages(paths):
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
 
 
-def time_batches(loader, n, gap_s):
-    """Mean seconds of next_batch over n batches, gap_s apart: the micro-step that the OS reads ahead during."""
-    total = 0.0
-    for _ in range(n):
-        t0 = time.perf_counter()
-        loader.next_batch()
-        total += time.perf_counter() - t0
-        time.sleep(gap_s)
-    return total / n
+def cold_then_warm(loader, paths, args):
+    """Mean seconds of next_batch over the same args.batches batches, gap_ms apart (the micro-step that the OS reads
+    ahead during): (from the disk, from cached pages)."""
+    def mean_time():
+        total = 0.0
+        for _ in range(args.batches):
+            total += timed(loader.next_batch, "cpu")[0]
+            time.sleep(args.gap_ms / 1000)
+        return total / args.batches
+
+    state = loader.state_dict()
+    evict_pages(paths)
+    cold = mean_time()
+    loader.load_state_dict(state)  # the same batches again, now from cached pages
+    return cold, mean_time()
 
 
 def bench_data(args):
-    """DataLoaderLite's time per batch: in order vs --shuffle, from the disk (pages evicted) vs cached, as a share of a micro-step on an H100"""
+    """DataLoaderLite's time per batch: in order vs --shuffle, from the disk (pages evicted) vs cached, as a share
+    of a micro-step on an H100"""
     B, T = args.batch_size, args.seq_len
     with tempfile.TemporaryDirectory() as tmp:
         root = args.data_dir or tmp
         os.makedirs(root, exist_ok=True)
         paths = write_shards(root, args.shards, args.shard_tokens)
-        loaders = {
-            "in order": DataLoaderLite(B, T, split="train", data_root=root),
-            "--shuffle": DataLoaderLite(B, T, split="train", data_root=root, shuffle=True, seed=1337),
-        }
-        times = {(name, cache): [] for name in loaders for cache in ("cold", "warm")}
-        for _ in range(args.repeats):  # interleaved
-            for name, loader in loaders.items():
-                state = loader.state_dict()
-                evict_pages(paths)
-                times[(name, "cold")].append(time_batches(loader, args.batches, args.gap_ms / 1000))
-                loader.load_state_dict(state)  # the same batches again, now from cached pages
-                times[(name, "warm")].append(time_batches(loader, args.batches, args.gap_ms / 1000))
+        loaders = {"in order": DataLoaderLite(B, T, split="train", data_root=root),
+                   "--shuffle": DataLoaderLite(B, T, split="train", data_root=root, shuffle=True, seed=1337)}
+        runs = interleaved({n: lambda lo=lo: cold_then_warm(lo, paths, args) for n, lo in loaders.items()},
+                           args.repeats)
+    times = {(name, cache): [r[i] for r in rs] for name, rs in runs.items() for i, cache in enumerate(("cold", "warm"))}
     flops = flops_per_token(model_config(args.model, args.vocab_size), T) * B * T
     h100 = flops / gpu_peak_flops("H100")  # the least a micro-step takes on an H100 SXM: 100% MFU at its bf16 peak
     print(f"bench data: DataLoaderLite B={B}, T={T} ({B * T * 2 / 1024:g} KiB a batch) over {args.shards} shards of "
@@ -526,40 +521,20 @@ def bench_data(args):
         print(f"{name + ', ' + cache + ' pages':26s} {median(ts) * 1e6:8.1f}us {min(ts) * 1e6:8.1f}us "
               f"{max(ts) * 1e6:8.1f}us   {100 * median(ts) / h100:.3g}%")
     for cache in ("cold", "warm"):
-        print(f"--shuffle / in order, {cache}: {median(times[('--shuffle', cache)]) / median(times[('in order', cache)]):.2f}x")
+        ratio = median(times[("--shuffle", cache)]) / median(times[("in order", cache)])
+        print(f"--shuffle / in order, {cache}: {ratio:.2f}x")
     print(f"a --model {args.model} micro-step of {B} x {T} takes at least {h100 * 1000:.3g} ms on an H100 SXM: "
           f"{flops / 1e12:.3g} TFLOP at its {gpu_peak_flops('H100') / 1e12:.0f} TFLOP/s bf16 datasheet peak")
 
 
 # -----------------------------------------------------------------------------
-# Command line
-
-# -----------------------------------------------------------------------------
 # Recipes: tokens to reach the seed recipe's val loss (train_gpt2.py --recipe / --optimizer / --schedule / --arch)
 
 # name -> train_gpt2.py flags on top of RECIPE_COMMON; "gpt2" (the seed's recipe) sets the target
-RECIPES = {
-    "gpt2": ["--recipe", "gpt2"],
-    "gpt2+muon": ["--optimizer", "muon"],
-    "fast": ["--recipe", "fast"],
-}
+BENCH_RECIPES = {"gpt2": ["--recipe", "gpt2"], "gpt2+muon": ["--optimizer", "muon"], "fast": ["--recipe", "fast"]}
 # a short run on CPU: warmup 5, max lr 2e-3 (tuned for d4's AdamW), val on 8192 held-out tokens every 5 steps
 RECIPE_COMMON = ["--warmup_steps", 5, "--max_lr", 2e-3, "--min_lr", 2e-4, "--val_every", 5, "--val_tokens", 8192,
                  "--hellaswag_every", 0, "--sample_every", 0, "--checkpoint_every", 0, "--compile", 0, "--overwrite"]
-
-
-def run_train_gpt2(flags):
-    cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_gpt2.py"), *map(str, flags)]
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    if p.returncode:
-        print(p.stdout[-2000:] + p.stderr[-2000:], file=sys.stderr)
-        raise UsageError(f"{shlex.join(cmd)} failed (exit {p.returncode}); its output is above")
-    return p.stdout
-
-
-def val_curve(log_file):
-    with open(log_file) as f:
-        return [(int(step), float(value)) for step, stream, value in (line.split() for line in f) if stream == "val"]
 
 
 def steps_to_reach(curve, target):
@@ -570,98 +545,122 @@ def steps_to_reach(curve, target):
     return None
 
 
+def recipe_run(common, name, flags, log_root):
+    """(val curve, seconds of each step after 2 to warm up) of one train_gpt2.py run, which logs to log_root/name."""
+    log_dir = os.path.join(log_root, name)
+    out = run_checked([sys.executable, os.path.join(HERE, "train_gpt2.py"), *common, "--log_dir", log_dir, *flags])
+    with open(os.path.join(log_dir, "log.txt")) as f:
+        curve = [(int(step), float(val)) for step, stream, val in (line.split() for line in f) if stream == "val"]
+    print(f"{name:>16}: final val {curve[-1][1]:.4f}  [{shlex.join(map(str, flags))}]", flush=True)
+    return curve, [float(ms) / 1000 for ms in re.findall(r"\| dt ([0-9.]+)ms", out)][2:]
+
+
 def bench_recipe(args):
     """recipes: tokens to reach the gpt2 recipe's final val loss, and time per token (train_gpt2.py runs)"""
-    runs = {name: RECIPES[name] for name in args.recipes.split(",") if name}
+    runs = {name: BENCH_RECIPES[name] for name in args.recipes.split(",") if name}
     runs.update((name, shlex.split(flags)) for name, _, flags in (v.partition("=") for v in args.variant or []))
     if "gpt2" not in runs:
         raise UsageError("--recipes must include gpt2: its final val loss is the target")
     tokens = args.batch_size * args.seq_len * args.accum
-    data = args.data or os.path.join(os.path.dirname(os.path.abspath(__file__)), "input.txt")
+    data = args.data or os.path.join(HERE, "input.txt")
     common = ["--data", data, "--model", args.model, "--batch_size", args.batch_size, "--seq_len", args.seq_len,
-              "--total_batch_size", tokens, "--dtype", args.dtype, "--device", pick_device(args.device)] + RECIPE_COMMON
+              "--total_batch_size", tokens, "--dtype", args.dtype, "--device", pick_device(args.device),
+              "--max_steps", args.recipe_steps] + RECIPE_COMMON
     log_root = args.log_root or tempfile.mkdtemp(prefix="bench_recipe_")
-    print(f"bench recipe: --model {args.model}, {args.recipe_steps} steps of {tokens} tokens of {data}; logs in {log_root}/<recipe>/log.txt")
-    curves = {}
-    for name, flags in runs.items():
-        log_dir = os.path.join(log_root, name)
-        run_train_gpt2(common + ["--max_steps", args.recipe_steps, "--log_dir", log_dir] + flags)
-        curves[name] = val_curve(os.path.join(log_dir, "log.txt"))
-        print(f"{name:>16}: final val {curves[name][-1][1]:.4f}  [{shlex.join(map(str, flags))}]", flush=True)
-    # time per token: short runs of every recipe, interleaved, so that load from other programs hits all alike
-    times = {name: [] for name in runs}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):
-            for name, flags in runs.items():
-                out = run_train_gpt2(common + ["--max_steps", args.steps + 2, "--val_every", 0, "--log_dir", tmp] + flags)
-                times[name] += [float(ms) / 1000 for ms in re.findall(r"\| dt ([0-9.]+)ms", out)][2:]  # 2 to warm up
+    print(f"bench recipe: --model {args.model}, {args.recipe_steps} steps of {tokens} tokens of {data}, "
+          f"{args.repeats} interleaved run(s) per recipe; logs in {log_root}/<recipe>/log.txt")
+
+    # each round trains every recipe again (same seed, same curve): more steps to time, and load hits all alike
+    results = interleaved({n: lambda n=n, f=f: recipe_run(common, n, f, log_root) for n, f in runs.items()},
+                          args.repeats)
+    curves = {name: rs[0][0] for name, rs in results.items()}
     print("\nval loss\n" + f"{'step':>6} {'tokens':>9} " + " ".join(f"{n:>16}" for n in runs))
     for s in sorted({s for c in curves.values() for s, _ in c}):
         row = [dict(curves[n]).get(s) for n in runs]
         print(f"{s:>6} {s * tokens:>9} " + " ".join(f"{v:>16.4f}" if v is not None else f"{'':>16}" for v in row))
     target = curves["gpt2"][-1][1]
     print(f"\ntarget: the gpt2 recipe's final val loss {target:.4f} after {args.recipe_steps * tokens} tokens")
+    times = {name: [t for _, ts in rs for t in ts] for name, rs in results.items()}
     dt = {name: median(t) for name, t in times.items()}
     for name in runs:
         s = steps_to_reach(curves[name], target)
         reach = f"{100 * s / args.recipe_steps:.0f}%" if s is not None else "not reached"
-        print(f"{name:>16}: tokens to reach the gpt2 recipe's final val loss: {reach} | {1e6 * dt[name] / tokens:.1f} us/token, "
-              f"{dt[name] / dt['gpt2']:.3f}x gpt2's (median of {len(times[name])} interleaved steps)")
+        print(f"{name:>16}: tokens to reach the gpt2 recipe's final val loss: {reach} | "
+              f"{1e6 * dt[name] / tokens:.1f} us/token, {dt[name] / dt['gpt2']:.3f}x gpt2's "
+              f"(median of {len(times[name])} steps)")
 
 
-MODES = {
-    "train": bench_train,
-    "memory": bench_memory,
-    "sample": bench_sample,
-    "data": bench_data,
-    "recipe": bench_recipe,
-}
-SMALL_MODEL = "d4"  # sampling compares the algorithm, not the model
+# -----------------------------------------------------------------------------
+# Command line
+
+MODES = dict(train=bench_train, memory=bench_memory, sample=bench_sample, data=bench_data, recipe=bench_recipe)
+SMALL_MODEL = "d4"  # sampling compares the algorithm, not the model; recipes are short CPU runs
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks for train_gpt2.py (see the top of bench.py for examples).")
-    modes = "; ".join(f"{name}: {fn.__doc__}" for name, fn in MODES.items())
-    p.add_argument("--mode", default="train", choices=list(MODES), help=f"what to measure (default: %(default)s). {modes}")
+    modes = "; ".join(f"{name}: {' '.join(fn.__doc__.split())}" for name, fn in MODES.items())
+    p.add_argument("--mode", default="train", choices=list(MODES), help=f"what to measure (default: train). {modes}")
+    p.add_argument("--_worker_out", dest="worker_out", help=argparse.SUPPRESS)  # a rank of a --procs run
     g = p.add_argument_group("model and shape")
-    g.add_argument("--model", default=None, help=f"gpt2, gpt2-medium, ..., or dN (default: gpt2; {SMALL_MODEL} for sample)")
-    g.add_argument("--vocab_size", type=int, default=50304, help="ours (default: %(default)s); the Hugging Face model has 50257")
-    g.add_argument("--batch_size", type=batch_size_arg, default=None, help="micro-batch B (per rank for --procs), or sequences sampled at once (default: 4; 16 on a GPU except for sample; 2 for --procs; 64 for data); 'auto': train_gpt2.py's choice")
-    g.add_argument("--seq_len", type=positive_int, default=None, help="T (default: 256 on CPU, 1024 on GPU; 128 for --procs; 1024 for data)")
+    g.add_argument("--model", help=f"gpt2, gpt2-medium, ..., or dN (default: gpt2; {SMALL_MODEL} for sample, recipe)")
+    g.add_argument("--vocab_size", type=int, default=50304, help="ours (default: 50304); Hugging Face's is 50257")
+    g.add_argument("--batch_size", type=batch_size_arg, help="micro-batch B (per rank for --procs), or sequences "
+                   "sampled at once (default: 4; 16 on a GPU except for sample; 2 for --procs; 64 for data; 16 for "
+                   "recipe); 'auto': train_gpt2.py's choice")
+    g.add_argument("--seq_len", type=positive_int, help="T (default: 256 on CPU, 1024 on GPU; 128 for --procs and "
+                   "recipe; 1024 for data)")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu, the default), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"], help="autocast dtype, as in train_gpt2.py (default: auto)")
-    g.add_argument("--compile", type=int, default=None, choices=[0, 1], help="torch.compile (default: 1 for train, 0 for memory)")
-    g.add_argument("--loss_chunk_size", type=positive_int, default=None, help="ours: positions per chunk of the chunked loss (default: the device's)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="autocast dtype, as in train_gpt2.py (default: auto)")
+    g.add_argument("--compile", type=int, choices=[0, 1], help="torch.compile (default: 1 for train, else 0)")
+    g.add_argument("--loss_chunk_size", type=positive_int, help="ours: positions per chunk of the chunked loss "
+                   "(default: the device's)")
     g = p.add_argument_group("timing")
-    g.add_argument("--compare", default="none", choices=["none", "hf", "ladder"],
-                   help="train: hf: also transformers' GPT2LMHeadModel in fp32 with torch's default AdamW, and with our settings; "
-                        "ladder: ours from fp32 + default AdamW to our defaults one change at a time, and build-nanogpt's "
-                        "full logits under compile; --compile 0 leaves out the compiled rungs (default: none)")
-    g.add_argument("--warmup", type=positive_int, default=1, help="train: untimed steps per variant; the first one compiles (default: 1)")
-    g.add_argument("--steps", type=positive_int, default=None, help="timed steps per variant (default: 5 for train; 2 for memory)")
-    g.add_argument("--repeats", type=positive_int, default=None, help="memory, sample, data: interleaved rounds (default: 2 for memory, 3 for sample, 5 for data)")
-    g.add_argument("--max_new_tokens", type=positive_int, default=256, help="sample: tokens generated per sequence (default: 256)")
+    g.add_argument("--compare", default="none", choices=["none", "hf", "ladder"], help="train: hf: also "
+                   "transformers' GPT2LMHeadModel in fp32 with torch's default AdamW, and with our settings; ladder: "
+                   "ours from fp32 + default AdamW to our defaults one change at a time, and build-nanogpt's full "
+                   "logits under compile; --compile 0 leaves out the compiled rungs (default: none)")
+    g.add_argument("--warmup", type=positive_int, default=1, help="train: untimed steps per variant; the first one "
+                   "compiles (default: 1)")
+    g.add_argument("--steps", type=positive_int, help="train, memory: timed steps per variant (default: 5 for train, "
+                   "2 for memory)")
+    g.add_argument("--repeats", type=positive_int, help="memory, sample, data, recipe: interleaved rounds (default: "
+                   "2 for memory, 3 for sample, 5 for data, 1 for recipe)")
+    g.add_argument("--max_new_tokens", type=positive_int, default=256, help="sample: tokens generated per sequence "
+                   "(default: 256)")
     g = p.add_argument_group("memory per rank (--mode memory)")
-    g.add_argument("--procs", type=positive_int, default=1, help="N > 1: memory per rank of DDP under torchrun with N processes (default: 1: full logits vs chunked loss)")
+    g.add_argument("--procs", type=positive_int, default=1, help="N > 1: memory per rank of DDP under torchrun with "
+                   "N processes (default: 1: full logits vs chunked loss)")
     g.add_argument("--fsdp", action="store_true", help="with --procs: FSDP (train_gpt2.py --fsdp) beside DDP")
-    g.add_argument("--_worker_out", dest="worker_out", default=None, help=argparse.SUPPRESS)  # a rank of a --procs run
     g = p.add_argument_group("data (--mode data)")
-    g.add_argument("--batches", type=positive_int, default=100, help="batches per timing (default: %(default)s)")
-    g.add_argument("--gap_ms", type=float, default=20, help="sleep between batches: the micro-step the loader feeds (default: %(default)s)")
-    g.add_argument("--shards", type=positive_int, default=4, help="shards of random tokens (default: %(default)s)")
-    g.add_argument("--shard_tokens", type=positive_int, default=100_000_000, help="tokens per shard (default: 100M, as fineweb.py writes)")
-    g.add_argument("--data_dir", default=None, help="where the shards are written (default: a temporary directory)")
-    g = p.add_argument_group("recipes (--mode recipe; --model d4, --batch_size 16, --seq_len 128, --repeats 1 there)")
-    g.add_argument("--data", default=None, help="train_gpt2.py --data: a .txt or a shard directory (default: the repo's input.txt)")
-    g.add_argument("--recipes", default="gpt2,gpt2+muon,fast", help=f"comma-separated, of {', '.join(RECIPES)} (default: %(default)s)")
+    g.add_argument("--batches", type=positive_int, default=100, help="batches per timing (default: 100)")
+    g.add_argument("--gap_ms", type=float, default=20, help="sleep between batches: the micro-step the loader "
+                   "feeds (default: 20)")
+    g.add_argument("--shards", type=positive_int, default=4, help="shards of random tokens (default: 4)")
+    g.add_argument("--shard_tokens", type=positive_int, default=100_000_000, help="tokens per shard (default: 100M, "
+                   "as fineweb.py writes)")
+    g.add_argument("--data_dir", help="where the shards are written (default: a temporary directory)")
+    g = p.add_argument_group("recipes (--mode recipe)")
+    g.add_argument("--data", help="train_gpt2.py --data: a .txt or a shard directory (default: the repo's input.txt)")
+    g.add_argument("--recipes", default="gpt2,gpt2+muon,fast", help=f"comma-separated, of "
+                   f"{', '.join(BENCH_RECIPES)} (default: %(default)s)")
     g.add_argument("--variant", action="append", help='"NAME=train_gpt2.py flags": one more run (repeatable)')
-    g.add_argument("--recipe_steps", type=positive_int, default=40, help="optimizer steps per run (default: %(default)s)")
-    g.add_argument("--accum", type=positive_int, default=2, help="micro-batches per step: B x T x accum tokens (default: %(default)s)")
-    g.add_argument("--log_root", default=None, help="a log dir per recipe, for play.ipynb (default: a temporary dir)")
-    args = p.parse_args(argv)
+    g.add_argument("--recipe_steps", type=positive_int, default=40, help="optimizer steps per run (default: 40)")
+    g.add_argument("--accum", type=positive_int, default=2, help="micro-batches per step: B x T x accum tokens "
+                   "(default: 2)")
+    g.add_argument("--log_root", help="a log dir per recipe, for play.ipynb (default: a temporary dir)")
+    return with_defaults(p.parse_args(argv))
 
+
+def with_defaults(args):
+    """args with each mode's defaults filled in; UsageError for flags of another mode."""
     on_gpu = pick_device(args.device).startswith("cuda")
     args.model = args.model or (SMALL_MODEL if args.mode in ("sample", "recipe") else "gpt2")
+    try:
+        model_config(args.model, args.vocab_size)  # an unknown --model fails here, before any work
+    except ValueError as e:  # the model's own error: the message is the user's
+        raise UsageError(str(e)) from None
     if args.mode == "recipe":  # a short CPU run of a small model
         B, T = 16, 128
     elif args.mode == "data":  # gpt2's micro-batch in train_gpt2.py
@@ -671,24 +670,25 @@ def parse_args(argv=None):
     else:  # sample: 4 sequences, as train_gpt2.py --sample (--num_samples 4) and its in-training samples do
         B, T = (16 if on_gpu and args.mode != "sample" else 4), (1024 if on_gpu else 256)
     args.batch_size, args.seq_len = args.batch_size or B, args.seq_len or T
-    args.compile = (1 if args.mode == "train" else 0) if args.compile is None else args.compile
+    args.compile = int(args.mode == "train") if args.compile is None else args.compile
     args.steps = args.steps or (2 if args.mode == "memory" else 5)
     args.repeats = args.repeats or {"memory": 2, "data": 5, "recipe": 1}.get(args.mode, 3)
-    if args.batch_size == "auto" and args.mode != "train":
-        p.error("--batch_size auto is for --mode train")
-    if args.compare != "none" and args.mode != "train":
-        p.error("--compare is for --mode train")
-    if (args.procs > 1 or args.fsdp) and args.mode != "memory":
-        p.error("--procs and --fsdp are for --mode memory")
-    if args.fsdp and args.procs == 1 and not args.worker_out:
-        p.error("--fsdp shards over processes: add --procs N (N >= 2)")
+    for wrong, message in [
+        (args.batch_size == "auto" and args.mode != "train", "--batch_size auto is for --mode train"),
+        (args.compare != "none" and args.mode != "train", "--compare is for --mode train"),
+        ((args.procs > 1 or args.fsdp) and args.mode != "memory", "--procs and --fsdp are for --mode memory"),
+        (args.fsdp and args.procs == 1, "--fsdp shards over processes: add --procs N (N >= 2)"),
+    ]:
+        if wrong:
+            raise UsageError(message)
     return args
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
-        model_config(args.model, args.vocab_size)  # an unknown --model fails here, before any work
+        args = parse_args(argv)
+        if args.worker_out:
+            return memory_worker(args.worker_out)
         if not pick_device(args.device).startswith("cuda"):
             warn_if_busy()
         MODES[args.mode](args)

@@ -236,7 +236,8 @@ def open_out_dir(out_dir, settings):
         raise DataError(f"{out_dir} was made with other settings ({diff}); use a new --out_dir or delete it")
     for entry in manifest["shards"]:
         if not os.path.exists(os.path.join(out_dir, entry["file"])):
-            raise DataError(f"{out_dir}/{entry['file']} is missing but listed in {MANIFEST}; delete {out_dir} and rerun")
+            raise DataError(f"{out_dir}/{entry['file']} is missing but listed in {MANIFEST}; "
+                            f"delete {out_dir} and rerun")
     return manifest
 
 
@@ -278,7 +279,8 @@ def check_local_file(path, builder):
         try:
             pq.ParquetFile(path)  # reads the footer only
         except Exception as e:
-            raise DataError(f"{path}: not a parquet file ({type(e).__name__}: {(str(e).splitlines() or [''])[0]}); {fix}")
+            first_line = (str(e).splitlines() or [""])[0]
+            raise DataError(f"{path}: not a parquet file ({type(e).__name__}: {first_line}); {fix}")
         return
     import codecs
     try:  # final=False: a multi-byte character cut at the end of the head is not an error
@@ -408,7 +410,8 @@ def get_args(argv=None):
     p = argparse.ArgumentParser(description="Tokenize FineWeb-Edu (or local text files) into uint16 GPT-2 token "
                                 "shards for train_gpt2.py. Rerun the same command to resume an interrupted run.")
     p.add_argument("--dataset", default="HuggingFaceFW/fineweb-edu", help="hub dataset (default: %(default)s)")
-    p.add_argument("--remote_name", default="sample-10BT", help="hub config: sample-10BT, sample-100BT, sample-350BT, ...")
+    p.add_argument("--remote_name", default="sample-10BT",
+                   help="hub config: sample-10BT, sample-100BT, sample-350BT, ...")
     p.add_argument("--local_files", nargs="+", metavar="PATH",
                    help="tokenize these .jsonl/.json/.parquet/.txt files (in this order) instead of the hub dataset")
     p.add_argument("--text_column", default="text", help="column holding the document text (default: %(default)s)")
@@ -419,7 +422,8 @@ def get_args(argv=None):
     p.add_argument("--shard_size", type=int, default=10**8, help="tokens per shard (default: 100M)")
     p.add_argument("--num_proc", type=int, default=cpu_count(), help="tokenizer processes (default: all cores)")
     p.add_argument("--streaming", action="store_true",
-                   help="tokenize while downloading, instead of first caching the whole dataset (~30 GB for sample-10BT)")
+                   help="tokenize while downloading, instead of first caching the whole dataset "
+                   "(~30 GB for sample-10BT)")
     p.add_argument("--stop_after_shards", type=int, default=None, metavar="N",
                    help="stop once N shards exist (for tests and partial runs); rerun without it to continue")
     args = p.parse_args(argv)
@@ -443,7 +447,8 @@ def main(argv=None):
                     "txt_sample_by": args.txt_sample_by if builder == "text" else None}
     else:
         builder = None
-        settings = {"dataset": args.dataset, "remote_name": args.remote_name, "local_files": None, "txt_sample_by": None}
+        settings = {"dataset": args.dataset, "remote_name": args.remote_name, "local_files": None,
+                    "txt_sample_by": None}
     settings.update(text_column=args.text_column, shard_size=args.shard_size, encoding="gpt2")
     manifest = open_out_dir(args.out_dir, settings)
     shards = manifest["shards"]

@@ -1,4 +1,6 @@
-"""hellaswag.py: rendering, batched scoring, the CLI against transformers, bad input, the in-loop eval."""
+"""hellaswag.py: rendering, batched scoring, the CLI against transformers, bad input. (The in-loop eval under
+train_gpt2.py, one process, DDP and FSDP, is tested in test_train_gpt2.py.)"""
+
 import json
 import re
 import subprocess
@@ -36,7 +38,7 @@ def reference_predictions(forward, rows, vocab=50257, block_size=None):
                 n = min(len(end), len(row_tokens) - 1)  # scored: ending tokens with a token before them
                 logits = forward(torch.tensor([row_tokens]))[0, :, :vocab].float()
                 # the logits at position p predict token p + 1
-                losses = F.cross_entropy(logits[-n - 1:-1], torch.tensor(row_tokens[-n:]), reduction="none")
+                losses = F.cross_entropy(logits[-n - 1 : -1], torch.tensor(row_tokens[-n:]), reduction="none")
                 sums.append(losses.sum().item())
                 means.append(losses.mean().item())
             preds.append(min(range(4), key=lambda i: sums[i]))
@@ -135,21 +137,26 @@ def test_rows_longer_than_block_size_keep_their_end(hellaswag_sample):
     assert pred.tolist() == ref and pred_norm.tolist() == ref_norm
 
 
-def test_cli_matches_transformers(hellaswag_sample, tmp_path):
+def main_error(argv):
+    """hellaswag.main(argv) in this process: it exits with its one-line message, SystemExit("error: ...")."""
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(argv)
+    err = str(e.value.code)
+    assert err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_cli_matches_transformers(hellaswag_sample, tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
     config = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_positions=256, initializer_range=0.2)
     hf = GPT2LMHeadModel(config).eval()
     hf.save_pretrained(tmp_path / "hf")
-    out = subprocess.run(
-        [sys.executable, "hellaswag.py", "-m", str(tmp_path / "hf"), "--data", str(hellaswag_sample), "-d", "cpu",
-         "--batch_size", "7"],
-        cwd=ROOT, env=run_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    match = FINAL_LINE.match(out.stdout.strip().splitlines()[-1])
-    assert match, out.stdout
+    hellaswag.main(["-m", str(tmp_path / "hf"), "--data", str(hellaswag_sample), "-d", "cpu", "--batch_size", "7"])
+    out = capsys.readouterr().out
+    match = FINAL_LINE.match(out.strip().splitlines()[-1])
+    assert match, out
 
     rows = read_rows(hellaswag_sample)
     ref, ref_norm, labels, margins = reference_predictions(lambda idx: hf(idx).logits, rows)
@@ -183,53 +190,42 @@ def test_bad_rows_name_file_and_line(hellaswag_sample, tmp_path):
     with pytest.raises(ValueError, match="no labels"):
         hellaswag.evaluate(tiny_gpt(), "cpu", split="test")
 
-    # the CLI: one clean line, no traceback, non-zero exit (the data is checked before any model loads)
-    for extra, message in [(["--data", str(broken)], "broken.jsonl:3: malformed JSON"),
-                           (["--split", "test"], "test split has no labels")]:
-        out = subprocess.run([sys.executable, "hellaswag.py", "-m", "gpt2", *extra], cwd=ROOT, env=run_env(),
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode != 0
-        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
-
-
-def test_in_loop_eval_with_compile(hellaswag_sample, shakespeare, tmp_path):
-    """--compile 1 --hellaswag_every N logs `hella` lines, equal to an eager evaluation of the final checkpoint."""
-    sample = tmp_path / "hella16.jsonl"
-    sample.write_text("".join(hellaswag_sample.read_text(encoding="utf-8").splitlines(keepends=True)[:16]),
-                      encoding="utf-8")
-    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data", str(shakespeare), "--model", "d2",
-           "--batch_size", "4", "--seq_len", "64", "--total_batch_size", "256", "--max_steps", "10",
-           "--warmup_steps", "3", "--val_every", "0", "--hellaswag_every", "10", "--hellaswag_data", str(sample),
-           "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", str(tmp_path / "log"),
-           "--device", "cpu", "--dtype", "float32", "--compile", "1"]
-    out = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=400)
-    assert out.returncode == 0, out.stderr[-3000:]
-    hella = [line.split() for line in (tmp_path / "log" / "log.txt").read_text().splitlines() if " hella " in line]
-    assert [int(step) for step, _, _ in hella] == [0, 10]
-
-    # the compiled in-loop eval agrees with an eager one on the weights it saw (the step-10 checkpoint)
-    model = GPT.from_pretrained(str(tmp_path / "log" / "model_00010.pt")).eval()
-    _, num_correct_norm, num_total = hellaswag.evaluate(model, "cpu", data=sample)
-    assert num_total == 16
-    assert hella[-1][2] == f"{num_correct_norm / num_total:.4f}"
+    # the CLI: one line (the data is checked before any model loads)
+    for extra, message in [
+        (["--data", str(broken)], "broken.jsonl:3: malformed JSON"),
+        (["--split", "test"], "test split has no labels"),
+    ]:
+        assert message in main_error(["-m", "gpt2", *extra])
 
 
 def test_cli_bad_files_and_cache_dir_are_one_line(hellaswag_sample, tmp_path):
     """Unreadable data, a data folder, a cache dir that is a file, a checkpoint that does not fit its config."""
     latin = tmp_path / "latin.jsonl"
-    latin.write_bytes(hellaswag_sample.read_bytes().splitlines(keepends=True)[0] + '{"ctx": "caf\u00e9"}\n'.encode("latin-1"))
+    latin.write_bytes(
+        hellaswag_sample.read_bytes().splitlines(keepends=True)[0] + '{"ctx": "caf\u00e9"}\n'.encode("latin-1")
+    )
     a_file = tmp_path / "cache"
     a_file.write_text("mine")
-    cases = [(["--data", str(latin)], "latin.jsonl: not UTF-8 text"),
-             (["--data", str(tmp_path)], "a directory, not a HellaSwag jsonl file"),
-             (["--cache_dir", str(a_file)], "cache: cannot use it as the HellaSwag cache directory")]
+    cases = [
+        (["--data", str(latin)], "latin.jsonl: not UTF-8 text"),
+        (["--data", str(tmp_path)], "a directory, not a HellaSwag jsonl file"),
+        (["--cache_dir", str(a_file)], "cache: cannot use it as the HellaSwag cache directory"),
+    ]
     for extra, message in cases:
-        out = subprocess.run([sys.executable, "hellaswag.py", "-m", "gpt2", *extra], cwd=ROOT, env=run_env(),
-                             capture_output=True, text=True, timeout=120)
-        err = out.stderr.strip()
-        assert out.returncode != 0 and "Traceback" not in err and err.count("\n") == 0, err
-        assert err.startswith("error: ") and message in err, err
+        assert message in main_error(["-m", "gpt2", *extra])
     assert a_file.read_text() == "mine"
+    # and once through a real process (the one for hellaswag.py's errors): one line on stderr, no traceback
+    out = subprocess.run(
+        [sys.executable, "hellaswag.py", "-m", "gpt2", *cases[0][0]],
+        cwd=ROOT,
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    err = out.stderr.strip()
+    assert out.returncode == 1 and "Traceback" not in err and err.count("\n") == 0, err
+    assert err.startswith("error: ") and cases[0][1] in err, err
 
 
 def test_modern_arch_scores_match_reference(hellaswag_sample):

@@ -1,14 +1,20 @@
 """Tests of train_gpt2.py: the model against transformers' GPT-2, sampling, data, optimization, the training CLI
 (single process and torchrun), checkpoints and exact resume. All on CPU, offline."""
+
+import contextlib
+import io
 import json
-import shutil
 import math
 import os
 import re
+import select
+import shutil
 import signal
 import subprocess
 import sys
-import time
+import tempfile
+import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,6 +45,37 @@ def run_cli(args, cwd, check=True, timeout=300, **kw):
     return p
 
 
+def train_here(argv):
+    """train_gpt2.main(argv) in this process (no interpreter start-up): its stdout. On one thread, as the
+    subprocesses (OMP_NUM_THREADS=1), so that its losses equal theirs to the last bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            tg.main([str(a) for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+    return out.getvalue()
+
+
+def main_error(argv, capsys, code=2):
+    """train_gpt2.main(argv) in this process: exit code `code` and its one stderr line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train_here(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == code and err.count("\n") == 0 and err.startswith("error: "), err
+    return err
+
+
+def assert_one_line_error(p, *needles):
+    err = p.stderr.strip()
+    assert p.returncode == 2 and "Traceback" not in err and err.count("\n") == 0 and err.startswith("error: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
 def read_log(log_dir):
     out = {}
     with open(os.path.join(log_dir, "log.txt")) as f:
@@ -51,9 +88,23 @@ def read_log(log_dir):
 def tiny_run_args(data, log_dir, **overrides):
     """A d2 model on Tiny Shakespeare: a few seconds for ~10 steps on CPU."""
     flags = dict(
-        data=data, model="d2", batch_size=4, seq_len=64, total_batch_size=512, max_steps=12, warmup_steps=2,
-        max_lr=3e-3, val_every=4, val_tokens=512, hellaswag_every=0, sample_every=0, checkpoint_every=6,
-        log_dir=log_dir, device="cpu", dtype="float32", compile=0,
+        data=data,
+        model="d2",
+        batch_size=4,
+        seq_len=64,
+        total_batch_size=512,
+        max_steps=12,
+        warmup_steps=2,
+        max_lr=3e-3,
+        val_every=4,
+        val_tokens=512,
+        hellaswag_every=0,
+        sample_every=0,
+        checkpoint_every=6,
+        log_dir=log_dir,
+        device="cpu",
+        dtype="float32",
+        compile=0,
     )
     flags.update(overrides)
     args = []
@@ -66,7 +117,10 @@ def tiny_run_args(data, log_dir, **overrides):
 # model
 
 
-@pytest.mark.parametrize("shape", [dict(n_layer=2, n_head=2, n_embd=64, n_positions=128), dict(n_layer=3, n_head=4, n_embd=96, n_positions=64)])
+@pytest.mark.parametrize(
+    "shape",
+    [dict(n_layer=2, n_head=2, n_embd=64, n_positions=128), dict(n_layer=3, n_head=4, n_embd=96, n_positions=64)],
+)
 def test_logits_match_transformers(tmp_path, shape):
     hf, path = hf_tiny(tmp_path, **shape)
     model = tg.GPT.from_pretrained(path).eval()
@@ -99,8 +153,10 @@ def test_save_pretrained_round_trip(tmp_path, vocab_size):
 def test_export_cli_writes_a_directory_pipeline_can_use(tmp_path, shakespeare_file, fineweb_jsonl):
     from transformers import AutoTokenizer, pipeline
 
-    _, path = hf_tiny(tmp_path, n_layer=2, n_head=2, n_embd=64, std=0.2)  # larger weights: a less repetitive greedy text
-    run_cli(["--init_from", path, "--export", tmp_path / "export"], tmp_path)
+    _, path = hf_tiny(
+        tmp_path, n_layer=2, n_head=2, n_embd=64, std=0.2
+    )  # larger weights: a less repetitive greedy text
+    assert "wrote a Hugging Face GPT-2 model" in train_here(["--init_from", path, "--export", tmp_path / "export"])
     enc = tiktoken.get_encoding("gpt2")
     tok = AutoTokenizer.from_pretrained(tmp_path / "export")
     fineweb = fineweb_jsonl.read_text().splitlines()[:20]
@@ -108,7 +164,7 @@ def test_export_cli_writes_a_directory_pipeline_can_use(tmp_path, shakespeare_fi
     texts += [json.loads(line)["text"] for line in fineweb]
     for text in texts:
         assert tok(text)["input_ids"] == enc.encode(text, allowed_special="all")
-    assert tok.eos_token_id == 50256
+    assert tok.eos_token_id == tg.GPT2_EOT == enc.eot_token
     # greedy decoding through transformers' pipeline gives our tokens
     prompt = "Hello, I'm a language model,"
     generate = pipeline("text-generation", model=str(tmp_path / "export"), device="cpu")
@@ -130,20 +186,6 @@ def test_gpt2_init_and_weight_tying():
     # 124M: the number everyone quotes (tied embeddings counted once)
     n = sum(p.numel() for p in tg.GPT(tg.GPTConfig()).parameters())
     assert n == 124439808
-
-
-def test_loss_ignores_minus_one_targets():
-    torch.manual_seed(0)
-    model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
-    idx = torch.randint(0, 50257, (2, 16))
-    targets = torch.randint(0, 50257, (2, 16))
-    targets[:, 8:] = -1
-    logits, _ = model(idx)
-    expected = torch.nn.functional.cross_entropy(logits[:, :8].reshape(-1, logits.size(-1)), targets[:, :8].reshape(-1))
-    for chunk in (0, 5, None):  # full logits, chunks, the device's default
-        model.loss_chunk_size = chunk
-        _, loss = model(idx, targets)
-        assert torch.allclose(loss, expected, atol=1e-6), chunk
 
 
 def assert_chunked_equals_full_logits(model, idx, targets, atol):
@@ -174,7 +216,12 @@ def test_chunked_loss_equals_full_logits_loss_and_gradients(ignore):
         targets[0, :25] = -1
     logits, loss_full = assert_chunked_equals_full_logits(model, idx, targets, atol=1e-6)
     assert logits.shape == (3, 40, 50304)
-    # no grad (eval): the same number
+    # the mean over the targets that are not -1 only
+    keep = targets.view(-1) != -1
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, 50304)[keep], targets.view(-1)[keep])
+    assert torch.allclose(loss_full, expected, atol=1e-6)
+    # no grad (eval), and the device's default chunks: the same number
+    model.loss_chunk_size = None
     with torch.no_grad():
         assert torch.allclose(model(idx, targets)[1], loss_full, atol=1e-6)
 
@@ -211,7 +258,9 @@ def loss_scaled_grads(x, w, t, dtype, scale, chunk, cap=None):
 
 
 # cap 0.5: the modern arch's soft-cap, small enough to bend these logits (~0.2)
-@pytest.mark.parametrize("dtype, scale, cap", [(torch.float16, 2.0**16, None), (torch.bfloat16, 1.0, None), (torch.float16, 2.0**16, 0.5)])
+@pytest.mark.parametrize(
+    "dtype, scale, cap", [(torch.float16, 2.0**16, None), (torch.bfloat16, 1.0, None), (torch.float16, 2.0**16, 0.5)]
+)
 def test_chunked_loss_gradients_under_loss_scaling_are_as_accurate_as_full_logits(dtype, scale, cap):
     # near-uniform logits over 8192 ids and 1024 rows: (softmax - one_hot) / n_valid is ~1e-7, near fp16's smallest
     # number (6e-8); cast before the scale is applied (the old code) the gradient into the network was 0.7% off
@@ -251,7 +300,9 @@ def test_generate_greedy_with_cache_matches_full_forward_and_transformers(tmp_pa
     ours = model.generate(prompt, 20, top_k=1)
     assert ours.shape == (2, 28)
     assert torch.equal(ours, greedy_without_cache(model, prompt, 20))
-    theirs = hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=50256)
+    theirs = hf.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False, pad_token_id=50256
+    )
     assert torch.equal(ours, theirs)
     # past block_size the context is cropped; still the same as a full forward per token
     long = model.generate(prompt, 70, top_k=1)
@@ -275,7 +326,10 @@ def test_decoding_one_token_uses_no_mask_and_matches_the_full_forward():
     assert torch.allclose(cached, full, atol=1e-5)
 
 
-@pytest.mark.parametrize("capability, expected", [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)])
+@pytest.mark.parametrize(
+    "capability, expected",
+    [((7, 0), torch.float16), ((7, 5), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
 def test_auto_dtype_on_gpus_is_bf16_only_with_bf16_tensor_cores(monkeypatch, capability, expected):
     # V100 (7.0) and T4 (7.5) emulate bf16, and torch.cuda.is_bf16_supported() says yes there: it must not decide
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
@@ -296,12 +350,10 @@ def test_generate_seeded_sampling_is_reproducible_and_never_picks_padding():
     assert torch.equal(a, b)
     assert a.max().item() < 50257 and c.max().item() < 50257
     assert not torch.equal(a, c)
-
-
-def test_tokenizer_is_the_real_gpt2_vocab():
-    enc = tiktoken.get_encoding("gpt2")
-    assert enc.encode("Hello, I'm a language model,") == [15496, 11, 314, 1101, 257, 3303, 2746, 11]
-    assert enc.eot_token == tg.GPT2_EOT
+    # temperature 0 is greedy whatever top_k says: the argmax over the real tokens, the same as top_k=1
+    greedy = model.generate(prompt, 10, temperature=0, top_k=50, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(greedy, greedy_without_cache(model, prompt, 10))
+    assert torch.equal(greedy, model.generate(prompt, 10, top_k=1)) and not torch.equal(greedy, a)
 
 
 def test_from_pretrained_bad_inputs(tmp_path):
@@ -321,14 +373,19 @@ def test_from_pretrained_bad_inputs(tmp_path):
         tg.GPT.from_pretrained(text)
 
 
-def test_sample_cli_from_hf_dir_and_bad_model(tmp_path):
-    _, path = hf_tiny(tmp_path, n_positions=64)
-    p = run_cli(["--init_from", path, "--sample", "Hello, I'm a language model,", "--num_samples", 3, "--max_new_tokens", 8, "--device", "cpu"], tmp_path)
-    lines = [l for l in p.stdout.splitlines() if l.startswith("> ")]
+def test_sample_cli_from_hf_dir_and_bad_model(tmp_path, capsys):
+    _, path = hf_tiny(tmp_path, n_positions=64, std=0.2)
+    argv = ["--init_from", path, "--sample", "Hello, I'm a language model,", "--num_samples", 3, "--max_new_tokens", 8]
+    lines = [l for l in train_here(argv + ["--device", "cpu"]).splitlines() if l.startswith("> ")]
     assert len(lines) == 3 and all(l.startswith("> Hello, I'm a language model,") for l in lines)
-    p = run_cli(["--init_from", "gpt5", "--sample", "hi"], tmp_path, check=False)
-    assert p.returncode != 0 and "Traceback" not in p.stderr
-    assert p.stderr.strip().count("\n") == 0 and "gpt2-medium" in p.stderr
+    assert len(set(lines)) > 1  # sampled, not greedy
+    # --temperature 0: greedy, whatever --top_k says: every sample is the same, the argmax continuation
+    greedy = [l for l in train_here(argv + ["--temperature", 0, "--top_k", 50]).splitlines() if l.startswith("> ")]
+    enc = tiktoken.get_encoding("gpt2")
+    prompt = torch.tensor([enc.encode("Hello, I'm a language model,")])
+    expected = enc.decode(greedy_without_cache(tg.GPT.from_pretrained(path).eval(), prompt, 8)[0].tolist())
+    assert greedy == [f"> {expected}"] * 3
+    assert "gpt2-medium" in main_error(["--init_from", "gpt5", "--sample", "hi"], capsys)
 
 
 # -----------------------------------------------------------------------------
@@ -357,12 +414,17 @@ def test_dataloader_positions_per_rank(tmp_path):
         assert x.flatten()[0].item() == B * T * rank + B * T * 3
 
 
-def test_dataloader_rolls_over_without_dropping_a_usable_batch(tmp_path):
+def test_dataloader_rolls_over_without_dropping_a_usable_batch_and_counts_epochs(tmp_path):
     # 2*8 = 16 tokens a batch (+1 for the last target): a shard of 33 holds exactly 2 batches
     write_shards(tmp_path / "d", [33, 40])
     loader = tg.DataLoaderLite(2, 8, 0, 1, "train", tmp_path / "d")
-    firsts = [loader.next_batch()[0].flatten()[0].item() for _ in range(5)]
-    assert firsts == [0, 16, 33, 33 + 16, 0]  # both batches of shard 0, both of shard 1, wrap around
+    assert loader.epoch_tokens() == 4 * 16
+    firsts, epochs = [], []
+    for _ in range(9):
+        firsts.append(loader.next_batch()[0].flatten()[0].item())
+        epochs.append(loader.epoch)
+    assert firsts[:5] == [0, 16, 33, 33 + 16, 0]  # both batches of shard 0, both of shard 1, wrap around
+    assert epochs == [0, 0, 0, 0, 1, 1, 1, 1, 2]
 
 
 def test_dataloader_ranks_see_every_token_once_per_pass(tmp_path):
@@ -383,7 +445,7 @@ def test_dataloader_ranks_see_every_token_once_per_pass(tmp_path):
         seen += [t for b in batches for t in b.flatten().tolist()]
     assert len(seen) == len(set(seen))  # nothing seen twice
     usable = sum((n - 1) // (B * T) * (B * T) for n in sizes)
-    assert len(seen) == usable  # every whole batch of every shard was read
+    assert len(seen) == usable == loaders[0].epoch_tokens()  # every whole batch of every shard was read
 
 
 def test_dataloader_state_dict_resumes_exactly(tmp_path):
@@ -486,11 +548,17 @@ def test_batch_probe_budget_counts_the_optimizer_state_and_a_margin(monkeypatch)
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * 2**30)
     model = tg.GPT(tg.GPTConfig(block_size=64, n_layer=1, n_head=2, n_embd=32))
-    n = model.num_params()
-    assert tg.training_state_bytes(n, ddp=False) == 8 * n and tg.training_state_bytes(n, ddp=True) == 12 * n
-    for ddp in (False, True):
+    # what a probe does not allocate, measured: the real optimizer's state after a step, and (DDP) its float32
+    # gradient buckets, a copy of the gradients
+    optimizer = tg.configure_optimizers(model, 0.1, 6e-4, "cpu")
+    x = torch.randint(0, 50257, (1, 8))
+    model(x, x)[1].backward()
+    optimizer.step()
+    held = tg.state_bytes_per_rank(model, optimizer)
+    moments = held["optimizer"] - 4 * len(optimizer.state)  # less each parameter's float32 step count
+    for ddp, extra in ((False, 0), (True, held["gradients"])):
         ctx = tg.DistContext(ddp=ddp, rank=0, local_rank=0, world_size=1, device="cuda:0")
-        assert tg.cuda_step_budget(model, ctx) == int(42 * 2**30 * 0.85) - tg.training_state_bytes(n, ddp)
+        assert tg.cuda_step_budget(model, ctx) == int(42 * 2**30 * 0.85) - moments - extra
 
 
 @pytest.mark.parametrize("free_gb, device, expected", [(79, "cuda:0", 0), (40, "cuda:0", 4096), (79, "cpu", 1024)])
@@ -520,14 +588,18 @@ def test_flops_and_peak_table():
 
 def test_short_run_on_shakespeare_learns_and_logs(tmp_path, shakespeare):
     log_dir = tmp_path / "log"
-    p = run_cli(tiny_run_args(shakespeare, log_dir, max_steps=50, total_batch_size=1024, val_every=25, checkpoint_every=0, sample_every=50), tmp_path)
+    out = train_here(
+        tiny_run_args(
+            shakespeare, log_dir, max_steps=50, total_batch_size=1024, val_every=25, checkpoint_every=0, sample_every=50
+        )
+    )
     log = read_log(log_dir)
     train = [log[(s, "train")] for s in range(50)]
     assert train[0] > 10.0
     assert min(train[-5:]) < 7.0  # well below ln(50257) = 10.8
     assert {(0, "val"), (25, "val"), (50, "val")} <= log.keys()
     assert log[(50, "val")] < log[(0, "val")] - 3
-    assert "sample 0: Hello, I'm a language model," in p.stdout
+    assert "sample 0: Hello, I'm a language model," in out
     # the final checkpoint loads safely and into a plain model
     ckpt = torch.load(log_dir / "model_00050.pt", weights_only=True)
     assert ckpt["step"] == 50 and ckpt["config"]["n_layer"] == 2
@@ -536,39 +608,40 @@ def test_short_run_on_shakespeare_learns_and_logs(tmp_path, shakespeare):
 
 
 # log.txt of this run with the seed's code (train_gpt2.py as first landed, float32 on this CPU): the default
-# recipe's losses must never move when new methods land behind flags
+# recipe's losses must never move when new methods land behind flags. rel 1e-4 (~1e-3 here): another CPU's
+# instructions or BLAS round differently (~1e-6), while a change of the init, data order or an lr by 1% moves them
+# by more than that
 SEED_LOG = {
-    (0, "val"): 10.7825, (0, "train"): 10.792830, (1, "train"): 10.534161, (2, "train"): 10.158945,
-    (3, "val"): 9.8784, (3, "train"): 9.815514, (4, "train"): 9.615191, (5, "train"): 9.313477, (6, "val"): 9.3472,
+    (0, "val"): 10.7825,
+    (0, "train"): 10.792830,
+    (1, "train"): 10.534161,
+    (2, "train"): 10.158945,
+    (3, "val"): 9.8784,
+    (3, "train"): 9.815514,
+    (4, "train"): 9.615191,
+    (5, "train"): 9.313477,
+    (6, "val"): 9.3472,
 }
 
 
 def test_default_recipe_losses_are_the_seeds(tmp_path, shakespeare):
     assert len(shakespeare.read_bytes()) == 1115394  # the whole of Tiny Shakespeare: the split decides the val loss
     log_dir = tmp_path / "log"
-    run_cli(tiny_run_args(shakespeare, log_dir, max_steps=6, val_every=3, checkpoint_every=0), tmp_path)
+    train_here(tiny_run_args(shakespeare, log_dir, max_steps=6, val_every=3, checkpoint_every=0))
     log = read_log(log_dir)
     assert {k for k in log if k[1] in ("train", "val")} == SEED_LOG.keys()
     assert {k for k in log if k[1] in ("lr", "norm")} == {(s, stream) for s in range(6) for stream in ("lr", "norm")}
     for key, expected in SEED_LOG.items():
-        assert log[key] == pytest.approx(expected, abs=2e-6), key
+        assert log[key] == pytest.approx(expected, rel=1e-4), key
 
 
 def test_samples_continue_sample_prompt(tmp_path, shakespeare):
-    p = run_cli(tiny_run_args(shakespeare, tmp_path / "log", max_steps=1, val_every=0, checkpoint_every=0, sample_every=1) + ["--sample_prompt", "ROMEO:"], tmp_path)
-    samples = [line for line in p.stdout.splitlines() if line.startswith("sample ")]
-    assert len(samples) == 4 and all(line.split(": ", 1)[1].startswith("ROMEO:") for line in samples), p.stdout
-
-
-def test_compile_and_bf16_run_on_cpu(tmp_path, shakespeare):
-    log_dir = tmp_path / "log"
-    run_cli(tiny_run_args(shakespeare, log_dir, max_steps=3, compile=1, dtype="bfloat16", val_every=3, checkpoint_every=0), tmp_path)
-    log = read_log(log_dir)
-    assert [(s, "train") in log for s in range(3)] == [True] * 3
-    assert all(math.isfinite(v) for v in log.values())
-    # compiled + checkpointed: the plain model's parameter names, which a plain GPT loads strictly
-    ckpt = torch.load(log_dir / "model_00003.pt", weights_only=True)
-    assert ckpt["model"].keys() == tg.GPT(tg.GPTConfig(**ckpt["config"])).state_dict().keys()
+    out = train_here(
+        tiny_run_args(shakespeare, tmp_path / "log", max_steps=1, val_every=0, checkpoint_every=0, sample_every=1)
+        + ["--sample_prompt", "ROMEO:"]
+    )
+    samples = [line for line in out.splitlines() if line.startswith("sample ")]
+    assert len(samples) == 4 and all(line.split(": ", 1)[1].startswith("ROMEO:") for line in samples), out
 
 
 def bad_input_cases(tmp_path, shakespeare):
@@ -583,35 +656,116 @@ def bad_input_cases(tmp_path, shakespeare):
 
 
 def test_bad_input_is_one_clear_line(tmp_path, shakespeare, capsys):
-    base = ["--batch_size", 4, "--seq_len", 64, "--total_batch_size", 512, "--device", "cpu", "--compile", 0, "--log_dir", tmp_path / "log"]
+    base = [
+        "--batch_size",
+        4,
+        "--seq_len",
+        64,
+        "--total_batch_size",
+        512,
+        "--device",
+        "cpu",
+        "--compile",
+        0,
+        "--log_dir",
+        tmp_path / "log",
+    ]
     for args, expected in bad_input_cases(tmp_path, shakespeare):
-        with pytest.raises(SystemExit) as e:
-            tg.main([str(a) for a in base + args])
-        assert e.value.code == 2
-        err = capsys.readouterr().err.strip()
-        assert expected in err and err.count("\n") == 0, (args, err)
-    # and once through a real process: no traceback
-    p = run_cli(base + ["--data", tmp_path / "nope"], tmp_path, check=False)
-    assert p.returncode == 2 and "Traceback" not in p.stderr and "fineweb.py" in p.stderr
+        assert expected in main_error(base + args, capsys), args
+    # and once through a real process (the one for train_gpt2.py's UsageError): no traceback
+    assert_one_line_error(run_cli(base + ["--data", tmp_path / "nope"], tmp_path, check=False), "fineweb.py")
 
 
-def test_refuses_to_overwrite_an_earlier_run(tmp_path, shakespeare):
+def test_fine_tune_starts_from_the_weights_with_a_fresh_optimizer(tmp_path, shakespeare):
+    """--init_from a checkpoint or a Hugging Face directory: step 0's loss is the source model's on the same batch,
+    and the optimizer and the schedule start fresh (one AdamW step taken, the warmup's first lr)."""
+    hf, hf_dir = hf_tiny(tmp_path, n_positions=64, std=0.05)
+    train_here(tiny_run_args(shakespeare, tmp_path / "src", max_steps=3, val_every=0, checkpoint_every=0))
+    ours = tg.GPT.from_pretrained(tmp_path / "src" / "model_00003.pt").eval()
+    sources = {hf_dir: lambda x: hf(x).logits, tmp_path / "src" / "model_00003.pt": lambda x: ours(x)[0]}
+    for source, logits_of in sources.items():
+        log_dir = tmp_path / f"ft_{source.name}"
+        out = train_here(tiny_run_args(shakespeare, log_dir, init_from=source, max_steps=1, val_every=0))
+        loader = tg.DataLoaderLite(4, 64, 0, 1, "train", str(shakespeare))  # the run's first 2 micro-batches
+        with torch.no_grad():
+            losses = [
+                torch.nn.functional.cross_entropy(logits_of(x).flatten(0, 1), y.flatten())
+                for x, y in (loader.next_batch(), loader.next_batch())
+            ]
+        assert read_log(log_dir)[(0, "train")] == pytest.approx(sum(losses).item() / 2, abs=1e-5), source
+        ckpt = torch.load(log_dir / "model_00001.pt", weights_only=True)
+        assert ckpt["step"] == 1 and {s["step"].item() for s in ckpt["optimizer"]["state"].values()} == {1.0}
+        assert "| lr 1.5000e-03 |" in out  # max_lr 3e-3 / 2 warmup steps: the schedule's step 0, not the source's
+
+
+def test_input_txt_is_downloaded_once_atomically(tmp_path, monkeypatch):
+    path = tmp_path / "input.txt"
+    text = "First Citizen:\nBefore we proceed any further, hear me speak.\n"
+
+    def urlopen(url, timeout):
+        assert url == tg.SHAKESPEARE_URL and not path.exists()
+        return io.BytesIO(text.encode())  # a context manager with read(), as the real response
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    tg.ensure_text_data(str(path))
+    assert path.read_text() == text and os.listdir(tmp_path) == ["input.txt"]  # no temporary file left
+    monkeypatch.setattr(urllib.request, "urlopen", None)  # present: no second download
+    tg.ensure_text_data(str(path))
+    # the write fails before the rename: no input.txt, not even a partial one
+    other = tmp_path / "other" / "input.txt"
+    other.parent.mkdir()
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: io.BytesIO(text.encode()))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(tg.UsageError, match="cannot write the download there .No space left on device.; pass --data"):
+        tg.ensure_text_data(str(other))
+    assert not other.exists()
+    monkeypatch.undo()
+
+    def offline(url, timeout):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(tg.UsageError, match="could not download Tiny Shakespeare from .*git checkout input.txt") as e:
+        tg.ensure_text_data(str(other))
+    assert "\n" not in str(e.value) and not other.exists()
+
+
+def test_refuses_to_overwrite_an_earlier_run(tmp_path, shakespeare, capsys):
     log_dir = tmp_path / "log"
-    args = tiny_run_args(shakespeare, log_dir, max_steps=2, val_every=0, checkpoint_every=0)
-    run_cli(args, tmp_path)
-    p = run_cli(args, tmp_path, check=False)
-    assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
-    assert (log_dir / "model_00002.pt").exists()
-    run_cli(args + ["--overwrite"], tmp_path)
+    args = tiny_run_args(shakespeare, log_dir, max_steps=2, val_every=0, checkpoint_every=1)
+    train_here(args)
+    assert "--resume" in main_error(args, capsys)
+    assert [s for s, _ in tg.list_checkpoints(log_dir)] == [2, 1]
+    train_here(tiny_run_args(shakespeare, log_dir, max_steps=1, val_every=0) + ["--overwrite"])
+    assert [s for s, _ in tg.list_checkpoints(log_dir)] == [1]  # the earlier run's checkpoints are gone
 
 
 # -----------------------------------------------------------------------------
-# DDP (torchrun, gloo) and exact resume
+# DDP and FSDP (torchrun, gloo), interruptions and exact resume
 
 
-def torchrun(args, cwd, nproc=2, **kw):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(ROOT / "train_gpt2.py"), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True, **kw)
+def torchrun(args, cwd, script=None):
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(script or ROOT / "train_gpt2.py"),
+        *map(str, args),
+    ]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def run_cli_popen(args, cwd):
+    """python train_gpt2.py args, unbuffered: its stdout lines arrive as they are printed."""
+    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *map(str, args)]
+    env = dict(run_env(), PYTHONUNBUFFERED="1")
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
 
 
 def wait_ok(proc, timeout=300):
@@ -620,58 +774,176 @@ def wait_ok(proc, timeout=300):
     return out
 
 
-def descendants(pid):
-    """pid and all its descendants (torchrun starts each worker in a session of its own)."""
-    out = [pid]
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{tid}/children") as f:
-                for child in f.read().split():
-                    out += descendants(int(child))
-        except OSError:
-            pass
-    return out
+def read_until(proc, needle):
+    """The run's stdout up to and including the first line holding needle (blocks on the pipe, no polling)."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if needle in line:
+            return "".join(lines)
+    proc.wait()
+    raise AssertionError(f"the run ended ({proc.returncode}) before printing {needle!r}:\n{''.join(lines)[-3000:]}")
 
 
-def kill_after(proc, path, timeout=300):
-    """SIGKILL the run, every process of it at once (as when the machine dies), as soon as `path` exists."""
-    t0 = time.time()
-    while not os.path.exists(path):
-        assert proc.poll() is None, f"run ended before {path} appeared:\n{proc.communicate()[0][-3000:]}"
-        assert time.time() - t0 < timeout
-        time.sleep(0.005)
-    for pid in descendants(proc.pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.communicate()
+class StalledCheckpoint:
+    """The run's write of model_{step}.pt stalls mid-way, deterministically: its temporary file is a pipe nobody
+    drains, so torch.save blocks once the pipe holds 64 KiB. wait() returns when the writer has begun."""
+
+    def __init__(self, log_dir, step):
+        log_dir.mkdir(parents=True, exist_ok=True)
+        self.path = log_dir / f".model_{step:05d}.pt.tmp"
+        os.mkfifo(self.path)
+        self.fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)  # a reader: the writer's open does not block
+
+    def wait(self, proc, timeout=300):
+        readable, _, _ = select.select([self.fd], [], [], timeout)
+        assert readable and proc.poll() is None, f"no checkpoint write began ({proc.poll()})"
+
+    def leave_half_written(self):
+        """After the writer died: what it wrote so far, as the regular file a killed writer leaves."""
+        data = b""
+        while chunk := os.read(self.fd, 1 << 16):
+            data += chunk
+        os.close(self.fd)
+        self.path.unlink()
+        self.path.write_bytes(data)
+        assert data
 
 
-RESUME_RUN = dict(max_steps=24, checkpoint_every=12, val_every=6, total_batch_size=1024, warmup_steps=4)
+def assert_resumed_equal(reference, log, from_step):
+    steps = [k for k in reference if k[0] > from_step]
+    assert steps
+    for key in steps:
+        assert log[key] == reference[key], key
+    assert set(log) == set(reference)  # nothing missing, nothing logged twice
+
+
+def copy_run(src, dst, step):
+    """A new log_dir holding src's checkpoint of `step` and its log.txt: a run to resume from there."""
+    dst.mkdir(parents=True)
+    for name in (f"model_{step:05d}.pt", "log.txt"):
+        shutil.copy(src / name, dst / name)
+    return dst
+
+
+# every run below trains with these flags: one process with 4 accumulation steps, or 2 ranks with 2
+RESUME_RUN = dict(
+    max_steps=24,
+    checkpoint_every=12,
+    val_every=6,
+    total_batch_size=1024,
+    warmup_steps=4,
+    hellaswag_every=24,
+    sample_every=24,
+)
 
 
 @pytest.fixture(scope="module")
-def reference_runs(tmp_path_factory, shakespeare_file):
-    """Uninterrupted runs: one process with 4 accumulation steps, and torchrun x2 with 2."""
-    tmp = tmp_path_factory.mktemp("ref")
-    data = shakespeare_file
-    single = run_cli_popen(tiny_run_args(data, tmp / "single", **RESUME_RUN), tmp)
-    wait_ok(single)
-    ddp = torchrun(tiny_run_args(data, tmp / "ddp", **RESUME_RUN), tmp)
-    wait_ok(ddp)
-    return {"single": read_log(tmp / "single"), "ddp": read_log(tmp / "ddp"), "data": data}
+def hella16(tmp_path_factory, hellaswag_sample):
+    path = tmp_path_factory.mktemp("hella") / "hellaswag16.jsonl"
+    path.write_text("".join(hellaswag_sample.read_text().splitlines(keepends=True)[:16]))
+    return path
 
 
-def run_cli_popen(args, cwd):
-    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *map(str, args)]
-    return subprocess.Popen(cmd, cwd=cwd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+@pytest.fixture(scope="module")
+def resume_args(shakespeare_file, hella16):
+    return lambda log_dir, **kw: tiny_run_args(
+        shakespeare_file, log_dir, **{**RESUME_RUN, "hellaswag_data": hella16, **kw}
+    )
 
 
-def test_ddp_matches_single_process(reference_runs):
-    single, ddp = reference_runs["single"], reference_runs["ddp"]
-    for step in range(RESUME_RUN["max_steps"]):
-        assert abs(single[(step, "train")] - ddp[(step, "train")]) < 1e-4, step
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, resume_args):
+    """The uninterrupted run in this process: what every interrupted and every torchrun run must reproduce."""
+    log_dir = tmp_path_factory.mktemp("single") / "log"
+    out = train_here(resume_args(log_dir))
+    return {"log": read_log(log_dir), "out": out, "dir": log_dir}
+
+
+def assert_hellaswag_logged_is_eager(log_dir, out, hella16):
+    """The in-loop HellaSwag of the last step: over all 16 rows (under DDP each rank scores 8: the all-reduce must
+    sum both ranks' counts) and equal to an eager evaluation of the weights it saw (the final checkpoint)."""
+    import hellaswag
+
+    model = tg.GPT.from_pretrained(log_dir / "model_00024.pt").eval()
+    _, n_norm, n_total = hellaswag.evaluate(model, "cpu", data=str(hella16))
+    assert n_total == 16
+    assert f"HellaSwag accuracy: {n_norm}/16=" in out.split("step    23")[-1], out[-3000:]
+    assert read_log(log_dir)[(24, "hella")] == round(n_norm / 16, 4)
+
+
+def test_second_ctrl_c_aborts_a_stalled_checkpoint_and_resume_is_exact(tmp_path, single_run, resume_args, hella16):
+    """Ctrl-C asks for a checkpoint after the step; a second one aborts at once, even inside a checkpoint write that
+    would never end. The previous checkpoint is intact and the run resumes from it exactly."""
+    log_dir = tmp_path / "log"
+    stalled = StalledCheckpoint(log_dir, 24)
+    proc = run_cli_popen(resume_args(log_dir), tmp_path)
+    stalled.wait(proc)
+    proc.send_signal(signal.SIGINT)
+    read_until(proc, "SIGINT: stopping after this step")  # the handler ran: the second signal is a new one
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-3000:]
+    stalled.leave_half_written()
+    assert [s for s, _ in tg.list_checkpoints(log_dir)] == [12]
+    out = train_here(resume_args(log_dir) + ["--resume"])
+    assert "model_00012.pt at step 12" in out
+    assert_resumed_equal(single_run["log"], read_log(log_dir), 12)
+    assert not stalled.path.exists()  # replaced by the new step-24 checkpoint
+    assert_hellaswag_logged_is_eager(single_run["dir"], single_run["out"], hella16)
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, single_run, resume_args):
+    log_dir = tmp_path / "log"
+    proc = run_cli_popen(resume_args(log_dir), tmp_path)
+    read_until(proc, "step     3 |")
+    proc.send_signal(signal.SIGTERM)
+    out = wait_ok(proc)
+    ckpts = tg.list_checkpoints(log_dir)
+    assert len(ckpts) == 1 and 4 <= ckpts[0][0] < 12, out[-2000:]
+    stopped_at = ckpts[0][0]
+    train_here(resume_args(log_dir) + ["--resume"])
+    assert_resumed_equal(single_run["log"], read_log(log_dir), stopped_at)
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory, resume_args):
+    """The run under torchrun x2 --fsdp (2 accumulation steps, clipping active), with HellaSwag and sampling."""
+    log_dir = tmp_path_factory.mktemp("fsdp") / "log"
+    out = wait_ok(torchrun(resume_args(log_dir) + ["--fsdp"], log_dir.parent))
+    return {"log": read_log(log_dir), "out": out, "dir": log_dir}
+
+
+def assert_close_logs(log, reference, steps=None):
+    assert set(log) == {k for k in reference if steps is None or k[0] in steps}
+    for key in log:  # gradient norms (log.txt's norm) of other launches agree to 1e-3, as printed ones do
+        assert log[key] == pytest.approx(reference[key], rel=1e-3 if key[1] == "norm" else 0, abs=1e-4), key
+
+
+def test_fsdp_matches_one_process_and_writes_plain_checkpoints(single_run, fsdp_run):
+    assert_close_logs(fsdp_run["log"], single_run["log"])  # HellaSwag and val included
+    out = fsdp_run["out"]
+    assert "FSDP: 2 blocks + root sharded over 2 ranks" in out
+    assert out.count("sample ") == 4 and "sample 0: Hello, I'm a language model," in out  # every rank sampled
+    # today's format: the plain model's keys (tied lm_head included) and a plain AdamW state_dict (int ids)
+    ckpt = torch.load(fsdp_run["dir"] / "model_00024.pt", weights_only=True)
+    plain = tg.GPT(tg.GPTConfig(**ckpt["config"]))
+    assert ckpt["model"].keys() == plain.state_dict().keys()
+    assert torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"])
+    optimizer = tg.configure_optimizers(plain, 0.1, 1e-3, "cpu")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    assert [i for g in ckpt["optimizer"]["param_groups"] for i in g["params"]] == list(range(len(params)))
+    for i, p in enumerate(params):
+        assert ckpt["optimizer"]["state"][i]["exp_avg"].shape == p.shape
+        assert ckpt["optimizer"]["state"][i]["step"].item() == 24
+    optimizer.load_state_dict(ckpt["optimizer"])
+    plain.load_state_dict(ckpt["model"])
+
+
+def test_fsdp_resume_is_exact(tmp_path, fsdp_run, resume_args):
+    log_dir = copy_run(fsdp_run["dir"], tmp_path / "log", 12)
+    wait_ok(torchrun(resume_args(log_dir) + ["--resume", "--fsdp"], tmp_path))
+    assert_resumed_equal(fsdp_run["log"], read_log(log_dir), 12)
 
 
 THREADS_AFTER_MAIN = """
@@ -684,101 +956,100 @@ print(f"threads before {before} after {threads()}", flush=True)
 """
 
 
-def test_ddp_exit_joins_gloo_threads(tmp_path, shakespeare_file):
-    """After main() under torchrun, the process group is gone and its gloo threads with it. A group kept alive lets a
-    worker thread free the last collective's tensors while Python shuts down, which aborts the rank (a CI flake)."""
+def state_per_rank(out):
+    """The 'state per rank: ...' line: {'parameters': bytes, 'gradients': ..., 'optimizer': ...} (MiB, 3 decimals)."""
+    line = re.search(r"state per rank: (.*)", out).group(1)
+    return {k: float(v) * 2**20 for k, v in re.findall(r"(\w+) ([\d.]+) MiB", line)}
+
+
+def norms(out):
+    return {int(s): float(n) for s, n in re.findall(r"step +(\d+) \| loss \S+ \| lr \S+ \| norm (\S+)", out)}
+
+
+def test_ddp_resumes_an_fsdp_checkpoint_and_exits_cleanly(tmp_path, single_run, fsdp_run, resume_args):
+    """The FSDP checkpoint of step 12 under DDP: the next steps' losses and gradient norms are FSDP's (and one
+    process's); DDP holds the whole state per rank, FSDP half; after main() the process group is gone and its gloo
+    threads with it (a group kept alive lets a worker thread free the last collective's tensors while Python shuts
+    down, which aborts the rank: a CI flake)."""
+    log_dir = copy_run(fsdp_run["dir"], tmp_path / "log", 12)
     script = tmp_path / "run_main.py"
     script.write_text(THREADS_AFTER_MAIN)
-    args = tiny_run_args(shakespeare_file, tmp_path / "log", max_steps=2, val_every=1, checkpoint_every=1)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), *map(str, args)]
-    out = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    counts = re.findall(r"threads before (\d+) after (\d+)", out.stdout)
-    assert len(counts) == 2, out.stdout[-3000:]
-    for before, after in counts:
-        assert int(after) <= int(before), out.stdout[-3000:]
+    # without HellaSwag: with it one more thread outlives main() on each rank (1 -> 2; see the report of issue 19)
+    out = wait_ok(torchrun(resume_args(log_dir, hellaswag_every=0) + ["--resume"], tmp_path, script=script))
+    counts = re.findall(r"threads before (\d+) after (\d+)", out)
+    assert len(counts) == 2 and all(int(after) <= int(before) for before, after in counts), out[-3000:]
+    log = read_log(log_dir)
+    assert (24, "hella") not in log
+    log[(24, "hella")] = fsdp_run["log"][(24, "hella")]  # for the comparisons below
+    assert_close_logs(log, single_run["log"])
+    assert_close_logs(log, fsdp_run["log"])
+    ddp_norms, fsdp_norms = norms(out), norms(fsdp_run["out"])
+    assert sorted(ddp_norms) == list(range(12, 24))
+    for step, n in ddp_norms.items():  # FSDP's norm is over all shards
+        assert n == pytest.approx(fsdp_norms[step], rel=1e-3), step
+    full, sharded = state_per_rank(out), state_per_rank(fsdp_run["out"])
+    n_bytes = tg.GPT(tg.model_config("d2", 50304)).num_params() * 4
+    assert full["parameters"] == pytest.approx(n_bytes, abs=2**20 / 1000)
+    assert full["gradients"] == full["parameters"] and full["optimizer"] == pytest.approx(2 * n_bytes, abs=2**20 / 1000)
+    for k in full:
+        assert 0.49 < sharded[k] / full[k] < 0.51, (k, sharded, full)
 
 
-def test_ddp_compile_hellaswag_and_auto_batch_size(tmp_path, shakespeare, hellaswag_sample):
-    """torchrun x2 with torch.compile under DDP, HellaSwag split over the ranks, and --batch_size auto."""
-    rows = hellaswag_sample.read_text().splitlines(keepends=True)[:16]
-    data = tmp_path / "hellaswag16.jsonl"
-    data.write_text("".join(rows))
-    log_dir = tmp_path / "log"
-    out = wait_ok(torchrun(tiny_run_args(shakespeare, log_dir, batch_size="auto", compile=1, max_steps=2, val_every=0,
-                                         hellaswag_every=2, hellaswag_data=data, checkpoint_every=0), tmp_path), timeout=600)
+def test_ddp_compile_bf16_auto_batch_size_agree_with_eager(tmp_path, shakespeare, hella16):
+    """The one compiled run: torchrun x2, torch.compile under DDP, bf16 autocast, --batch_size auto. Its losses and
+    gradient norms are those of an eager bf16 run in one process, to bf16's precision. HellaSwag is split over the
+    ranks: the logged accuracy is over all 16 rows only if the all-reduce summed both ranks' counts."""
+    flags = dict(compile=1, dtype="bfloat16", batch_size="auto", max_steps=3, val_every=3, checkpoint_every=0)
+    flags.update(hellaswag_every=3, hellaswag_data=hella16)
+    out = wait_ok(torchrun(tiny_run_args(shakespeare, tmp_path / "compiled", **flags), tmp_path), timeout=600)
     # the CPU rule: the largest power of two with B*T <= 8192 and B*T*ranks <= --total_batch_size (here 512/(64*2))
     assert "--batch_size auto: micro-batch 4" in out and "= 4 x 64 x 2 ranks x 1 accumulation steps" in out, out[-3000:]
-    log = read_log(log_dir)
-    assert all(math.isfinite(log[(s, "train")]) for s in range(2))
-    # each rank scored 8 rows: the logged accuracy is over all 16 only if the all-reduce summed both ranks' counts
-    import hellaswag
-
-    model = tg.GPT.from_pretrained(log_dir / "model_00002.pt").eval()
-    _, n_norm, n_total = hellaswag.evaluate(model, "cpu", data=str(data))
-    assert n_total == 16
-    assert f"HellaSwag accuracy: {n_norm}/16=" in out.split("step     1")[-1], out[-3000:]
-    assert log[(2, "hella")] == round(n_norm / 16, 4)
-
-
-def assert_resumed_equal(reference, log, from_step):
-    steps = [k for k in reference if k[0] > from_step]
-    assert steps
-    for key in steps:
-        assert log[key] == reference[key], key
-    assert set(log) == set(reference)  # nothing missing, nothing logged twice
-
-
-@pytest.mark.parametrize("launcher", ["single", "ddp"])
-def test_sigkill_then_resume_is_exact(tmp_path, reference_runs, launcher):
-    args = tiny_run_args(reference_runs["data"], tmp_path / "log", **RESUME_RUN)
-    start = torchrun if launcher == "ddp" else run_cli_popen
-    kill_after(start(args, tmp_path), tmp_path / "log" / "model_00012.pt")
-    assert not (tmp_path / "log" / "model_00024.pt").exists()
-    for path in (tmp_path / "log").glob("model_*.pt"):
-        torch.load(path, weights_only=True)  # every checkpoint written loads safely
-    wait_ok(start(args + ["--resume"], tmp_path))
-    assert_resumed_equal(reference_runs[launcher], read_log(tmp_path / "log"), 12)
-    tg.GPT.from_pretrained(tmp_path / "log" / "model_00024.pt")
+    eager_out = train_here(tiny_run_args(shakespeare, tmp_path / "eager", **{**flags, "compile": 0, "batch_size": 4}))
+    compiled, eager = read_log(tmp_path / "compiled"), read_log(tmp_path / "eager")
+    hella = re.findall(r"HellaSwag accuracy: (\d+)/(\d+)=", out)
+    assert len(hella) == 2 and all(n == "16" for _, n in hella), out[-3000:]
+    assert [compiled[(s, "hella")] for s in (0, 3)] == [round(int(k) / 16, 4) for k, _ in hella]
+    assert (
+        compiled.keys()
+        == eager.keys()
+        == {(s, k) for s in (0, 3) for k in ("val", "hella")}
+        | {(s, k) for s in range(3) for k in ("train", "lr", "norm")}
+    )
+    for key in eager:  # (HellaSwag: bf16 noise may flip a near tie; gradient norms: compared below, relative)
+        if key[1] not in ("hella", "norm"):
+            assert compiled[key] == pytest.approx(eager[key], abs=2e-2), key
+    for step, n in norms(eager_out).items():
+        assert norms(out)[step] == pytest.approx(n, rel=2e-2), step
+    # compiled + checkpointed: the plain model's parameter names, which a plain GPT loads strictly
+    ckpt = torch.load(tmp_path / "compiled" / "model_00003.pt", weights_only=True)
+    assert ckpt["args"]["precision"] == "bfloat16"
+    tg.GPT(tg.GPTConfig(**ckpt["config"])).load_state_dict(ckpt["model"])
 
 
-def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, reference_runs):
+def test_keep_checkpoints_and_resume_skips_damaged_checkpoints_and_refuses_changed_settings(
+    tmp_path, shakespeare, capsys
+):
     log_dir = tmp_path / "log"
-    args = tiny_run_args(reference_runs["data"], log_dir, **RESUME_RUN)
-    proc = run_cli_popen(args, tmp_path)
-    t0 = time.time()
-    while not (log_dir / "log.txt").exists() or "3 train" not in (log_dir / "log.txt").read_text():
-        assert proc.poll() is None and time.time() - t0 < 120
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGTERM)
-    out = wait_ok(proc)
-    ckpts = tg.list_checkpoints(log_dir)
-    assert len(ckpts) == 1 and 4 <= ckpts[0][0] < 24, out[-2000:]
-    stopped_at = ckpts[0][0]
-    wait_ok(run_cli_popen(args + ["--resume"], tmp_path))
-    assert_resumed_equal(reference_runs["single"], read_log(log_dir), stopped_at)
-
-
-def test_resume_refuses_changed_settings_and_skips_damaged_checkpoints(tmp_path, shakespeare):
-    log_dir = tmp_path / "log"
-    args = tiny_run_args(shakespeare, log_dir, max_steps=4, checkpoint_every=2, val_every=0)
-    run_cli(args, tmp_path)
-    assert [s for s, _ in tg.list_checkpoints(log_dir)] == [4, 2]
-    p = run_cli(tiny_run_args(shakespeare, log_dir, max_steps=6, batch_size=8, val_every=0) + ["--resume"], tmp_path, check=False)
-    assert p.returncode == 2 and "--batch_size 4 -> 8" in p.stderr and "Traceback" not in p.stderr
+    run = dict(max_steps=4, checkpoint_every=1, val_every=0, keep_checkpoints=2)
+    train_here(tiny_run_args(shakespeare, log_dir, **run))
+    assert [s for s, _ in tg.list_checkpoints(log_dir)] == [4, 3]  # --keep_checkpoints 2: the newest two
+    err = main_error(tiny_run_args(shakespeare, log_dir, **{**run, "batch_size": 8}) + ["--resume"], capsys)
+    assert "--batch_size 4 -> 8" in err
     # the newest checkpoint damaged (a disk error, a bad copy): resume falls back to the one before
     newest = log_dir / "model_00004.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
     (log_dir / ".model_00006.pt.tmp").write_bytes(b"half-written")  # what a writer killed mid-save leaves
-    p = run_cli(tiny_run_args(shakespeare, log_dir, max_steps=6, checkpoint_every=2, val_every=0) + ["--resume", "--extend"], tmp_path)
-    assert "skipping" in p.stdout and "resuming from" in p.stdout and "model_00002.pt at step 2" in p.stdout
+    (log_dir / "model_00003.pt.keep").touch()  # the user keeps this one
+    out = train_here(tiny_run_args(shakespeare, log_dir, **{**run, "max_steps": 6}) + ["--resume", "--extend"])
+    assert "skipping" in out and "model_00003.pt at step 3" in out
     assert sorted(read_log(log_dir)) == [(s, "train") for s in range(6)]
+    assert [s for s, _ in tg.list_checkpoints(log_dir)] == [6, 5, 3]
 
 
 def test_resume_keeps_the_schedule_unless_extended_and_refuses_another_precision(tmp_path, shakespeare, capsys):
     log_dir = tmp_path / "log"
     run = dict(max_steps=4, checkpoint_every=2, val_every=0, min_lr=1e-4)
-    run_cli(tiny_run_args(shakespeare, log_dir, **run), tmp_path)
+    train_here(tiny_run_args(shakespeare, log_dir, **run))
     refused = [
         (dict(max_steps=6), "--max_steps 4 -> 6"),  # would move the cosine: --extend says what to do instead
         (dict(max_lr=1e-3), "--max_lr 0.003 -> 0.001"),
@@ -787,27 +1058,35 @@ def test_resume_keeps_the_schedule_unless_extended_and_refuses_another_precision
         (dict(max_steps=1), "--max_steps 1 is before the checkpoint's step 4"),
     ]
     for change, expected in refused:
-        argv = tiny_run_args(shakespeare, log_dir, **{**run, **change}) + ["--resume"] + (["--extend"] if change == dict(max_steps=1) else [])
-        with pytest.raises(SystemExit) as e:
-            tg.main([str(a) for a in argv])
-        err = capsys.readouterr().err.strip()
-        assert e.value.code == 2 and expected in err and err.count("\n") == 0, (change, err)
+        argv = (
+            tiny_run_args(shakespeare, log_dir, **{**run, **change})
+            + ["--resume"]
+            + (["--extend"] if change == dict(max_steps=1) else [])
+        )
+        assert expected in main_error(argv, capsys), change
     # --extend: on to step 6 with the checkpoint's schedule, whose cosine ended at step 4: min_lr from there
-    p = run_cli(tiny_run_args(shakespeare, log_dir, **{**run, "max_steps": 6}) + ["--resume", "--extend"], tmp_path)
-    lrs = re.findall(r"step +(\d+) \| .* lr ([0-9.e+-]+) ", p.stdout)
+    out = train_here(tiny_run_args(shakespeare, log_dir, **{**run, "max_steps": 6}) + ["--resume", "--extend"])
+    lrs = re.findall(r"step +(\d+) \| .* lr ([0-9.e+-]+) ", out)
     assert [(int(s), float(lr)) for s, lr in lrs] == [(4, 1e-4), (5, 1e-4)]
     ckpt = torch.load(log_dir / "model_00006.pt", weights_only=True)
-    assert ckpt["args"]["max_steps"] == 6 and ckpt["args"]["lr_decay_steps"] == 4 and ckpt["args"]["precision"] == "float32"
+    assert (
+        ckpt["args"]["max_steps"] == 6
+        and ckpt["args"]["lr_decay_steps"] == 4
+        and ckpt["args"]["precision"] == "float32"
+    )
 
 
-@pytest.mark.parametrize("saved, scaler, now, refused", [
-    ("bfloat16", {}, "float16", "precision bfloat16 -> float16"),  # GradScaler would find no state: refused
-    ("float16", {"scale": 65536.0}, "bfloat16", "precision float16 -> bfloat16"),
-    (None, {}, "float16", "precision bfloat16 or float32 -> float16"),  # older checkpoints: the scaler tells fp16
-    (None, {"scale": 65536.0}, "bfloat16", "precision float16 -> bfloat16"),
-    (None, {}, "bfloat16", None),
-    ("bfloat16", {}, "bfloat16", None),
-])
+@pytest.mark.parametrize(
+    "saved, scaler, now, refused",
+    [
+        ("bfloat16", {}, "float16", "precision bfloat16 -> float16"),  # GradScaler would find no state: refused
+        ("float16", {"scale": 65536.0}, "bfloat16", "precision float16 -> bfloat16"),
+        (None, {}, "float16", "precision bfloat16 or float32 -> float16"),  # older checkpoints: the scaler tells fp16
+        (None, {"scale": 65536.0}, "bfloat16", "precision float16 -> bfloat16"),
+        (None, {}, "bfloat16", None),
+        ("bfloat16", {}, "bfloat16", None),
+    ],
+)
 def test_resume_refuses_another_precision(saved, scaler, now, refused):
     checkpoint = tg.upgrade_checkpoint({"args": {"precision": saved} if saved else {}, "scaler": scaler, "step": 10})
     flags = {**vars(tg.parse_args(["--dtype", now])), "precision": now}
@@ -818,43 +1097,39 @@ def test_resume_refuses_another_precision(saved, scaler, now, refused):
         tg.check_resume_compatible(checkpoint, flags, 1)
 
 
-def test_resume_follows_moved_data_and_refuses_other_data(tmp_path, shakespeare):
+def test_resume_follows_moved_data_and_refuses_other_data(tmp_path, shakespeare, capsys):
     log_dir = tmp_path / "log"
-    run_cli(tiny_run_args(shakespeare, log_dir, max_steps=2, checkpoint_every=2, val_every=0), tmp_path)
+    train_here(tiny_run_args(shakespeare, log_dir, max_steps=2, checkpoint_every=2, val_every=0))
     other = tmp_path / "other.txt"
     other.write_text(shakespeare.read_text()[:300_000])
-    p = run_cli(tiny_run_args(other, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume", "--extend"], tmp_path, check=False)
-    assert p.returncode == 2 and "not the data the checkpoint was trained on" in p.stderr and "Traceback" not in p.stderr
+    argv = tiny_run_args(other, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume", "--extend"]
+    assert "not the data the checkpoint was trained on" in main_error(argv, capsys)
     # the same data at another path (a cluster job's scratch directory): resume goes on
     moved = tmp_path / "scratch" / "input.txt"
     moved.parent.mkdir()
     moved.write_bytes(shakespeare.read_bytes())
-    p = run_cli(tiny_run_args(moved, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume", "--extend"], tmp_path)
-    assert "the data moved" in p.stdout and "at step 2" in p.stdout
+    out = train_here(
+        tiny_run_args(moved, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume", "--extend"]
+    )
+    assert "the data moved" in out and "at step 2" in out
     assert sorted(read_log(log_dir)) == [(s, "train") for s in range(4)]
 
 
-def test_sigkill_during_checkpoint_write_keeps_previous(tmp_path, shakespeare):
-    # d8 with its optimizer state is ~1 GB per checkpoint: the write takes long enough to be caught mid-way
-    log_dir = tmp_path / "log"
-    args = tiny_run_args(shakespeare, log_dir, model="d8", max_steps=3, checkpoint_every=1, val_every=0, batch_size=2, total_batch_size=128)
-    proc = run_cli_popen(args, tmp_path)
-    kill_after(proc, log_dir / ".model_00002.pt.tmp")
-    assert (log_dir / "model_00001.pt").exists()
-    assert not (log_dir / "model_00002.pt").exists()
-    torch.load(log_dir / "model_00001.pt", weights_only=True)
-    p = run_cli(args + ["--resume"], tmp_path)
-    assert "model_00001.pt at step 1" in p.stdout
-
-
 def test_nan_loss_stops_without_checkpoint(tmp_path, shakespeare):
+    # the one real process for train_gpt2.py's TrainingDiverged (exit 1): max_lr 1e6 blows the weights up in step 0
+    # (step 1's checkpoint still holds finite, huge ones) and the loss is NaN in step 1
     log_dir = tmp_path / "log"
-    p = run_cli(tiny_run_args(shakespeare, log_dir, max_lr=1e6, max_steps=20, checkpoint_every=1, val_every=0), tmp_path, check=False)
-    assert p.returncode == 1 and "Traceback" not in p.stderr
-    assert "step " in p.stderr and "nan" in p.stderr.lower()
-    for _, path in tg.list_checkpoints(log_dir):
-        ckpt = torch.load(path, weights_only=True)
-        assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    p = run_cli(
+        tiny_run_args(shakespeare, log_dir, max_lr=1e6, max_steps=20, checkpoint_every=1, val_every=0),
+        tmp_path,
+        check=False,
+    )
+    err = p.stderr.strip()
+    assert p.returncode == 1 and "Traceback" not in err and err.count("\n") == 0, err
+    assert err.startswith("error: step 1: the loss is nan") and "stopping without a checkpoint" in err, err
+    assert [s for s, _ in tg.list_checkpoints(log_dir)] == [1]  # none for the step that diverged
+    ckpt = torch.load(log_dir / "model_00001.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 def test_log_truncation_and_pruning(tmp_path):
@@ -862,6 +1137,10 @@ def test_log_truncation_and_pruning(tmp_path):
     log.write_text("0 val 10.0\n0 train 10.5\n1 train 9.0\n2 val 8.0\n2 hella 0.25\n2 train 8.5\n3 train 8.0\n")
     tg.truncate_log(str(log), 2)
     assert log.read_text() == "0 val 10.0\n0 train 10.5\n1 train 9.0\n2 val 8.0\n2 hella 0.25\n"
+    # the resumed step's epoch line is dropped too: it is logged with that step's training
+    log.write_text("6 train 8.0\n7 epoch 2\n7 train 7.5\n8 val 7.0\n8 epoch 3\n8 train 7.2\n")
+    tg.truncate_log(str(log), 8)
+    assert log.read_text() == "6 train 8.0\n7 epoch 2\n7 train 7.5\n8 val 7.0\n"
     for s in (1, 2, 3, 4):
         (tmp_path / f"model_{s:05d}.pt").write_bytes(b"x")
     (tmp_path / "model_00001.pt.keep").touch()
@@ -885,27 +1164,31 @@ def test_logits_at_selects_positions():
 # every input file and output path is checked: one line `error: <file>: <what>; <fix>`, exit 2, no traceback
 
 
-def assert_one_line_error(p, *needles):
-    err = p.stderr.strip()
-    assert p.returncode == 2 and "Traceback" not in err and err.count("\n") == 0 and err.startswith("error: "), err
-    for needle in needles:
-        assert needle in err, err
+TRAIN = [
+    "--model",
+    "d2",
+    "--batch_size",
+    2,
+    "--seq_len",
+    16,
+    "--total_batch_size",
+    32,
+    "--device",
+    "cpu",
+    "--compile",
+    0,
+    "--max_steps",
+    1,
+    "--val_every",
+    0,
+    "--hellaswag_every",
+    0,
+    "--sample_every",
+    0,
+]
 
 
-def main_error(argv, capsys):
-    """train_gpt2.main(argv) in this process (no interpreter start-up): exit code 2 and its one stderr line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        tg.main([str(a) for a in argv])
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("error: "), err
-    return err
-
-
-TRAIN = ["--model", "d2", "--batch_size", 2, "--seq_len", 16, "--total_batch_size", 32, "--device", "cpu", "--compile", 0, "--max_steps", 1, "--val_every", 0, "--hellaswag_every", 0, "--sample_every", 0]
-
-
-def test_bad_token_shards_are_refused(tmp_path):
+def test_bad_token_shards_are_refused(tmp_path, capsys):
     good = np.arange(1000, dtype=np.uint16)
     truncated = tmp_path / "t.npy"
     np.save(truncated, good)
@@ -914,7 +1197,10 @@ def test_bad_token_shards_are_refused(tmp_path):
         "truncated": (lambda p: p.write_bytes(truncated.read_bytes()[:800]), "not a token shard"),
         "dtype": (lambda p: np.save(p, good.astype(np.int32)), "int32 array, not the 1-D uint16"),
         "object": (lambda p: np.save(p, np.array([1, "a"], dtype=object), allow_pickle=True), "not a token shard"),
-        "ids": (lambda p: np.save(p, np.full(1000, 60000, dtype=np.uint16)), "token id 60000, outside GPT-2's vocabulary"),
+        "ids": (
+            lambda p: np.save(p, np.full(1000, 60000, dtype=np.uint16)),
+            "token id 60000, outside GPT-2's vocabulary",
+        ),
     }
     for name, (make, message) in cases.items():
         root = tmp_path / name
@@ -923,8 +1209,9 @@ def test_bad_token_shards_are_refused(tmp_path):
         with pytest.raises(tg.UsageError, match=re.escape(message)) as e:
             tg.find_shards(str(root), "train")
         assert "shard_train_000001.npy: " in str(e.value) and "fineweb.py" in str(e.value)
-    p = run_cli(["--data", tmp_path / "ids", "--log_dir", tmp_path / "log"] + TRAIN, tmp_path, check=False)
-    assert_one_line_error(p, "shard_train_000001.npy: holds token id 60000")
+    assert "shard_train_000001.npy: holds token id 60000" in main_error(
+        ["--data", tmp_path / "ids", "--log_dir", tmp_path / "log"] + TRAIN, capsys
+    )
 
 
 def test_bad_text_data_is_refused(tmp_path, capsys):
@@ -936,21 +1223,33 @@ def test_bad_text_data_is_refused(tmp_path, capsys):
     folder.mkdir()
     jsonl = tmp_path / "docs.jsonl"
     jsonl.write_text('{"text": "hi"}\n')
-    for data, message in [(latin, "latin.txt: not UTF-8 text (byte 0xe9 at offset 3)"), (empty, "empty.txt: the file is empty"),
-                          (folder, "folder.txt: a directory"), (jsonl, "docs.jsonl: a file, but --data takes a directory")]:
+    for data, message in [
+        (latin, "latin.txt: not UTF-8 text (byte 0xe9 at offset 3)"),
+        (empty, "empty.txt: the file is empty"),
+        (folder, "folder.txt: a directory"),
+        (jsonl, "docs.jsonl: a file, but --data takes a directory"),
+    ]:
         assert message in main_error(["--data", data, "--log_dir", tmp_path / "log"] + TRAIN, capsys)
-    assert_one_line_error(run_cli(["--data", latin, "--log_dir", tmp_path / "log"] + TRAIN, tmp_path, check=False), "not UTF-8")
 
 
 def foreign_checkpoints(tmp_path):
     """Our format outside, foreign or damaged inside: {name: (path, message)}."""
     from dataclasses import asdict
+
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=1, n_head=2, n_embd=32))
     sd, config = model.state_dict(), asdict(model.config)
     kinds = {
-        "missing": ({k: v for k, v in sd.items() if "ln_f" not in k}, config, 'Missing key(s) in state_dict: "transformer.ln_f.weight"'),
-        "extra": (dict(sd, **{"transformer.h.1.ln_1.weight": torch.ones(32)}), config, 'Unexpected key(s) in state_dict: "transformer.h.1.ln_1.weight"'),
+        "missing": (
+            {k: v for k, v in sd.items() if "ln_f" not in k},
+            config,
+            'Missing key(s) in state_dict: "transformer.ln_f.weight"',
+        ),
+        "extra": (
+            dict(sd, **{"transformer.h.1.ln_1.weight": torch.ones(32)}),
+            config,
+            'Unexpected key(s) in state_dict: "transformer.h.1.ln_1.weight"',
+        ),
         "shapes": (sd, dict(config, n_embd=64), "size mismatch for transformer.wte.weight"),
         "config": (sd, {"hidden_size": 32, "num_layers": 1}, "its config is not a GPT config"),
     }
@@ -974,24 +1273,33 @@ def test_foreign_checkpoints_are_refused_everywhere(tmp_path, hellaswag_sample, 
     tg.GPT.from_pretrained(weights_only)  # weights and a config are enough to sample, fine-tune or export
     with pytest.raises(tg.UsageError, match="no training state to resume"):
         tg.load_checkpoint(str(weights_only), resume=True)
-    # each command that reads a checkpoint, once through a real process
+    # each command that reads a checkpoint
     path, message = bad["shapes"]
-    assert_one_line_error(run_cli(["--init_from", path, "--export", tmp_path / "export"], tmp_path, check=False), f"{path.name}: ", message)
+    err = main_error(["--init_from", path, "--export", tmp_path / "export"], capsys)
+    assert f"{path.name}: " in err and message in err
     assert not (tmp_path / "export").exists()
     path, message = bad["missing"]
-    assert message in main_error(["--init_from", path, "--data", shakespeare, "--log_dir", tmp_path / "l1"] + TRAIN[2:], capsys)
-    assert "no training state to resume" in main_error(["--resume", weights_only, "--data", shakespeare, "--log_dir", tmp_path / "l2"] + TRAIN, capsys)
-    p = subprocess.run([sys.executable, str(ROOT / "hellaswag.py"), "-m", str(bad["config"][0]), "--data", str(hellaswag_sample), "-d", "cpu"],
-                       cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=120)
-    assert p.returncode != 0 and "Traceback" not in p.stderr and p.stderr.strip().count("\n") == 0, p.stderr
-    assert p.stderr.startswith("error: ") and "its config is not a GPT config" in p.stderr
+    assert message in main_error(
+        ["--init_from", path, "--data", shakespeare, "--log_dir", tmp_path / "l1"] + TRAIN[2:], capsys
+    )
+    assert "no training state to resume" in main_error(
+        ["--resume", weights_only, "--data", shakespeare, "--log_dir", tmp_path / "l2"] + TRAIN, capsys
+    )
+    import hellaswag
+
+    with pytest.raises(SystemExit) as e:
+        hellaswag.main(["-m", str(bad["config"][0]), "--data", str(hellaswag_sample), "-d", "cpu"])
+    err = str(e.value.code)  # hellaswag.py exits with its message: SystemExit("error: ...")
+    assert err.startswith("error: ") and "\n" not in err and "its config is not a GPT config" in err
 
 
 def test_resume_skips_a_foreign_checkpoint(tmp_path, shakespeare):
     log_dir = tmp_path / "log"
-    run_cli(tiny_run_args(shakespeare, log_dir, max_steps=2, checkpoint_every=2, val_every=0), tmp_path)
+    train_here(tiny_run_args(shakespeare, log_dir, max_steps=2, checkpoint_every=2, val_every=0))
     ckpt = torch.load(log_dir / "model_00002.pt", weights_only=True)
-    ckpt["optimizer"]["state"] = {0: {"exp_avg": torch.zeros(3, 3), "exp_avg_sq": torch.zeros(3, 3), "step": torch.tensor(1.0)}}
+    ckpt["optimizer"]["state"] = {
+        0: {"exp_avg": torch.zeros(3, 3), "exp_avg_sq": torch.zeros(3, 3), "step": torch.tensor(1.0)}
+    }
     torch.save(ckpt, log_dir / "model_00004.pt")  # newer, but its optimizer is another model's
     with pytest.raises(tg.UsageError, match="optimizer state does not fit its model"):
         tg.load_checkpoint(str(log_dir / "model_00004.pt"), resume=True)
@@ -999,29 +1307,49 @@ def test_resume_skips_a_foreign_checkpoint(tmp_path, shakespeare):
     assert path.endswith("model_00002.pt")
 
 
-def test_bad_hugging_face_directories_are_refused(tmp_path):
+def test_bad_hugging_face_directories_are_refused(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
+
     _, good = hf_tiny(tmp_path)
+
     def variant(name, edit):
         d = tmp_path / name
         shutil.copytree(good, d)
         edit(d)
         return d
+
     def drop_ln_f(d):
         weights = load_file(d / "model.safetensors")
-        save_file({k: v for k, v in weights.items() if "ln_f" not in k}, d / "model.safetensors", metadata={"format": "pt"})
+        save_file(
+            {k: v for k, v in weights.items() if "ln_f" not in k}, d / "model.safetensors", metadata={"format": "pt"}
+        )
+
     cases = [
-        (variant("bert", lambda d: (d / "config.json").write_text(json.dumps(dict(json.loads((d / "config.json").read_text()), model_type="bert")))), "a 'bert' model, not GPT-2"),
+        (
+            variant(
+                "bert",
+                lambda d: (d / "config.json").write_text(
+                    json.dumps(dict(json.loads((d / "config.json").read_text()), model_type="bert"))
+                ),
+            ),
+            "a 'bert' model, not GPT-2",
+        ),
         (variant("noweights", lambda d: (d / "model.safetensors").unlink()), "no weights"),
         (variant("badjson", lambda d: (d / "config.json").write_text("{not json")), "not a readable JSON config"),
-        (variant("truncated", lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000])), "could not load it as GPT-2"),
+        (
+            variant(
+                "truncated",
+                lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:5000]),
+            ),
+            "could not load it as GPT-2",
+        ),
         (variant("partial", drop_ln_f), "its weights lack 2 of GPT-2's tensors"),
     ]
     for d, message in cases:
         with pytest.raises(ValueError, match=re.escape(message)) as e:
             tg.GPT.from_pretrained(d)
         assert "\n" not in str(e.value) and str(d) in str(e.value)
-    assert_one_line_error(run_cli(["--init_from", cases[0][0], "--sample", "hi"], tmp_path, check=False), "not GPT-2")
+    assert "not GPT-2" in main_error(["--init_from", cases[0][0], "--sample", "hi"], capsys)
 
 
 def test_output_locations_are_checked_before_work(tmp_path, shakespeare, capsys):
@@ -1029,27 +1357,74 @@ def test_output_locations_are_checked_before_work(tmp_path, shakespeare, capsys)
     a_file.write_text("mine")
     _, weights_only = foreign_checkpoints(tmp_path)
     for args, message in [
-        (["--data", shakespeare, "--log_dir", a_file] + TRAIN, "notes.txt: --log_dir must be a directory, but it is a file"),
+        (
+            ["--data", shakespeare, "--log_dir", a_file] + TRAIN,
+            "notes.txt: --log_dir must be a directory, but it is a file",
+        ),
         (["--data", shakespeare, "--log_dir", a_file / "run1"] + TRAIN, "--log_dir must be a directory, but"),
         (["--init_from", weights_only, "--export", a_file], "notes.txt: --export must be a directory"),
     ]:
         assert message in main_error(args, capsys)
-    assert_one_line_error(run_cli(["--data", shakespeare, "--log_dir", a_file] + TRAIN, tmp_path, check=False), "--log_dir must be a directory")
     assert a_file.read_text() == "mine"
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "config.json").write_text("{}")
     (mine / "README.md").write_text("my notes")
-    assert "already holds other files (README.md)" in main_error(["--init_from", weights_only, "--export", mine], capsys)
+    assert "already holds other files (README.md)" in main_error(
+        ["--init_from", weights_only, "--export", mine], capsys
+    )
     assert (mine / "config.json").read_text() == "{}"
     # an earlier export is replaced: it holds only what an export writes
     tg.main(["--init_from", str(weights_only), "--export", str(tmp_path / "exp")])
     tg.main(["--init_from", str(weights_only), "--export", str(tmp_path / "exp")])
-    # an unwritable place (root may write anywhere: check the test's premise first)
-    ro = tmp_path / "ro"
-    ro.mkdir(mode=0o555)
-    if not os.access(ro, os.W_OK):
-        assert "--log_dir is not writable" in main_error(["--data", shakespeare, "--log_dir", ro / "log"] + TRAIN, capsys)
+
+
+def test_unwritable_log_dir_is_refused_before_work(tmp_path, shakespeare):
+    """A read-only directory. Root may write anywhere: as root, the check runs in a child that drops to nobody."""
+    base = Path(tempfile.mkdtemp())  # not under pytest's private (0700) directory: nobody must reach it
+    try:
+        base.chmod(0o755)
+        ro = base / "ro"
+        ro.mkdir(mode=0o555)
+        code, err = in_child_as_nobody(
+            lambda: tg.check_args(
+                tg.parse_args([str(a) for a in ["--data", shakespeare, "--log_dir", ro / "log"] + TRAIN])
+            )
+        )
+    finally:
+        shutil.rmtree(base)
+    if code == 4:
+        pytest.skip("root without the right to drop to another user here: no directory is read-only for this test")
+    assert code == 2 and f"{ro / 'log'}: --log_dir is not writable ({ro} is read-only for this user)" in err, (
+        code,
+        err,
+    )
+
+
+def in_child_as_nobody(check):
+    """(exit code, UsageError message) of check() in a forked child that runs as nobody if we are root: 0 passed,
+    2 refused, 4 could not drop root. The child runs plain Python only (a fork of a threaded process)."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code, message = 3, b""
+        try:
+            if os.getuid() == 0:
+                os.setgid(65534)
+                os.setuid(65534)
+            check()
+            code = 0
+        except tg.UsageError as e:
+            code, message = 2, str(e).encode()
+        except OSError:
+            code = 4
+        finally:
+            os.write(write, message)
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        message = f.read().decode()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), message
 
 
 # -----------------------------------------------------------------------------
@@ -1095,7 +1470,9 @@ def test_shuffled_loader_state_dict_resumes_exactly_across_epochs(tmp_path):
     for _ in range(25):  # 6 + 8 + 7 = 21 windows of 8 tokens: 10 a rank an epoch, so 5 into the third epoch
         a.next_batch()
     state = a.state_dict()
-    assert state["epoch"] == 2 and state["index"] == 5 and len(json.dumps(state)) < 200  # small: the plan is recomputed from (seed, epoch)
+    assert (
+        state["epoch"] == 2 and state["index"] == 5 and len(json.dumps(state)) < 200
+    )  # small: the plan is recomputed from (seed, epoch)
     b = tg.DataLoaderLite(2, 4, 1, 2, "train", tmp_path / "d", shuffle=True, seed=1)
     b.load_state_dict(state)
     for _ in range(10):
@@ -1105,34 +1482,29 @@ def test_shuffled_loader_state_dict_resumes_exactly_across_epochs(tmp_path):
         in_order.load_state_dict(state)
 
 
-def test_in_order_loader_counts_epochs_when_it_wraps(tmp_path):
-    write_shards(tmp_path / "d", [33, 40])  # two batches of 16 in each shard
-    loader = tg.DataLoaderLite(2, 8, 0, 1, "train", tmp_path / "d")
-    assert loader.epoch_tokens() == 4 * 16
-    epochs = []
-    for _ in range(9):
-        loader.next_batch()
-        epochs.append(loader.epoch)
-    assert epochs == [0, 0, 0, 0, 1, 1, 1, 1, 2]
-    # 3 ranks over [16*7+1, 16*5+3, 16*9+1]: every whole batch (see test_dataloader_ranks_see_every_token_once_per_pass)
-    write_shards(tmp_path / "e", [16 * 7 + 1, 16 * 5 + 3, 16 * 9 + 1])
-    assert tg.DataLoaderLite(2, 8, 0, 3, "train", tmp_path / "e").epoch_tokens() == (7 + 5 + 9) * 16
-
-
+# The DDP model lives inside evaluate(): freed before destroy_process_group. A module-level one outlived the group
+# and, at exit, let a gloo thread free the last collective's tensors while Python shut down, aborting the rank
+# (exit code -6) now and then on a loaded machine: the flake of this test.
 VAL_EVAL = """
 import sys, types
 import torch
 import train_gpt2 as tg
-data, B, n_tokens = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+
+
+def evaluate(ctx, data, B, n_tokens):
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32))
+    model = tg.wrap_model(model, types.SimpleNamespace(compile=0), ctx)  # DDP under torchrun, as in training
+    val = tg.ValSet(B, 64, ctx.rank, ctx.world_size, data, n_tokens)
+    return val.n_tokens, tg.evaluate_val(model, val, ctx, torch.float32)
+
+
 ctx = tg.setup_distributed("cpu")
-torch.manual_seed(0)
-model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32))
-model = tg.wrap_model(model, types.SimpleNamespace(compile=0), ctx)  # DDP under torchrun, as in training
-val = tg.ValSet(B, 64, ctx.rank, ctx.world_size, data, n_tokens)
-loss = tg.evaluate_val(model, val, ctx, torch.float32)
-with open(f"{sys.argv[4]}.{ctx.rank}", "w") as f:  # a file per rank: lines printed by two ranks can interleave
-    f.write(f"{val.n_tokens} {loss!r}")
-if ctx.ddp:
+try:
+    n, loss = evaluate(ctx, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))
+    with open(f"{sys.argv[4]}.{ctx.rank}", "w") as f:  # a file per rank: lines printed by two ranks can interleave
+        f.write(f"{n} {loss!r}")
+finally:
     torch.distributed.destroy_process_group()
 """
 
@@ -1154,9 +1526,7 @@ def test_val_loss_is_the_same_for_any_batch_size_and_process_count(tmp_path):
         got[(1, B)] = tg.evaluate_val(model, val, ctx, torch.float32)
     script = tmp_path / "val.py"
     script.write_text(VAL_EVAL)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), tmp_path / "d", "4", str(n_tokens), tmp_path / "val"]
-    p = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    wait_ok(torchrun([tmp_path / "d", 4, n_tokens, tmp_path / "val"], tmp_path, script=script), timeout=600)
     ranks = [(tmp_path / f"val.{r}").read_text().split() for r in range(2)]
     assert [n for n, _ in ranks] == [str(13 * 64)] * 2
     got.update({(2, r): float(loss) for r, (_, loss) in enumerate(ranks)})
@@ -1165,7 +1535,9 @@ def test_val_loss_is_the_same_for_any_batch_size_and_process_count(tmp_path):
 
 def test_val_tokens_flags(tmp_path, shakespeare, capsys):
     ctx = tg.DistContext(False, 0, 0, 1, "cpu")
-    args = tg.parse_args(["--data", str(shakespeare), "--seq_len", "64", "--max_steps", "10", "--total_batch_size", "512"])
+    args = tg.parse_args(
+        ["--data", str(shakespeare), "--seq_len", "64", "--max_steps", "10", "--total_batch_size", "512"]
+    )
     assert args.val_tokens == 20 * 64 * 1024 * 8  # the seed's 8-GPU val set
     _, val = tg.make_loaders(args, ctx, 4)
     out = capsys.readouterr().out
@@ -1188,13 +1560,6 @@ def small_text(tmp_path, shakespeare):
     return path
 
 
-def test_log_truncation_drops_the_resumed_steps_epoch_line(tmp_path):
-    log = tmp_path / "log.txt"
-    log.write_text("6 train 8.0\n7 epoch 2\n7 train 7.5\n8 val 7.0\n8 epoch 3\n8 train 7.2\n")
-    tg.truncate_log(str(log), 8)
-    assert log.read_text() == "6 train 8.0\n7 epoch 2\n7 train 7.5\n8 val 7.0\n"
-
-
 SMALL_RUN = dict(max_steps=20, checkpoint_every=10, val_every=5, val_tokens=128, total_batch_size=256, warmup_steps=4)
 
 
@@ -1203,90 +1568,29 @@ def test_epoch_lines_and_shuffle_sigkill_then_resume_is_exact(tmp_path, shakespe
     assert tg.DataLoaderLite(4, 64, 0, 1, "train", data).epoch_tokens() == 7 * 256
     epoch_lines = {(7, "epoch"): 2, (14, "epoch"): 3}  # a batch a step: batch 7 (the first of epoch 2) in step 7
     # in order: the epoch lines, and a warning at start
-    p = run_cli(tiny_run_args(data, tmp_path / "plain", **{**SMALL_RUN, "max_steps": 15, "checkpoint_every": 0}), tmp_path)
-    assert "warning: this run reads its train data 2.14 times over" in p.stdout and "step 7: epoch 2 of the train data begins" in p.stdout, p.stdout
+    out = train_here(tiny_run_args(data, tmp_path / "plain", **{**SMALL_RUN, "max_steps": 15, "checkpoint_every": 0}))
+    assert (
+        "warning: this run reads its train data 2.14 times over" in out
+        and "step 7: epoch 2 of the train data begins" in out
+    ), out
     in_order = read_log(tmp_path / "plain")
     assert {k: v for k, v in in_order.items() if k[1] == "epoch"} == epoch_lines
     # shuffled: the same epochs (each reads all 7 batches), in another order, and exact resume in the middle of epoch 2
-    args = lambda name: tiny_run_args(data, tmp_path / name, **SMALL_RUN) + ["--shuffle"]
-    wait_ok(run_cli_popen(args("ref"), tmp_path))
+    args = lambda name: tiny_run_args(data, tmp_path / name, **SMALL_RUN) + ["--shuffle"]  # noqa: E731
+    train_here(args("ref"))
     reference = read_log(tmp_path / "ref")
     assert {k: v for k, v in reference.items() if k[1] == "epoch"} == epoch_lines
     assert reference[(0, "val")] == in_order[(0, "val")] and reference[(0, "train")] != in_order[(0, "train")]
-    kill_after(run_cli_popen(args("log"), tmp_path), tmp_path / "log" / "model_00010.pt")
-    assert not (tmp_path / "log" / "model_00020.pt").exists()
-    wait_ok(run_cli_popen(args("log") + ["--resume"], tmp_path))
+    # SIGKILL (the machine dies) in the middle of writing the step-20 checkpoint: the step-10 one is intact
+    stalled = StalledCheckpoint(tmp_path / "log", 20)
+    proc = run_cli_popen(args("log"), tmp_path)
+    stalled.wait(proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    stalled.leave_half_written()
+    assert [s for s, _ in tg.list_checkpoints(tmp_path / "log")] == [10]
+    assert "model_00010.pt at step 10" in train_here(args("log") + ["--resume"])
     assert_resumed_equal(reference, read_log(tmp_path / "log"), 10)
-
-
-# -----------------------------------------------------------------------------
-# FSDP2 (--fsdp, torchrun x2, gloo): the DDP reference run's losses, plain checkpoints, exact resume, sharded state
-
-
-def state_per_rank(out):
-    """The 'state per rank: ...' line: {'parameters': bytes, 'gradients': ..., 'optimizer': ...} (MiB, 3 decimals)."""
-    line = re.search(r"state per rank: (.*)", out).group(1)
-    return {k: float(v) * 2**20 for k, v in re.findall(r"(\w+) ([\d.]+) MiB", line)}
-
-
-def norms(out):
-    return {int(s): float(n) for s, n in re.findall(r"step +(\d+) \| loss \S+ \| lr \S+ \| norm (\S+)", out)}
-
-
-@pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory, reference_runs):
-    """The reference DDP run's flags (2 ranks x 2 accumulation steps, clipping active) under --fsdp, uninterrupted."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    out = wait_ok(torchrun(tiny_run_args(reference_runs["data"], tmp / "log", **RESUME_RUN) + ["--fsdp"], tmp))
-    return {"log": read_log(tmp / "log"), "out": out, "dir": tmp / "log"}
-
-
-def test_fsdp_matches_ddp_and_writes_plain_checkpoints(reference_runs, fsdp_run):
-    ddp, fsdp = reference_runs["ddp"], fsdp_run["log"]
-    assert fsdp.keys() == ddp.keys()
-    for key in ddp:  # gradient norms: as in test_fsdp_resume_is_exact_and_its_checkpoint_resumes_under_ddp
-        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-3 if key[1] == "norm" else 0, abs=1e-4), key
-    assert "FSDP: 2 blocks + root sharded over 2 ranks" in fsdp_run["out"]
-    # today's format: the plain model's keys (tied lm_head included) and a plain AdamW state_dict (int ids)
-    ckpt = torch.load(fsdp_run["dir"] / "model_00024.pt", weights_only=True)
-    plain = tg.GPT(tg.GPTConfig(**ckpt["config"]))
-    assert ckpt["model"].keys() == plain.state_dict().keys()
-    assert torch.equal(ckpt["model"]["lm_head.weight"], ckpt["model"]["transformer.wte.weight"])
-    optimizer = tg.configure_optimizers(plain, 0.1, 1e-3, "cpu")
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    assert [i for g in ckpt["optimizer"]["param_groups"] for i in g["params"]] == list(range(len(params)))
-    for i, p in enumerate(params):
-        assert ckpt["optimizer"]["state"][i]["exp_avg"].shape == p.shape
-        assert ckpt["optimizer"]["state"][i]["step"].item() == 24
-    optimizer.load_state_dict(ckpt["optimizer"])
-    plain.load_state_dict(ckpt["model"])
-
-
-def test_fsdp_resume_is_exact_and_its_checkpoint_resumes_under_ddp(tmp_path, reference_runs, fsdp_run):
-    args = lambda log_dir: tiny_run_args(reference_runs["data"], log_dir, **RESUME_RUN) + ["--resume"]  # noqa: E731
-    for name in ("fsdp", "ddp"):
-        (tmp_path / name).mkdir()
-        for f in ("model_00012.pt", "log.txt"):
-            (tmp_path / name / f).write_bytes((fsdp_run["dir"] / f).read_bytes())
-    wait_ok(torchrun(args(tmp_path / "fsdp") + ["--fsdp"], tmp_path))
-    assert_resumed_equal(fsdp_run["log"], read_log(tmp_path / "fsdp"), 12)
-    # the FSDP checkpoint under DDP: the same next losses and gradient norms (FSDP's norm is over all shards)
-    out = wait_ok(torchrun(args(tmp_path / "ddp"), tmp_path))
-    log, fsdp = read_log(tmp_path / "ddp"), fsdp_run["log"]
-    assert log.keys() == fsdp.keys()
-    for key in log:  # gradient norms: FSDP's is over all shards, within 1e-3
-        assert log[key] == pytest.approx(fsdp[key], rel=1e-3 if key[1] == "norm" else 0, abs=1e-4), key
-    ddp_norms, fsdp_norms = norms(out), norms(fsdp_run["out"])
-    assert sorted(ddp_norms) == list(range(12, 24))
-    for step, n in ddp_norms.items():
-        assert n == pytest.approx(fsdp_norms[step], rel=1e-3), step
-    # memory per rank: DDP holds the whole state, FSDP half of it on each of 2 ranks
-    full, sharded = state_per_rank(out), state_per_rank(fsdp_run["out"])
-    n_bytes = tg.GPT(tg.model_config("d2", 50304)).num_params() * 4
-    assert full["parameters"] == pytest.approx(n_bytes, abs=2**20 / 1000)
-    assert full["gradients"] == full["parameters"] and full["optimizer"] == pytest.approx(2 * n_bytes, abs=2**20 / 1000)
-    for k in full:
-        assert 0.49 < sharded[k] / full[k] < 0.51, (k, sharded, full)
 
 
 def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, shakespeare, capsys, monkeypatch):
@@ -1311,7 +1615,9 @@ def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, shakespeare, capsys, 
 def modern_tiny(block_size=32, vocab_size=50304, seed=0, std=0.2):
     """A d2-sized modern GPT with random weights (its zero-init lm_head would make every logit 0)."""
     torch.manual_seed(seed)
-    model = tg.GPT(tg.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=64, arch="modern"))
+    model = tg.GPT(
+        tg.GPTConfig(block_size=block_size, vocab_size=vocab_size, n_layer=2, n_head=2, n_embd=64, arch="modern")
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, std)
@@ -1365,11 +1671,16 @@ def test_modern_chunked_softcap_loss_equals_full_logits_loss_and_gradients(ignor
     if ignore:
         targets[0, :25] = -1
     logits, loss_full = assert_chunked_equals_full_logits(model, idx, targets, atol=1e-5)
-    assert logits.abs().max().item() < tg.LOGIT_SOFTCAP and model.lm_head(model.hidden_states(idx)).abs().max().item() > 2 * tg.LOGIT_SOFTCAP
+    assert (
+        logits.abs().max().item() < tg.LOGIT_SOFTCAP
+        and model.lm_head(model.hidden_states(idx)).abs().max().item() > 2 * tg.LOGIT_SOFTCAP
+    )
     with torch.no_grad():
         assert torch.allclose(model(idx, targets)[1], loss_full, atol=1e-5)
         # the cap changes the loss: without it the number would be different
-        uncapped = tg.chunked_cross_entropy(model.hidden_states(idx).view(-1, 64), model.lm_head.weight, targets.view(-1), 32)
+        uncapped = tg.chunked_cross_entropy(
+            model.hidden_states(idx).view(-1, 64), model.lm_head.weight, targets.view(-1), 32
+        )
         assert abs(uncapped.item() - loss_full.item()) > 1.0
         # and HellaSwag's logits_at gives the capped logits too
         at = torch.rand(3, 40) < 0.3
@@ -1401,22 +1712,29 @@ def test_modern_checkpoint_loads_exactly_and_refuses_export(tmp_path, capsys):
 
 def test_modern_run_learns_resumes_exactly_and_samples(tmp_path, shakespeare, hellaswag_sample, capsys):
     log_dir = tmp_path / "log"
-    run = dict(arch="modern", max_steps=16, val_every=8, checkpoint_every=8, sample_every=16, hellaswag_every=16, hellaswag_data=hellaswag_sample)
-    p = run_cli(tiny_run_args(shakespeare, log_dir, **run), tmp_path)
+    run = dict(
+        arch="modern",
+        max_steps=16,
+        val_every=8,
+        checkpoint_every=8,
+        sample_every=16,
+        hellaswag_every=16,
+        hellaswag_data=hellaswag_sample,
+    )
+    out = train_here(tiny_run_args(shakespeare, log_dir, **run))
     log = read_log(log_dir)
     train = [log[(s, "train")] for s in range(16)]
     assert train[0] == pytest.approx(math.log(50304), abs=1e-5)  # zero lm_head: uniform logits
     assert min(train[-3:]) < 8.3
     assert log[(16, "val")] < log[(0, "val")] - 2
-    assert (16, "hella") in log and "sample 0: Hello, I'm a language model," in p.stdout
+    assert (16, "hella") in log and "sample 0: Hello, I'm a language model," in out
     assert torch.load(log_dir / "model_00016.pt", weights_only=True)["config"]["arch"] == "modern"
     # resume from the step-8 checkpoint: the same losses as the uninterrupted run
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     for name in ("model_00008.pt", "log.txt"):
         (resumed / name).write_bytes((log_dir / name).read_bytes())
-    p = run_cli(tiny_run_args(shakespeare, resumed, **run) + ["--resume"], tmp_path)
-    assert "at step 8" in p.stdout
+    assert "at step 8" in train_here(tiny_run_args(shakespeare, resumed, **run) + ["--resume"])
     assert_resumed_equal(log, read_log(resumed), 8)
     # resuming or fine-tuning it as another arch is refused, in one line
     for args, expected in [
@@ -1467,12 +1785,34 @@ def test_muon_step_matches_torch_optim_muon():
 def test_make_optimizer_muon_groups_and_schedule():
     torch.manual_seed(0)
     model = tg.GPT(tg.GPTConfig(block_size=32, n_layer=2, n_head=2, n_embd=32))
-    args = tg.parse_args(["--optimizer", "muon", "--muon_lr", "0.03", "--embed_lr", "1e-3", "--schedule", "wsd", "--max_steps", "100", "--warmup_steps", "10"])
+    args = tg.parse_args(
+        [
+            "--optimizer",
+            "muon",
+            "--muon_lr",
+            "0.03",
+            "--embed_lr",
+            "1e-3",
+            "--schedule",
+            "wsd",
+            "--max_steps",
+            "100",
+            "--warmup_steps",
+            "10",
+        ]
+    )
     opt = tg.make_optimizer(model, args, "cpu")
     embed, gains, muon = opt.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
-    assert sorted(names[id(p)] for p in muon["params"]) == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2) for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
-    assert sorted(names[id(p)] for p in embed["params"]) == ["transformer.wpe.weight", "transformer.wte.weight"]  # wte = lm_head
+    assert sorted(names[id(p)] for p in muon["params"]) == sorted(
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+    )
+    assert sorted(names[id(p)] for p in embed["params"]) == [
+        "transformer.wpe.weight",
+        "transformer.wte.weight",
+    ]  # wte = lm_head
     assert all(p.dim() == 1 for p in gains["params"]) and gains["weight_decay"] == 0.0 and embed["weight_decay"] == 0.1
     assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == model.num_params()
     # each group between its own peak and the same final fraction of it
@@ -1485,10 +1825,14 @@ def test_make_optimizer_muon_groups_and_schedule():
     again.load_state_dict(opt.state_dict())
     tg.set_lr(again, 50, args, 100)
     assert again.param_groups[2]["lr"] == 0.05 and again.param_groups[0]["lr"] == 6e-4
-    # the default recipe: the seed's AdamW, every group at --max_lr
+    # the default recipe: the seed's AdamW, every group on the seed's schedule (6e-4 after 715 warmup steps,
+    # cosine to 6e-5 at step 19073)
     default = tg.parse_args([])
     opt = tg.make_optimizer(model, default, "cpu")
-    assert isinstance(opt, torch.optim.AdamW) and tg.set_lr(opt, 1000, default, default.max_steps) == tg.get_lr(1000, 6e-4, 6e-5, 715, 19073)
+    assert isinstance(opt, torch.optim.AdamW)
+    for step, lr in ((0, 6e-4 / 715), (714, 6e-4), (19073, 6e-5)):
+        assert tg.set_lr(opt, step, default, default.max_steps) == pytest.approx(lr)
+        assert [g["lr"] for g in opt.param_groups] == [pytest.approx(lr)] * 2
 
 
 def test_wsd_schedule():
@@ -1526,22 +1870,34 @@ def test_recipe_preset_and_explicit_flags_win():
     fast = tg.parse_args(["--recipe", "fast"])
     assert (fast.optimizer, fast.schedule) == ("muon", "wsd")
     for name, value in tg.RECIPE_PRESETS["fast"].items():
-        assert getattr(fast, name, value) == value  # "arch" only where the script has --arch
+        assert getattr(fast, name) == value, name
     # an explicit flag wins, even when it equals the flag's default
     mixed = tg.parse_args(["--recipe", "fast", "--optimizer", "adamw", "--muon_lr", "0.5", "--schedule=cosine"])
-    assert (mixed.optimizer, mixed.muon_lr, mixed.schedule, mixed.decay_frac) == ("adamw", 0.5, "cosine", tg.RECIPE_PRESETS["fast"]["decay_frac"])
+    assert (mixed.optimizer, mixed.muon_lr, mixed.schedule, mixed.decay_frac) == (
+        "adamw",
+        0.5,
+        "cosine",
+        tg.RECIPE_PRESETS["fast"]["decay_frac"],
+    )
     assert vars(tg.parse_args([])) == vars(tg.parse_args(["--recipe", "gpt2"]))  # gpt2 = the defaults
 
 
-MUON_RUN = dict(recipe="fast", max_steps=8, checkpoint_every=4, val_every=4, total_batch_size=1024, warmup_steps=2, keep_checkpoints=3)
+MUON_RUN = dict(
+    recipe="fast",
+    max_steps=8,
+    checkpoint_every=4,
+    val_every=4,
+    total_batch_size=1024,
+    warmup_steps=2,
+    keep_checkpoints=3,
+)
 
 
-def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespeare):
+def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespeare, capsys):
     """--recipe fast (Muon, WSD): the loss drops; torchrun x2 = one process with twice the accumulation; resuming
     from the step-4 checkpoint reproduces steps 4..8 exactly; a resume with another optimizer is refused."""
-    single = run_cli_popen(tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN), tmp_path)
-    wait_ok(single)
     ddp = torchrun(tiny_run_args(shakespeare, tmp_path / "ddp", **MUON_RUN), tmp_path)
+    train_here(tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN))  # while torchrun starts
     wait_ok(ddp)
     ref, log_ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
     # learns (the modern block's zero-initialized head and projections make its first steps slow)
@@ -1549,9 +1905,10 @@ def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespear
     for step in range(8):
         assert abs(ref[(step, "train")] - log_ddp[(step, "train")]) < 1e-4, step
     ckpt = torch.load(tmp_path / "single" / "model_00004.pt", weights_only=True)
-    assert ckpt["args"]["optimizer"] == "muon" and len(ckpt["optimizer"]["optimizers"][1]["state"]) == 2 * 4  # momentum buffers
+    assert (
+        ckpt["args"]["optimizer"] == "muon" and len(ckpt["optimizer"]["optimizers"][1]["state"]) == 2 * 4
+    )  # momentum buffers
     args = tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN)
-    wait_ok(run_cli_popen(args + ["--resume", tmp_path / "single" / "model_00004.pt"], tmp_path))
+    train_here(args + ["--resume", tmp_path / "single" / "model_00004.pt"])
     assert_resumed_equal(ref, read_log(tmp_path / "single"), 4)
-    p = run_cli(args + ["--resume", "--optimizer", "adamw"], tmp_path, check=False)
-    assert p.returncode == 2 and "--optimizer muon -> adamw" in p.stderr and "Traceback" not in p.stderr
+    assert "--optimizer muon -> adamw" in main_error(args + ["--resume", "--optimizer", "adamw"], capsys)

@@ -16,12 +16,11 @@ The seed's story (build-nanogpt's), each section using only what comes before it
     Checkpoints        save, load, find, prune; resume checks; older checkpoints upgraded
     Training           train_step, evaluation, sampling, train()
 Optional machinery, which train() reaches through the hooks marked "hook:" in it:
-    FSDP, batch-size probing and the loss path, hardware (dtype, GPU peak FLOPs), live metrics (TensorBoard,
-    wandb), input checks, the command line.
+    FSDP, batch-size probing and the loss path, hardware (dtype, GPU peak FLOPs), progress (step N/M, ETA, run.json),
+    live metrics (TensorBoard, wandb), input checks, the command line.
 """
 
 import argparse
-import base64
 import contextlib
 import ctypes
 import functools
@@ -33,7 +32,6 @@ import os
 import re
 import signal
 import sys
-import tempfile
 import time
 import urllib.request
 import warnings
@@ -413,15 +411,12 @@ def save_gpt2_tokenizer(directory, model_max_length=1024):
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     enc = tiktoken.get_encoding("gpt2")
-    with tempfile.TemporaryDirectory() as tmp:
-        ranks = os.path.join(tmp, "gpt2.tiktoken")  # the converter reads tiktoken's file format: base64 token, rank
-        with open(ranks, "wb") as f:
-            for token, rank in enc._mergeable_ranks.items():
-                f.write(base64.b64encode(token) + b" %d\n" % rank)
-        converter = TikTokenConverter(vocab_file=ranks, pattern=enc._pat_str, extra_special_tokens=enc._special_tokens)
-        backend = converter.converted()
+    converter = TikTokenConverter(pattern=enc._pat_str, extra_special_tokens=enc._special_tokens)
+    # the BPE ranks from memory, not from a file: tiktoken keeps a copy of every file it reads in its cache
+    # (TIKTOKEN_CACHE_DIR), under a hash of the path, which a temporary file makes new each time
+    converter.load_tiktoken_bpe = lambda _: enc._mergeable_ranks
     eot = enc.decode([GPT2_EOT])
-    hf = GPT2TokenizerFast(tokenizer_object=backend, bos_token=eot, eos_token=eot, unk_token=eot,
+    hf = GPT2TokenizerFast(tokenizer_object=converter.converted(), bos_token=eot, eos_token=eot, unk_token=eot,
                            model_max_length=model_max_length)
     hf.save_pretrained(directory)
 
@@ -1866,6 +1861,9 @@ def train(args, ctx):
     run.metrics = Metrics(run, checkpoint, peak * ctx.world_size if peak else None)
     checkpoint = None  # free its tensors
 
+    if ctx.master:
+        record_run(run, start_step)  # hook: progress (run.json; a note if the run will take days)
+    timer = StepTimer()
     stop = StopSignal()
     stop.install()
     try:
@@ -1895,9 +1893,11 @@ def train(args, ctx):
             if ctx.device_type == "cuda":
                 torch.cuda.synchronize()
             dt = time.time() - t0
+            timer.add(dt)
             mfu = f" | mfu {100 * flops_per_step / dt / (peak * ctx.world_size):.1f}%" if peak else ""
-            say(f"step {step:5d} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt {dt * 1000:.1f}ms | tok/sec "
-                f"{args.total_batch_size / dt:.0f}{mfu}")
+            say(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt "
+                f"{dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{mfu} | eta "
+                f"{timer.eta(args.max_steps - step - 1)}")
             if run.train_loader.epoch != epoch:  # (rank 0's data) this step began a new pass over the train data
                 new_epoch = run.train_loader.epoch + 1
                 say(f"step {step}: epoch {new_epoch} of the train data begins; the data repeats from here")
@@ -2202,6 +2202,108 @@ def setup_device(args, ctx):
 
 
 # -----------------------------------------------------------------------------
+# Progress: step N/M with the time left, a note at start for a run that will take days, and run.json (what the run
+# trains on, which play.ipynb reads beside log.txt)
+
+
+class StepTimer:
+    """The mean time of this process's steps, leaving out its first `skip` (compilation, allocator warm-up); the
+    evaluations between steps are not timed."""
+
+    def __init__(self, skip=2):
+        self.skip, self.seen, self.total, self.counted = skip, 0, 0.0, 0
+
+    def add(self, dt):
+        self.seen += 1
+        if self.seen > self.skip:
+            self.total += dt
+            self.counted += 1
+
+    def eta(self, steps_left):
+        """The time the steps left take at the mean so far ('-' before any step counted), for the step line."""
+        return format_duration(self.total / self.counted * steps_left) if self.counted else "-"
+
+
+def format_duration(seconds):
+    """'45s', '12m05s', '3h20m', '2d04h': two units at most."""
+    s = int(round(seconds))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit}{s % size // sub_size:02d}{sub}"
+    return f"{s}s"
+
+
+def matmul_rate(device, dtype):
+    """FLOP/s of a square matmul in dtype on device, the best of 3 after a warm-up: this machine's speed now. Large
+    enough to keep a GPU busy, small enough to cost a CPU milliseconds; torch.ones leaves the seeded RNG alone."""
+    n = 512 if str(device) == "cpu" else 4096
+    a = torch.ones(n, n, device=device, dtype=dtype)
+    times = []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        (a @ a)[0, 0].item()  # .item() waits for a GPU to finish
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / min(times[1:])
+
+
+def long_run_note(run, config, steps):
+    """One line for a run that will take more than a day, else None: its FLOPs at half the matmul rate measured on
+    the device (training reaches about half of it: 66% MFU on a CPU in bench.py, 40-60% on GPUs). The step lines'
+    eta, from the steps' own times, then takes over."""
+    args = run.args
+    flops = flops_per_token(config, args.seq_len) * args.total_batch_size * steps
+    rate = matmul_rate(run.ctx.device, getattr(torch, run.precision)) * run.ctx.world_size
+    seconds = flops / (0.5 * rate)
+    if seconds < 86400:
+        return None
+    return (f"note: this run will take about {format_duration(seconds)}: {steps} steps of {args.total_batch_size:,} "
+            f"tokens at half the {rate / 1e9:,.0f} GFLOP/s that {run.precision} matmuls reach on {run.ctx.device} x "
+            f"{run.ctx.world_size} (the step lines' eta will be closer). A first run on a CPU: README's quickstart, "
+            "`python train_gpt2.py --recipe shakespeare`, a small GPT on Tiny Shakespeare in minutes")
+
+
+def data_kind(data):
+    """What --data holds, for run.json: text (a .txt file), fineweb-edu (fineweb.py's default download, or shards
+    named as build-nanogpt's fineweb.py names them), local files (fineweb.py --local_files), another hub dataset's
+    name, or shards (of unknown origin)."""
+    if data.endswith(".txt"):
+        return "text"
+    try:
+        with open(os.path.join(data, "manifest.json")) as f:  # fineweb.py's record of what it tokenized
+            settings = json.load(f)["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "fineweb-edu" if glob.glob(os.path.join(data, "edufineweb_*.npy")) else "shards"
+    dataset = settings.get("dataset") or "local files"
+    return "fineweb-edu" if dataset == "HuggingFaceFW/fineweb-edu" else dataset
+
+
+def run_record(args, config, params):
+    """What the run trains on and with, for play.ipynb (which draws the GPT-2 baselines only where they apply)."""
+    return dict(
+        data=args.data, data_kind=data_kind(args.data), init_from=args.init_from,
+        model=args.model if args.init_from == "scratch" else args.init_from, arch=config.arch,
+        n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
+        params=params, recipe=args.recipe, optimizer=args.optimizer, max_steps=args.max_steps,
+        total_batch_size=args.total_batch_size, seq_len=args.seq_len,
+    )
+
+
+def write_run_record(log_dir, record):
+    """run.json beside log.txt (rewritten by a resumed run): log.txt keeps its `STEP STREAM VALUE` lines only."""
+    with open(os.path.join(log_dir, "run.json"), "w") as f:
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def record_run(run, start_step):
+    """At start, on rank 0: run.json, and the note of a run that will take more than a day."""
+    write_run_record(run.args.log_dir, run_record(run.args, run.model.config, run.model.num_params()))
+    note = long_run_note(run, run.model.config, run.args.max_steps - start_step)
+    if note:
+        print(note)
+
+
+# -----------------------------------------------------------------------------
 # Live metrics: TensorBoard (--tensorboard) and Weights & Biases (--wandb)
 #
 # Both off by default; global rank 0 writes, and each package is imported only when its flag asks for it. Step N's
@@ -2481,6 +2583,12 @@ RECIPE_PRESETS = {
     "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3,
              "arch": "modern", "embed_lr": 6e-3},
 }
+# README's quickstart: fast, sized for a laptop's CPU (d4, 80 steps of 8192 tokens of Tiny Shakespeare)
+RECIPE_PRESETS["shakespeare"] = {
+    **RECIPE_PRESETS["fast"], "data": "input.txt", "model": "d4", "batch_size": 16, "seq_len": 128,
+    "total_batch_size": 8192, "max_steps": 80, "warmup_steps": 10, "max_lr": 2e-3, "min_lr": 2e-4, "val_every": 20,
+    "sample_every": 40, "hellaswag_every": 0, "compile": 0, "log_dir": "log_shakespeare", "sample_prompt": "ROMEO:",
+}
 
 
 def apply_recipe(args, given):
@@ -2528,7 +2636,8 @@ def parse_args(argv=None):
     fast = ", ".join(f"--{k} {v}" for k, v in RECIPE_PRESETS["fast"].items())
     g.add_argument("--recipe", default="gpt2", choices=sorted(RECIPE_PRESETS),
                    help="a preset of the flags below (and --max_lr ...); flags given explicitly win over it. gpt2: the "
-                   f"seed's recipe, i.e. these defaults; fast: {fast}")
+                   f"seed's recipe, i.e. these defaults; fast: {fast}; shakespeare: fast, sized for a CPU (README's "
+                   "quickstart: d4, 80 steps of 8192 tokens of input.txt)")
     g.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="muon: Muon for the blocks' 2-D "
                    "matrices, AdamW (--max_lr, --embed_lr) for embeddings, head, biases and gains")
     g.add_argument("--schedule", default="cosine", choices=["cosine", "wsd"], help="after warmup: cosine decay to "

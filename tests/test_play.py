@@ -1,15 +1,17 @@
-"""play.ipynb runs headless (nbclient, a real python3 kernel) on a real CPU training log, on a train-only log,
-on overlaid runs, and on a missing or empty log; the committed notebook carries no outputs."""
-import subprocess
-import sys
+"""play.ipynb runs headless (nbclient, a real python3 kernel) on logs written here as train_gpt2.py writes them
+(with the run.json it writes beside them): a Tiny Shakespeare run (no baselines), a FineWeb-Edu run (baselines), a
+train-only log, overlaid runs, and a missing or empty log; the committed notebook carries no outputs."""
+import json
 
 import nbformat
 import numpy as np
 import pytest
+from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 from nbclient import NotebookClient
 
-from conftest import ROOT, run_env
+import train_gpt2 as tg
+from conftest import ROOT
 
 NOTEBOOK = ROOT / "play.ipynb"
 PARAMS = ("LOG_FILE", "MODEL_SIZE", "SMOOTH", "PLOT_FILE", "LOSS_YMAX")
@@ -63,28 +65,66 @@ def test_committed_notebook_has_no_outputs():
         assert cell.outputs == [] and cell.execution_count is None, "clear the notebook's outputs before committing"
 
 
-def test_real_cpu_run(tmp_path, monkeypatch, shakespeare):
-    """A real (tiny) CPU training run writes train and val lines, no hella: the loss panel alone."""
-    log_dir = tmp_path / "cpu_run"
-    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), "--data", str(shakespeare), "--model", "d2",
-           "--batch_size", "4", "--seq_len", "64", "--total_batch_size", "256", "--max_steps", "20",
-           "--warmup_steps", "3", "--val_every", "10", "--val_tokens", "512", "--hellaswag_every", "0",
-           "--sample_every", "0", "--checkpoint_every", "0", "--log_dir", str(log_dir),
-           "--device", "cpu", "--dtype", "float32", "--compile", "0"]
-    run = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
-    log = log_dir / "log.txt"
-    streams = read_streams(log)
-    assert "train" in streams and "val" in streams and "hella" not in streams, sorted(streams)
+def red_pixels(image):
+    """Pixels of the baselines' red (tab:red): the GPT-2 lines and their legend entries, nothing else is red."""
+    return int((np.abs(image[..., :3] - to_rgb("tab:red")) < 0.06).all(axis=-1).sum())
 
-    text, outputs = execute(tmp_path, monkeypatch, LOG_FILE=log, MODEL_SIZE="124M")
-    assert f"min train loss: {min(streams['train'].values()):.4f}" in text, text
-    assert f"min val loss:   {min(streams['val'].values()):.4f}" in text, text
-    assert "OpenAI GPT-2 124M: 3.2924" in text
-    assert "no hella lines" in text
-    height, width, _ = assert_png(log_dir / "log_plot.png").shape
-    assert width < 1.6 * height, "one panel (loss) only: a CPU run has no HellaSwag"
+
+def write_run(log_dir, argv, params, steps, lr_norm=False, hella=False):
+    """A run's log as train_gpt2.py writes it (train every step, val every 20, optionally lr and norm every step
+    and hella every 20) and its run.json, made by train_gpt2.py's own function from these flags."""
+    log_dir.mkdir()
+    args = tg.parse_args(argv + ["--log_dir", str(log_dir)])
+    config = tg.model_config(args.model, args.vocab_size, arch=args.arch)
+    tg.write_run_record(str(log_dir), tg.run_record(args, config, params))
+    lines = []
+    for s in range(steps):
+        lines.append(f"{s} train {7 * np.exp(-s / 30) + 4:.6f}")
+        if lr_norm:
+            lr = min(s + 1, 10) * 2e-4 * (1 - s / steps)  # warmup, then a linear decay
+            lines += [f"{s} lr {lr:.4e}", f"{s} norm {3 * np.exp(-s / 5) + 0.3:.4f}"]
+    lines += [f"{s} val {7 * np.exp(-s / 30) + 4.2:.4f}" for s in range(0, steps + 1, 20)]
+    if hella:
+        lines += [f"{s} hella {0.25 + 0.0005 * s:.4f}" for s in range(0, steps + 1, 20)]
+    return read_streams(write_log(log_dir / "log.txt", lines)), log_dir / "log.txt"
+
+
+def test_shakespeare_run_is_plotted_without_baselines(tmp_path, monkeypatch, shakespeare_file):
+    """A d4 run on Tiny Shakespeare (run.json says so): no GPT-2/GPT-3 line, its own best val loss marked, and the
+    lr / gradient norm panel beside the loss."""
+    streams, log = write_run(tmp_path / "log_shakespeare", ["--recipe", "fast", "--model", "d4", "--data",
+                                                             str(shakespeare_file)], 28_900_000, 80, lr_norm=True)
+    text, outputs = execute(tmp_path, monkeypatch, LOG_FILE=log)
+    assert f"trained on: {shakespeare_file} (text); model d4 (--arch modern, 4 layers of 256, 28.9M parameters); " \
+           "--recipe fast, --init_from scratch" in text, text
+    best_val = min(streams["val"].values())
+    assert f"min val loss:   {best_val:.4f} at step 80   [no baseline: trained on {shakespeare_file} (text), " \
+           "not FineWeb-Edu]" in text, text
+    assert "OpenAI GPT-2" not in text and "GPT-3" not in text
+    assert f"max grad norm:  {max(streams['norm'].values()):.4f} at step 0" in text
+    assert f"peak lr:        {max(streams['lr'].values()):.4g} at step " in text
+    image = assert_png(log.with_name("log_plot.png"))
+    assert red_pixels(image) == 0, "no baseline drawn"
+    height, width, _ = image.shape
+    assert 1.6 * height < width < 3 * height, "two panels: loss, lr and norm"
     assert any("image/png" in o.get("data", {}) for o in outputs), "the figure is shown in the notebook too"
+
+
+def test_fineweb_run_keeps_its_baselines(tmp_path, monkeypatch):
+    """A gpt2 (124M) run on fineweb.py's FineWeb-Edu shards (its manifest names the dataset): the GPT-2 val loss and
+    the GPT-2/GPT-3 HellaSwag lines are drawn, for the size run.json gives (no MODEL_SIZE)."""
+    data = tmp_path / "edu_fineweb10B"
+    data.mkdir()
+    (data / "manifest.json").write_text(json.dumps({"settings": {"dataset": "HuggingFaceFW/fineweb-edu"}}))
+    streams, log = write_run(tmp_path / "log", ["--data", str(data)], 124_475_904, 60, hella=True)
+    text, _ = execute(tmp_path, monkeypatch, LOG_FILE=log)
+    assert f"min val loss:   {min(streams['val'].values()):.4f} at step 60   [OpenAI GPT-2 124M: 3.2924]" in text, text
+    assert "[OpenAI GPT-2 124M: 0.2955, GPT-3 Small 125M: 0.337]" in text
+    assert "no baseline" not in text and "grad norm" not in text
+    image = assert_png(log.with_name("log_plot.png"))
+    assert red_pixels(image) > 500, "the GPT-2 lines are drawn"
+    height, width, _ = image.shape
+    assert 1.6 * height < width < 3 * height, "two panels: loss and HellaSwag, no lr/norm streams"
 
 
 def test_train_only_log(tmp_path, monkeypatch):

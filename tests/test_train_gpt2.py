@@ -156,7 +156,12 @@ def test_export_cli_writes_a_directory_pipeline_can_use(tmp_path, shakespeare_fi
     _, path = hf_tiny(
         tmp_path, n_layer=2, n_head=2, n_embd=64, std=0.2
     )  # larger weights: a less repetitive greedy text
+    cache, here, cwd = os.environ["TIKTOKEN_CACHE_DIR"], set(os.listdir(tmp_path)), set(os.listdir())
+    cached = {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)}
     assert "wrote a Hugging Face GPT-2 model" in train_here(["--init_from", path, "--export", tmp_path / "export"])
+    # tiktoken caches every file it reads: the tokenizer is converted from its ranks in memory, no file, no cache entry
+    assert {name: os.path.getmtime(os.path.join(cache, name)) for name in os.listdir(cache)} == cached
+    assert set(os.listdir(tmp_path)) - here == {"export"} and set(os.listdir()) == cwd
     enc = tiktoken.get_encoding("gpt2")
     tok = AutoTokenizer.from_pretrained(tmp_path / "export")
     fineweb = fineweb_jsonl.read_text().splitlines()[:20]
@@ -582,6 +587,39 @@ def test_flops_and_peak_table():
     assert tg.flops_per_token(tg.GPTConfig(vocab_size=50304), 1024) == 854_654_976
 
 
+def test_step_eta_long_run_note_and_run_record(tmp_path):
+    """The step lines' ETA leaves out the first steps; the default recipe on a CPU says at start that it takes
+    days (README's quickstart does not); run.json says what --data holds."""
+    timer = tg.StepTimer(skip=2)
+    for dt in (30.0, 5.0):  # compilation and warm-up: not counted
+        timer.add(dt)
+        assert timer.eta(10) == "-"
+    for dt in (1.0, 3.0):
+        timer.add(dt)
+    assert (timer.eta(90), timer.eta(0)) == ("3m00s", "0s")
+    assert [tg.format_duration(s) for s in (45, 725, 12000, 190000)] == ["45s", "12m05s", "3h20m", "2d04h"]
+    ctx = tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    seed = tg.Run(tg.parse_args(["--data", "input.txt"]), ctx, precision="float32")
+    note = tg.long_run_note(seed, tg.model_config("gpt2"), 19073)
+    assert re.match(r"note: this run will take about \d+d\d\dh: 19073 steps of 524,288 tokens", note), note
+    assert "python train_gpt2.py --recipe shakespeare" in note
+    quick = tg.Run(tg.parse_args(["--recipe", "shakespeare"]), ctx, precision="float32")
+    assert tg.long_run_note(quick, tg.model_config("d4", arch="modern"), 80) is None
+    # --data: a text file, fineweb.py's FineWeb-Edu or --local_files shards, build-nanogpt's shards, others
+    for name, manifest, shard, kind in [("edu", "HuggingFaceFW/fineweb-edu", None, "fineweb-edu"),
+                                        ("mine", None, None, "local files"),
+                                        ("web", "HuggingFaceFW/fineweb", None, "HuggingFaceFW/fineweb"),
+                                        ("nanogpt", False, "edufineweb_val_000000.npy", "fineweb-edu"),
+                                        ("other", False, "shard_val_000000.npy", "shards")]:
+        (tmp_path / name).mkdir()
+        if manifest is not False:
+            (tmp_path / name / "manifest.json").write_text(json.dumps({"settings": {"dataset": manifest}}))
+        if shard:
+            (tmp_path / name / shard).touch()
+        assert tg.data_kind(str(tmp_path / name)) == kind, name
+    assert tg.data_kind("input.txt") == "text"
+
+
 # -----------------------------------------------------------------------------
 # the training CLI
 
@@ -600,6 +638,15 @@ def test_short_run_on_shakespeare_learns_and_logs(tmp_path, shakespeare):
     assert {(0, "val"), (25, "val"), (50, "val")} <= log.keys()
     assert log[(50, "val")] < log[(0, "val")] - 3
     assert "sample 0: Hello, I'm a language model," in out
+    # every step line: N/M and the time left, from the third step on (the first two are not timed)
+    etas = re.findall(r"^step +(\d+)/50 \| loss .* \| eta (\S+)$", out, re.M)
+    assert [int(step) for step, _ in etas] == list(range(50)), out[-3000:]
+    assert [eta for _, eta in etas[:2]] == ["-", "-"] and etas[-1][1] == "0s"
+    assert all(re.fullmatch(r"(\d+[dhm])?\d+[hms]", eta) for _, eta in etas[2:]), etas
+    assert "note: this run will take" not in out  # seconds, not days
+    record = json.loads((log_dir / "run.json").read_text())  # what the run trained on, for play.ipynb
+    assert (record["data"], record["data_kind"], record["model"], record["n_layer"], record["n_embd"]) == \
+        (str(shakespeare), "text", "d2", 2, 128)
     # the final checkpoint loads safely and into a plain model
     ckpt = torch.load(log_dir / "model_00050.pt", weights_only=True)
     assert ckpt["step"] == 50 and ckpt["config"]["n_layer"] == 2
@@ -896,7 +943,7 @@ def test_second_ctrl_c_aborts_a_stalled_checkpoint_and_resume_is_exact(tmp_path,
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, single_run, resume_args):
     log_dir = tmp_path / "log"
     proc = run_cli_popen(resume_args(log_dir), tmp_path)
-    read_until(proc, "step     3 |")
+    read_until(proc, "step     3/")
     proc.send_signal(signal.SIGTERM)
     out = wait_ok(proc)
     ckpts = tg.list_checkpoints(log_dir)
@@ -963,7 +1010,7 @@ def state_per_rank(out):
 
 
 def norms(out):
-    return {int(s): float(n) for s, n in re.findall(r"step +(\d+) \| loss \S+ \| lr \S+ \| norm (\S+)", out)}
+    return {int(s): float(n) for s, n in re.findall(r"step +(\d+)/\d+ \| loss \S+ \| lr \S+ \| norm (\S+)", out)}
 
 
 def test_ddp_resumes_an_fsdp_checkpoint_and_exits_cleanly(tmp_path, single_run, fsdp_run, resume_args):
@@ -1066,7 +1113,7 @@ def test_resume_keeps_the_schedule_unless_extended_and_refuses_another_precision
         assert expected in main_error(argv, capsys), change
     # --extend: on to step 6 with the checkpoint's schedule, whose cosine ended at step 4: min_lr from there
     out = train_here(tiny_run_args(shakespeare, log_dir, **{**run, "max_steps": 6}) + ["--resume", "--extend"])
-    lrs = re.findall(r"step +(\d+) \| .* lr ([0-9.e+-]+) ", out)
+    lrs = re.findall(r"step +(\d+)/\d+ \| .* lr ([0-9.e+-]+) ", out)
     assert [(int(s), float(lr)) for s, lr in lrs] == [(4, 1e-4), (5, 1e-4)]
     ckpt = torch.load(log_dir / "model_00006.pt", weights_only=True)
     assert (
@@ -1880,6 +1927,10 @@ def test_recipe_preset_and_explicit_flags_win():
         tg.RECIPE_PRESETS["fast"]["decay_frac"],
     )
     assert vars(tg.parse_args([])) == vars(tg.parse_args(["--recipe", "gpt2"]))  # gpt2 = the defaults
+    # README's quickstart: fast, on Tiny Shakespeare at a CPU's size; its flags win too
+    quick = tg.parse_args(["--recipe", "shakespeare", "--max_steps", "40"])
+    assert (quick.data, quick.model, quick.optimizer, quick.arch, quick.total_batch_size, quick.max_steps) == \
+        ("input.txt", "d4", "muon", "modern", 8192, 40)
 
 
 MUON_RUN = dict(

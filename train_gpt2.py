@@ -2339,7 +2339,12 @@ class Metrics:
 
     def __init__(self, run, checkpoint=None, peak_flops=None):
         args, ctx = run.args, run.ctx
-        self.training, self.peak_flops = run, peak_flops
+        # what the steps' metrics need, not run itself: run holds this object, and a cycle would keep the model (and
+        # DDP's gloo threads) alive after train() until the garbage collector runs
+        self.optimizer, self.train_loader, self.log_file = run.optimizer, run.train_loader, run.log_file
+        self.tokens_per_step = args.total_batch_size
+        self.flops_per_step = flops_per_token(run.model.config, args.seq_len) * args.total_batch_size
+        self.peak_flops, self.cuda_device = peak_flops, ctx.device if ctx.device_type == "cuda" else None
         self.tb = self.wandb_run = None
         saved = checkpoint.get("metrics", {}) if checkpoint else {}
         self.wandb_id = saved.get("wandb_id")  # kept across resumes, also by runs without --wandb
@@ -2360,8 +2365,8 @@ class Metrics:
     def replay(self, step, last_texts):
         """A resumed run: log the checkpoint step's evaluations again (TensorBoard dropped them with the step's
         other events): the values from log.txt, the samples from the checkpoint."""
-        if os.path.exists(self.training.log_file):
-            with open(self.training.log_file) as f:
+        if os.path.exists(self.log_file):
+            with open(self.log_file) as f:
                 for line in f:
                     s, stream, value = line.split()
                     if int(s) == step and stream in EVAL_TAGS:
@@ -2380,18 +2385,16 @@ class Metrics:
         """After training step `step`: its loss, learning rates, gradient norm, speed, tokens seen and epoch."""
         if not (self.tb or self.wandb_run):
             return
-        run = self.training
-        tokens = run.args.total_batch_size
+        tokens = self.tokens_per_step
         values = {"train/loss": loss, "train/grad_norm": norm, "train/tokens": (step + 1) * tokens,
-                  "train/epoch": run.train_loader.epoch + 1, "perf/step_time_ms": 1000 * dt,
+                  "train/epoch": self.train_loader.epoch + 1, "perf/step_time_ms": 1000 * dt,
                   "perf/tokens_per_s": tokens / dt}
-        for name, group in zip(lr_group_names(run.optimizer), run.optimizer.param_groups):
+        for name, group in zip(lr_group_names(self.optimizer), self.optimizer.param_groups):
             values[f"lr/{name}"] = group["lr"]
         if self.peak_flops:
-            flops = flops_per_token(run.model.config, run.args.seq_len) * tokens
-            values["perf/mfu_percent"] = 100 * flops / dt / self.peak_flops
-        if run.ctx.device_type == "cuda":
-            values["memory/peak_gib"] = torch.cuda.max_memory_allocated(run.ctx.device) / 2**30
+            values["perf/mfu_percent"] = 100 * self.flops_per_step / dt / self.peak_flops
+        if self.cuda_device:
+            values["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.cuda_device) / 2**30
         self.log(step, values)
 
     def log_eval(self, step, stream, value):

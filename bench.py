@@ -33,9 +33,9 @@ import numpy as np
 import torch
 
 from train_gpt2 import (GPT, GPT2_VOCAB, DataLoaderLite, Run, UsageError, autocast_context, batch_size_arg,
-                        check_seq_len, choose_batch_size, configure_optimizers, flops_per_token, gpu_peak_flops,
-                        model_config, pick_device, positive_int, setup_device, setup_distributed, shard_model,
-                        state_bytes_per_rank, train_step, wrap_model)
+                        check_seq_len, choose_batch_size, compile_blocks, configure_optimizers, flops_per_token,
+                        gpu_peak_flops, model_config, pick_device, positive_int, setup_device, setup_distributed,
+                        shard_model, state_bytes_per_rank, train_step, wrap_model)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtype names in printed lines
@@ -169,7 +169,9 @@ class Variant:
         model.to(ctx.device)
         how = argparse.Namespace(compile=self.compile)
         if self.fsdp:
-            self.model, self.dtype = shard_model(model, how, ctx, self.dtype)
+            self.model, self.dtype = shard_model(model, ctx, self.dtype)
+            if self.compile:
+                compile_blocks(model)
         else:
             self.model = wrap_model(model, how, ctx)
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
@@ -230,7 +232,8 @@ def bench_train(args):
     check_seq_len(T, config)
     probe = GPT(config).to(ctx.device)
     if B == "auto":  # train()'s choice, as for gpt2's 0.5M-token batch
-        B = choose_batch_size(argparse.Namespace(batch_size=B, seq_len=T, total_batch_size=2**19), probe, ctx, dtype)
+        flags = argparse.Namespace(batch_size=B, seq_len=T, total_batch_size=2**19, compile=args.compile)
+        B = choose_batch_size(flags, probe, ctx, dtype)
         print(f"--batch_size auto: micro-batch {B}")
     print(f"bench train: --model {args.model} ({probe.num_params() / 1e6:.2f}M parameters), B={B}, T={T} "
           f"({B * T} tokens/step), device {ctx.device} ({device_description(ctx.device)}), torch {torch.__version__}")

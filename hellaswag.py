@@ -26,6 +26,7 @@ import functools
 import json
 import os
 import shutil
+import tempfile
 import urllib.request
 from pathlib import Path
 
@@ -70,16 +71,18 @@ def download(split="val", cache_dir=None):
         raise ValueError(f"{cache_dir}: the HellaSwag cache directory is not writable; "
                          "pass another --cache_dir (or HELLASWAG_CACHE)")
     url = DATA_URL.format(split=split)
-    # one temp name per process (DDP ranks may download at once); os.replace is atomic, so an
-    # interrupted download never leaves a truncated file that looks like a cached split
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    # a temp file of its own for each download: ranks may download at once, also ranks of several nodes into a
+    # shared cache, where two of them can have the same pid. os.replace is atomic, so an interrupted download
+    # never leaves a truncated file that looks like a cached split
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=f"{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp's file is private; the cached split is for every user of the cache
     print(f"downloading {url} -> {path}")
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(tmp, "wb") as f:
+        with open(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as response:
             shutil.copyfileobj(response, f)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
         raise ValueError(f"could not download {url} ({e}); download it yourself and pass the file "
                          "(hellaswag.py --data FILE, train_gpt2.py --hellaswag_data FILE)") from None
     return path

@@ -22,6 +22,7 @@ Optional machinery, which train() reaches through the hooks marked "hook:" in it
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import functools
 import glob
@@ -343,6 +344,13 @@ class LinearCrossEntropyScaled(torch.autograd.Function):
         return grad_x, grad_w.to(weight.dtype), None, None, None
 
 
+# Run eagerly, not traced by torch.compile: Inductor's partitioner would merge backward's recomputed chunk logits
+# with the forward's and save all of them (B*T*vocab*2 bytes), the memory the chunks are there to save
+@torch.compiler.disable
+def scaled_linear_cross_entropy(x, weight, targets, chunk_size, cap):
+    return LinearCrossEntropyScaled.apply(x, weight, targets, chunk_size, cap)
+
+
 def chunked_cross_entropy(x, weight, targets, chunk_size, cap=None):
     """F.cross_entropy(x @ weight.T, targets, ignore_index=-1) without the full logits (soft-capped if cap)."""
     if torch.is_autocast_enabled(x.device.type):  # the lm_head matmul in the autocast dtype, as nn.Linear would do it
@@ -352,8 +360,9 @@ def chunked_cross_entropy(x, weight, targets, chunk_size, cap=None):
         x = x.to(weight.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
         # fp16 cannot hold the gradients before GradScaler's scale multiplies them: they wait for backward
-        fn = LinearCrossEntropyScaled if x.dtype == torch.float16 else LinearCrossEntropy
-        return fn.apply(x, weight, targets, chunk_size, cap)
+        if x.dtype == torch.float16:
+            return scaled_linear_cross_entropy(x, weight, targets, chunk_size, cap)
+        return LinearCrossEntropy.apply(x, weight, targets, chunk_size, cap)
     loss = torch.zeros((), dtype=torch.float32, device=x.device)
     for i in range(0, x.size(0), chunk_size):
         logits = (x[i : i + chunk_size] @ weight.t()).float()
@@ -1205,7 +1214,8 @@ def load_checkpoint(path, resume=False):
     if not os.path.isfile(path):
         raise UsageError(f"{path}: no such file; check the path (checkpoints are {{log_dir}}/model_XXXXX.pt)")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # memory-mapped: the pages of the file, shared by the ranks of a node and read only where used
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a zip, truncated, or holds pickled objects
         raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
@@ -1270,7 +1280,10 @@ def get_rng_state(generator):
 
 def set_rng_state(state, generator):
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["sample"])
+    # a CUDA generator's state is 16 bytes, a CPU one's 5056: a checkpoint from the other device type keeps the
+    # sampling generator as seeded (the training losses do not depend on it)
+    if state["sample"].numel() == generator.get_state().numel():
+        generator.set_state(state["sample"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -1381,14 +1394,16 @@ def setup_distributed(requested_device):
     """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
     device = pick_device(requested_device)
     if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        if device.startswith("cuda:"):  # else seeding, synchronize, the dtype's capability query act on GPU 0
+            torch.cuda.set_device(device)
         return DistContext(False, 0, 0, 1, device)
     # Import dynamo before the process group exists. Imported afterwards (DDP and torch.compile import it), it keeps
     # a reference to the group, so destroy_process_group cannot join gloo's worker threads; one that frees its last
     # tensor after Python has begun shutting down aborts the process ("terminate called without an active exception").
-    import torch._dynamo  # noqa: F401
+    from torch import _dynamo  # noqa: F401 (binds no local `torch`, which the lines above use)
 
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # the GPU on this node; RANK is global across nodes
+    local_rank = local_rank_from_env(rank)
     if device.startswith("cuda"):
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
@@ -1396,6 +1411,15 @@ def setup_distributed(requested_device):
     else:
         dist.init_process_group(backend="gloo")
     return DistContext(True, rank, local_rank, world_size, device)
+
+
+def local_rank_from_env(rank):
+    """The GPU of this process on its node (RANK is global across nodes): LOCAL_RANK from torchrun, else the local
+    rank Slurm or MPI set (srun, mpirun), else RANK modulo the GPUs of a node (ranks numbered node by node)."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return rank % max(1, torch.cuda.device_count())
 
 
 def all_reduce_mean(value, ctx):
@@ -1500,6 +1524,10 @@ def load_optimizer_state(model, optimizer, state):
     """Load a plain AdamW state_dict (from any of single process, DDP, FSDP) into the optimizer; under FSDP each
     rank keeps its shards of the full tensors (every rank has read the checkpoint)."""
     if not is_sharded(model):
+        if next(model.parameters()).device.type == "cpu":
+            # AdamW keeps the very tensors it is given on the CPU: copies, not pages of the memory-mapped checkpoint
+            # (whose mapping would then hold the file, even once pruned, for the whole run)
+            state = copy.deepcopy(state)
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
@@ -1597,7 +1625,8 @@ def load_or_build_model(run):
     check_resume_compatible(checkpoint, run.flags(), run.ctx.world_size)
     run.lr_decay_steps = lr_decay_steps(args, checkpoint)
     checkpoint["path"] = path
-    model = GPT(GPTConfig(**checkpoint["config"]))
+    with torch.device(run.ctx.device):  # built where it trains: no CPU copy of the model on each rank
+        model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
 
@@ -1715,7 +1744,7 @@ def train_step(run):
         sync = not ctx.ddp or micro_step == run.accum_steps - 1
         with gradient_sync(train_model, sync):
             with autocast_context(ctx.device_type, run.dtype):
-                _, loss = train_model(x, y)
+                loss = train_model(x, y)[1]  # the full-logits path's logits: freed now, not kept through backward
             # each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps makes
             # the summed gradients those of the mean over the whole batch, not a sum of means
             loss = loss / run.accum_steps
@@ -1821,12 +1850,14 @@ def train(args, ctx):
     config = model.config
     check_seq_len(args.seq_len, config)
     run.model = model.to(ctx.device)
+    if args.fsdp:  # hook: FSDP, before --batch_size auto, which probes the shards. run.dtype is float32 then: FSDP
+        run.train_model, run.dtype = shard_model(model, ctx, run.dtype)  # casts to bf16 itself
     if run.batch_size is None:
         run.batch_size = choose_batch_size(args, model, ctx, run.dtype)  # hook: batch-size probing
         say(f"--batch_size auto: micro-batch {run.batch_size}")
     B, T = run.batch_size, args.seq_len
     run.accum_steps = grad_accum_steps(args.total_batch_size, B, T, ctx.world_size)
-    model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T)  # hook: the loss path (memory)
+    model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T, head_is_fused(args, model))  # hook: loss path
     run.train_loader, run.val_set = make_loaders(args, ctx, B)
     if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
         try:
@@ -1834,8 +1865,9 @@ def train(args, ctx):
         except (OSError, ValueError) as e:
             raise UsageError(f"--hellaswag_data: {e}") from None
 
-    if args.fsdp:  # hook: FSDP. run.dtype is float32 then: FSDP casts to bf16 itself
-        run.train_model, run.dtype = shard_model(model, args, ctx, run.dtype)
+    if args.fsdp:
+        if args.compile:
+            compile_blocks(model)  # hook: FSDP
     else:
         run.train_model = wrap_model(model, args, ctx)
     run.optimizer = make_optimizer(model, args, ctx.device_type)
@@ -1928,24 +1960,37 @@ def train(args, ctx):
 # stay those of a single process: a checkpoint moves between one process, DDP and FSDP.
 
 
-def shard_model(model, args, ctx, dtype):
+def fsdp_api():
+    """(MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method): FSDP2, public in torch.distributed.fsdp
+    since torch 2.6 (torch 2.4 and 2.5 keep it under torch.distributed._composable)."""
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+    except ImportError:
+        raise UsageError(f"--fsdp needs torch >= 2.6 (FSDP2 in torch.distributed.fsdp), this is torch "
+                         f"{torch.__version__}: upgrade torch (pip install -U torch) or drop --fsdp") from None
+    return MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+
+def shard_model(model, ctx, dtype):
     """(train_model, autocast dtype). Each Block is one FSDP group, the root holds the rest: wte and lm_head are
     one tied parameter, and both modules live in the root, so the tie survives sharding. The root is sharded in
-    place, so `model` and train_model are the same module (its forward all-gathers: every rank must call it)."""
+    place, so `model` and train_model are the same module (its forward all-gathers: every rank must call it).
+    Not compiled yet: compile_blocks, once --batch_size auto has probed the sharded model."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+    MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method = fsdp_api()
     if dtype == torch.float16:
         raise UsageError("--fsdp runs in bfloat16 or float32 (float16 would need a sharded gradient scaler): use "
                          "--dtype bfloat16 or float32")
     mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
     # bf16: FSDP casts the gathered weights to bf16 for compute, keeps the fp32 master shards, and reduces gradients
-    # in fp32. Autocast on top would only re-cast the same weights, so it is switched off (LayerNorm runs in bf16)
-    mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    # in fp32. Autocast on top would only re-cast the same weights, so it is switched off (LayerNorm runs in bf16).
+    # Inputs are not cast: a block's come from the bf16 root already, and the rotary cos/sin tables (--arch modern)
+    # stay float32 as under DDP's autocast
+    param_dtype = None if dtype == torch.float32 else dtype
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     for block in model.transformer.h:
         fully_shard(block, mesh=mesh, mp_policy=mp)
-        if args.compile:
-            block.compile()  # per block: each compiled graph sits between two all-gathers; in place, names unchanged
     fully_shard(model, mesh=mesh, mp_policy=mp)
     # sampling and HellaSwag call these instead of forward(): they must gather the root's weights too
     register_fsdp_forward_method(model, "generate")
@@ -1957,6 +2002,13 @@ def shard_model(model, args, ctx, dtype):
         print(f"FSDP: {len(model.transformer.h)} blocks + root sharded over {ctx.world_size} ranks | compute {compute} "
               "| gradients reduced in float32")
     return model, torch.float32
+
+
+def compile_blocks(model):
+    """torch.compile each block in place (names unchanged): under FSDP each compiled graph sits between two
+    all-gathers."""
+    for block in model.transformer.h:
+        block.compile()
 
 
 def state_bytes_per_rank(model, optimizer):
@@ -1983,21 +2035,31 @@ def state_memory_line(model, optimizer, ctx):
 
 # the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
 FULL_LOGITS_MEMORY_FRACTION = 0.25
+# eager (uncompiled root: --compile 0, or FSDP, which compiles the blocks), the soft-capped head of --arch modern
+# saves three float32 (B, T, vocab) tensors for backward (tanh's output and two of cross-entropy's; counted with
+# saved_tensors_hooks) and makes a gradient of that size: four, not one. Compiled, it is fused like GPT-2's head
+EAGER_SOFTCAP_LOGITS_COPIES = 4
 
 
-def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes):
+def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes, copies=1):
     """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
-    micro-batch's float32 logits take at most FULL_LOGITS_MEMORY_FRACTION of the free memory; else chunks.
-    CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
-    if device_type == "cuda" and n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
+    micro-batch's float32 logits (times copies of them) take at most FULL_LOGITS_MEMORY_FRACTION of the free
+    memory; else chunks. CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
+    if device_type == "cuda" and copies * n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
         return 0
     return default_loss_chunk_size(torch.device(device_type))
 
 
-def training_loss_chunk_size(model, ctx, B, T):
+def head_is_fused(args, model):
+    """Whether torch.compile sees the head and the loss together: a compiled root (FSDP compiles only the blocks)."""
+    return bool(args.compile) and not is_sharded(model)
+
+
+def training_loss_chunk_size(model, ctx, B, T, fused_head=True):
     """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
     free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
-    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free)
+    copies = 1 if fused_head or model.softcap is None else EAGER_SOFTCAP_LOGITS_COPIES
+    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free, copies)
 
 
 def find_batch_size(fits, largest):
@@ -2016,17 +2078,38 @@ def find_batch_size(fits, largest):
     return candidates[lo]
 
 
-def cuda_fits(model, B, T, device, dtype, budget=None):
-    """Whether a forward and backward of micro-batch B runs, and with budget (bytes) whether its peak stays below."""
+def grow_batch_size(candidates, peak, budget):
+    """The largest of the ascending candidates b with peak(b) <= budget(b), trying them in order and stopping at
+    the first that fails or that the line through the last two peaks measured (from peak(0)) puts over budget.
+    0 if none fits."""
+    points, best = [(0, peak(0))], 0
+    for b in candidates:
+        if len(points) > 1:
+            (b0, m0), (b1, m1) = points[-2:]
+            if m1 + (m1 - m0) * (b - b1) / (b1 - b0) > budget(b):
+                break
+        m = peak(b)
+        if m > budget(b):
+            break
+        best = b
+        points.append((b, m))
+    return best
+
+
+def cuda_probe_peak(model, B, T, device, dtype):
+    """Peak bytes allocated during a forward and backward of micro-batch B (the model's own included); inf if it
+    runs out of memory."""
     x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
     torch.cuda.reset_peak_memory_stats(device)
     try:
         with autocast_context(device.split(":")[0], dtype):
             _, loss = model(x, x)
         loss.backward()
-        return budget is None or torch.cuda.max_memory_allocated(device) <= budget
+        return torch.cuda.max_memory_allocated(device)
     except torch.cuda.OutOfMemoryError:
-        return False
+        if is_sharded(model) and hasattr(model, "reset_iter_state"):  # FSDP stopped mid-forward or -backward
+            model.reset_iter_state()
+        return math.inf
     finally:
         model.zero_grad(set_to_none=True)
         loss = None
@@ -2038,23 +2121,82 @@ def cuda_fits(model, B, T, device, dtype, budget=None):
 BATCH_PROBE_MEMORY_FRACTION = 0.85
 
 
-def training_state_bytes(num_params, ddp):
+def training_state_bytes(num_params, ddp, fsdp_shards=0, accumulating=False):
     """GPU bytes training holds that a forward+backward probe does not allocate: AdamW's two float32 moments per
-    parameter, and under DDP its float32 gradient buckets."""
+    parameter, and under DDP its float32 gradient buckets. Under FSDP (fsdp_shards ranks) the moments are sharded,
+    and FSDP accumulates float32 gradients of the whole model between micro-steps."""
+    if fsdp_shards:
+        return num_params * 8 // fsdp_shards + (num_params * 4 if accumulating else 0)
     return num_params * (8 + (4 if ddp else 0))
+
+
+def cuda_usable_bytes(ctx):
+    """The GPU memory this process may use: what the other processes on this GPU leave us."""
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info(ctx.device)
+    return free + torch.cuda.memory_reserved(ctx.device)
 
 
 def cuda_step_budget(model, ctx):
     """Bytes a probed forward+backward may peak at (the model's own parameters included)."""
-    torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(ctx.device)
-    usable = free + torch.cuda.memory_reserved(ctx.device)  # what the other processes on this GPU leave us
+    usable = cuda_usable_bytes(ctx)
     return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
+
+
+def agreed(value, ctx, op):
+    """A number agreed over the ranks (op: MIN or MAX); as is in a single process."""
+    if not ctx.ddp:
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def agree_batch_size(find, ctx):
+    """find() on this rank, then the smallest B over the ranks. A rank where nothing fits (find raises) still joins
+    the all-reduce, so that every rank stops with the error instead of waiting for it until the NCCL timeout."""
+    try:
+        B, error = find(), None
+    except UsageError as e:
+        B, error = 0, e
+    if ctx.ddp:
+        b = torch.tensor([B], device=ctx.device)
+        dist.all_reduce(b, op=dist.ReduceOp.MIN)
+        B = int(b.item())
+    if B == 0:
+        raise error or UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory on another rank; "
+                                  "use a smaller --model or --seq_len")
+    return B
+
+
+def fsdp_batch_size(model, ctx, dtype, T, largest, fused_head=True):
+    """--batch_size auto under FSDP, probing the sharded model. Its forward and backward are collectives: every rank
+    runs the same probes (the smallest budget and the largest peak over ranks decide), and none that is expected
+    to run out of memory, since one rank failing would leave the others waiting in an all-gather. So micro-batches
+    go from small to large, each probed only if the line through the last two peaks keeps it within budget."""
+    usable = agreed(cuda_usable_bytes(ctx), ctx, dist.ReduceOp.MIN)
+    n = model.num_params()
+
+    def budget(b):  # the optimizer's shards, and the unsharded gradients accumulated when b needs micro-steps
+        return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(n, ctx.ddp, ctx.world_size, b < largest)
+
+    def peak(b):
+        if b == 0:  # the shards alone
+            return agreed(torch.cuda.memory_allocated(ctx.device), ctx, dist.ReduceOp.MAX)
+        model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused_head)
+        return agreed(cuda_probe_peak(model, b, T, ctx.device, dtype), ctx, dist.ReduceOp.MAX)
+
+    B = grow_batch_size([b for b in range(1, largest + 1) if largest % b == 0], peak, budget)
+    model.loss_chunk_size = None
+    if not B:
+        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory under FSDP; "
+                         "use more GPUs, a smaller --model or --seq_len")
+    return B
 
 
 def choose_batch_size(args, model, ctx, dtype):
     """--batch_size, or for 'auto' the largest micro-batch that fits and divides the total batch (the same on
-    every rank)."""
+    every rank). Under FSDP `model` is the sharded model."""
     if args.batch_size != "auto":
         return args.batch_size
     T = args.seq_len
@@ -2062,22 +2204,21 @@ def choose_batch_size(args, model, ctx, dtype):
         raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len*world_size = "
                          f"{T}*{ctx.world_size}, so no micro-batch adds up to it")
     largest = args.total_batch_size // (T * ctx.world_size)
+    fused = head_is_fused(args, model)
+    if ctx.device_type == "cuda" and is_sharded(model):
+        return agree_batch_size(lambda: fsdp_batch_size(model, ctx, dtype, T, largest, fused), ctx)
     if ctx.device_type == "cuda":
         budget = cuda_step_budget(model, ctx)
 
         def fits(b):
-            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T)  # the loss path training will use
-            return cuda_fits(model, b, T, ctx.device, dtype, budget)
+            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused)  # the path training will use
+            return cuda_probe_peak(model, b, T, ctx.device, dtype) <= budget
 
-        B = find_batch_size(fits, largest)
+        B = agree_batch_size(lambda: find_batch_size(fits, largest), ctx)
         model.loss_chunk_size = None
-    else:  # no reliable out-of-memory signal off CUDA: the OS kills the process instead
-        B = find_batch_size(lambda b: b * T <= 8192, largest)  # ~6 GB for gpt2 at T=1024
-    if ctx.ddp:  # every rank must use the same B
-        b = torch.tensor([B], device=ctx.device)
-        dist.all_reduce(b, op=dist.ReduceOp.MIN)
-        B = int(b.item())
-    return B
+        return B
+    # no reliable out-of-memory signal off CUDA: the OS kills the process instead. ~6 GB for gpt2 at T=1024
+    return agree_batch_size(lambda: find_batch_size(lambda b: b * T <= 8192, largest), ctx)
 
 
 # -----------------------------------------------------------------------------
@@ -2559,6 +2700,8 @@ def check_args(args):
     if args.fsdp and not under_torchrun and args.sample is None and not args.export:
         raise UsageError("--fsdp shards the model over the processes of a torchrun launch: run `torchrun --standalone "
                          "--nproc_per_node=N train_gpt2.py --fsdp ...`, or drop --fsdp")
+    if args.fsdp:
+        fsdp_api()  # an old torch: said now, not after the model is built
     if args.fsdp and args.optimizer == "muon":  # Newton-Schulz needs each whole matrix; FSDP leaves a rank a slice
         raise UsageError("--optimizer muon does not run under --fsdp yet (it orthogonalizes whole matrices, FSDP "
                          "shards them): use DDP (drop --fsdp) or --optimizer adamw")

@@ -249,3 +249,55 @@ def test_modern_arch_scores_match_reference(hellaswag_sample):
     assert pred.tolist() == ref and pred_norm.tolist() == ref_norm
     expected = (sum(p == y for p, y in zip(ref, labels)), sum(p == y for p, y in zip(ref_norm, labels)), 20)
     assert hellaswag.evaluate(model, "cpu", data=hellaswag_sample, limit=20) == expected
+
+
+# -----------------------------------------------------------------------------
+# GPU review (issue 20): concurrent downloads into a shared cache
+
+
+def test_two_downloads_with_the_same_pid_into_one_cache_both_succeed(hellaswag_sample, tmp_path, monkeypatch):
+    """Ranks of two nodes can share a pid and a cache directory: two threads of one process are such a pair. The
+    server sends half of the file to both before finishing either, so the two downloads overlap."""
+    import http.server
+    import threading
+
+    body = hellaswag_sample.read_bytes()
+    both_started = threading.Barrier(2, timeout=10)
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            both_started.wait()
+            threading.Event().wait(0.2)  # both clients have opened their temp file by now
+            self.wfile.write(body[len(body) // 2 :])
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(hellaswag, "DATA_URL", f"http://127.0.0.1:{server.server_port}/hellaswag_{{split}}.jsonl")
+    errors = []
+
+    def download():
+        try:
+            hellaswag.download("val", cache_dir=tmp_path)
+        except ValueError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=download) for _ in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not errors
+    assert (tmp_path / "hellaswag_val.jsonl").read_bytes() == body
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hellaswag_val.jsonl"]  # no temp file left behind

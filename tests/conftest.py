@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data"
 
 # must be set before tiktoken / transformers are imported anywhere; subprocesses inherit it (run_env).
-# A private copy: tiktoken also caches every local file it reads (the export's converted vocab) in that folder.
+# A private copy: tiktoken deletes a cached file whose hash does not match, and caches any local file it is
+# given: the tests must never touch the files in tests/data.
 _TIKTOKEN_CACHE = tempfile.mkdtemp(prefix="tiktoken_cache_")
 shutil.copytree(DATA / "tiktoken_cache", _TIKTOKEN_CACHE, dirs_exist_ok=True)
 atexit.register(shutil.rmtree, _TIKTOKEN_CACHE, ignore_errors=True)

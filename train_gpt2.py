@@ -17,7 +17,7 @@ The seed's story (build-nanogpt's), each section using only what comes before it
     Training           train_step, evaluation, sampling, train()
 Optional machinery, which train() reaches through the hooks marked "hook:" in it:
     FSDP, batch-size probing and the loss path, hardware (dtype, GPU peak FLOPs), progress (step N/M, ETA, run.json),
-    input checks, the command line.
+    live metrics (TensorBoard, wandb), input checks, the command line.
 """
 
 import argparse
@@ -27,6 +27,7 @@ import ctypes
 import errno
 import functools
 import glob
+import importlib.util
 import json
 import math
 import os
@@ -1304,6 +1305,10 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# the streams a step writes after training (its evaluations come before, and before its checkpoint)
+STEP_STREAMS = ("train", "lr", "norm", "epoch")
+
+
 def truncate_log(log_file, step):
     """On resume: keep the log's lines from before the checkpoint's step and its evaluations at that step
     (written before the checkpoint); drop what the interrupted run logged after it."""
@@ -1317,8 +1322,7 @@ def truncate_log(log_file, step):
         if len(parts) != 3 or not parts[0].isdigit():
             continue
         s, stream = int(parts[0]), parts[1]
-        # a step's epoch line is logged with its train line
-        if s < step or (s == step and stream not in ("train", "epoch")):
+        if s < step or (s == step and stream not in STEP_STREAMS):
             kept.append(line)
     with open(log_file + ".tmp", "w") as f:
         f.writelines(kept)
@@ -1591,6 +1595,7 @@ class Run:
     val_set: object = None
     sample_generator: torch.Generator = None
     log_file: str = None
+    metrics: object = None  # TensorBoard and wandb (Metrics, in the optional machinery)
 
     def flags(self):
         """The flags as checkpoints save them ("args"), with the run's precision, micro-batch and schedule end."""
@@ -1836,6 +1841,7 @@ def write_checkpoint(run, step, val_loss):
             "world_size": ctx.world_size,
             "train_loader": loader_states,
             "rng": rng_states,
+            "metrics": run.metrics.state(),  # hook: live metrics (the wandb run to continue)
         }
         path = os.path.join(log_dir, f"model_{step:05d}.pt")
         error = try_save_checkpoint(checkpoint, path, step)
@@ -1891,6 +1897,7 @@ def run_evals(run, step, log):
         val_loss = evaluate_val(run.train_model, run.val_set, ctx, run.dtype)
         say(f"validation loss: {val_loss:.4f}")
         log(f"{step} val {val_loss:.4f}")
+        run.metrics.log_eval(step, "val", val_loss)  # hook: live metrics
     if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
         model.eval()
         # under FSDP each forward needs every rank: all ranks score all examples, in step
@@ -1901,11 +1908,14 @@ def run_evals(run, step, log):
         )
         say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
         log(f"{step} hella {n_correct_norm / n_total:.4f}")
+        run.metrics.log_eval(step, "hella", n_correct_norm / n_total)  # hook: live metrics
     # under FSDP every rank runs the sampling forward passes (each all-gathers the weights); rank 0 prints
     due = args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step)
     if (ctx.master or args.fsdp) and due:
-        for i, text in enumerate(sample(model, args.sample_prompt, run.sample_generator, run.dtype)):
+        texts = sample(model, args.sample_prompt, run.sample_generator, run.dtype)
+        for i, text in enumerate(texts):
             say(f"sample {i}: {text}")
+        run.metrics.log_text(step, "samples", texts)  # hook: live metrics
     return val_loss
 
 
@@ -1956,7 +1966,6 @@ def train(args, ctx):
     run.log_file = os.path.join(args.log_dir, "log.txt")
     log = functools.partial(log_line, ctx, run.log_file)
     start_step, val_loss = start_or_resume(run, checkpoint)
-    checkpoint = None  # free its tensors
 
     say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
     say(f"device {ctx.device} x {ctx.world_size} | dtype {run.precision} | compile "
@@ -1969,6 +1978,9 @@ def train(args, ctx):
     flops_per_step = flops_per_token(config, T) * args.total_batch_size
     on_tensor_cores = ctx.device_type == "cuda" and run.precision != "float32"
     peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if on_tensor_cores else None
+    # hook: live metrics (--tensorboard, --wandb); a resumed run continues the checkpoint's curves
+    run.metrics = Metrics(run, checkpoint, peak * ctx.world_size if peak else None)
+    checkpoint = None  # free its tensors
 
     if ctx.master:
         record_run(run, start_step)  # hook: progress (run.json; a note if the run will take days)
@@ -1987,6 +1999,7 @@ def train(args, ctx):
             due = last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)
             if step > start_step and due:
                 write_checkpoint(run, step, val_loss)
+                run.metrics.flush()  # hook: live metrics
             if last_step or stopping:
                 break
 
@@ -2012,9 +2025,12 @@ def train(args, ctx):
                 log(f"{step} epoch {new_epoch}")
             if step == start_step:  # the optimizer state exists after the first step
                 say(state_memory_line(model, run.optimizer, ctx))  # hook: FSDP (state bytes per rank)
-            log(f"{step} train {loss:.6f}")
+            log(f"{step} train {loss:.6f}\n{step} lr {lr:.6e}\n{step} norm {norm:.6f}")  # one write, one step
+            run.metrics.log_step(step, loss, norm, dt)  # hook: live metrics
     finally:
         stop.restore()
+        if run.metrics:
+            run.metrics.close()  # hook: live metrics
 
 
 # =============================================================================
@@ -2518,6 +2534,163 @@ def record_run(run, start_step):
 
 
 # -----------------------------------------------------------------------------
+# Live metrics: TensorBoard (--tensorboard) and Weights & Biases (--wandb)
+#
+# Both off by default; global rank 0 writes, and each package is imported only when its flag asks for it. Step N's
+# values are log.txt's step N: the evaluations at N score the model after N steps, the train loss is step N's batch.
+# A resumed run continues the same curves. TensorBoard: its writer hides every event at or after the checkpoint's
+# step (purge_step), and the resumed run logs them again, the checkpoint step's evaluations included (from log.txt
+# and the checkpoint). wandb: the checkpoint keeps the run's id and the resumed run continues that run; the steps
+# the server already holds (the interrupted run's after its checkpoint, the same values: resume is exact) are not
+# sent again.
+
+METRICS_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # flag: the package it needs
+EVAL_TAGS = {"val": "val/loss", "hella": "hellaswag/acc_norm"}  # log.txt stream: metric
+
+
+def check_metrics_packages(args):
+    """--tensorboard and --wandb need their package where the metrics are written (global rank 0)."""
+    if os.environ.get("RANK", "0") != "0":
+        return
+    for flag, package in METRICS_PACKAGES.items():
+        if getattr(args, flag) is not None and importlib.util.find_spec(package) is None:
+            raise UsageError(f"--{flag}: the {package} package is not installed; pip install {package}")
+
+
+def lr_group_names(optimizer):
+    """A name per param group: adamw0 (matrices and embeddings), adamw1 (biases, gains), muon0 (Muon's matrices)."""
+    inner = getattr(optimizer, "optimizers", [optimizer])  # MultiOptimizer: AdamW and Muon
+    return [f"{type(opt).__name__.lower()}{i}" for opt in inner for i in range(len(opt.param_groups))]
+
+
+class Metrics:
+    """A run's metrics in TensorBoard and wandb, written by global rank 0. Without --tensorboard and --wandb, and
+    on the other ranks, every method does nothing. peak_flops: the summed peak FLOP/s of the GPUs (None: no MFU)."""
+
+    def __init__(self, run, checkpoint=None, peak_flops=None):
+        args, ctx = run.args, run.ctx
+        # what the steps' metrics need, not run itself: run holds this object, and a cycle would keep the model (and
+        # DDP's gloo threads) alive after train() until the garbage collector runs
+        self.optimizer, self.train_loader, self.log_file = run.optimizer, run.train_loader, run.log_file
+        self.tokens_per_step = args.total_batch_size
+        self.flops_per_step = flops_per_token(run.model.config, args.seq_len) * args.total_batch_size
+        self.peak_flops, self.cuda_device = peak_flops, ctx.device if ctx.device_type == "cuda" else None
+        self.tb = self.wandb_run = None
+        saved = checkpoint.get("metrics", {}) if checkpoint else {}
+        self.wandb_id = saved.get("wandb_id")  # kept across resumes, also by runs without --wandb
+        self.last_texts = None  # [step, name, texts] of the latest samples, for the checkpoint of their step
+        self.first_wandb_step = 0  # steps below it are in the wandb run already
+        if not ctx.master or (args.tensorboard is None and args.wandb is None):
+            return
+        start_step = checkpoint["step"] if checkpoint else 0
+        config = run_config(run)
+        if args.tensorboard is not None:
+            self.tb = open_tensorboard(args.tensorboard or args.log_dir, start_step, config)
+        if args.wandb is not None:
+            self.wandb_run = open_wandb(args, config, self.wandb_id)
+            self.wandb_id, self.first_wandb_step = self.wandb_run.id, self.wandb_run.starting_step
+        if start_step:
+            self.replay(start_step, saved.get("last_texts"))
+
+    def replay(self, step, last_texts):
+        """A resumed run: log the checkpoint step's evaluations again (TensorBoard dropped them with the step's
+        other events): the values from log.txt, the samples from the checkpoint."""
+        if os.path.exists(self.log_file):
+            with open(self.log_file) as f:
+                for line in f:
+                    s, stream, value = line.split()
+                    if int(s) == step and stream in EVAL_TAGS:
+                        self.log_eval(step, stream, float(value))
+        if last_texts and last_texts[0] == step:
+            self.log_text(*last_texts)
+
+    def log(self, step, values):
+        if self.tb:
+            for tag, value in values.items():
+                self.tb.add_scalar(tag, value, step)
+        if self.wandb_run and step >= self.first_wandb_step:
+            self.wandb_run.log(values, step=step)
+
+    def log_step(self, step, loss, norm, dt):
+        """After training step `step`: its loss, learning rates, gradient norm, speed, tokens seen and epoch."""
+        if not (self.tb or self.wandb_run):
+            return
+        tokens = self.tokens_per_step
+        values = {"train/loss": loss, "train/grad_norm": norm, "train/tokens": (step + 1) * tokens,
+                  "train/epoch": self.train_loader.epoch + 1, "perf/step_time_ms": 1000 * dt,
+                  "perf/tokens_per_s": tokens / dt}
+        for name, group in zip(lr_group_names(self.optimizer), self.optimizer.param_groups):
+            values[f"lr/{name}"] = group["lr"]
+        if self.peak_flops:
+            values["perf/mfu_percent"] = 100 * self.flops_per_step / dt / self.peak_flops
+        if self.cuda_device:
+            values["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.cuda_device) / 2**30
+        self.log(step, values)
+
+    def log_eval(self, step, stream, value):
+        """An evaluation, by its log.txt stream (val, hella)."""
+        self.log(step, {EVAL_TAGS[stream]: value})
+
+    def log_text(self, step, name, texts):
+        if not (self.tb or self.wandb_run):
+            return
+        self.last_texts = [step, name, list(texts)]
+        if self.tb:
+            self.tb.add_text(name, "\n\n".join(f"    {text}" for text in texts), step)  # indented: shown verbatim
+        if self.wandb_run and step >= self.first_wandb_step:
+            import wandb
+
+            self.wandb_run.log({name: wandb.Table(columns=["i", "text"], data=list(enumerate(texts)))}, step=step)
+
+    def state(self):
+        """What a checkpoint keeps: the wandb run to continue, the samples to show again at its step."""
+        return {k: v for k, v in [("wandb_id", self.wandb_id), ("last_texts", self.last_texts)] if v is not None}
+
+    def flush(self):
+        """At checkpoints, so that a kill loses at most what follows the checkpoint (TensorBoard writes every 120 s
+        otherwise; wandb streams online, and writes an offline run out when it finishes)."""
+        if self.tb:
+            self.tb.flush()
+
+    def close(self):
+        if self.tb:
+            self.tb.close()
+        if self.wandb_run:
+            self.wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)  # called in a finally: an error under way?
+
+
+def run_config(run):
+    """The flags and the model config, as the run's hparams / config (numbers, strings and booleans)."""
+    flat = {**run.flags(), **{f"model.{k}": v for k, v in asdict(run.model.config).items()}}
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+
+
+def open_tensorboard(log_dir, start_step, config):
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    # purge_step: an earlier run's events in log_dir at or after start_step are hidden (0: a run started over)
+    writer = SummaryWriter(log_dir, purge_step=start_step)
+    experiment, session_start, _ = hparams(config, {tag: None for tag in ("train/loss", *EVAL_TAGS.values())})
+    writer.file_writer.add_summary(experiment, start_step)
+    writer.file_writer.add_summary(session_start, start_step)
+    return writer
+
+
+def open_wandb(args, config, run_id):
+    import wandb
+
+    directory = None if "WANDB_DIR" in os.environ else args.log_dir
+    try:  # no login, no network, a project name wandb refuses: one line now, not a traceback
+        return wandb.init(project=args.wandb, name=args.wandb_run, id=run_id, resume="allow", config=config,
+                          dir=directory)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"--wandb {args.wandb}: wandb could not start the run ({why}); run `wandb login`, or set "
+                         "WANDB_MODE=offline") from None
+
+
+# -----------------------------------------------------------------------------
 # Input checks: flags and files, before any work starts
 
 
@@ -2628,6 +2801,9 @@ def check_args(args):
         check_export_dir(args.export)
     elif args.sample is None:  # training writes log.txt and checkpoints
         check_output_dir(args.log_dir, "--log_dir")
+        if args.tensorboard:
+            check_output_dir(args.tensorboard, "--tensorboard")
+        check_metrics_packages(args)
 
 
 # -----------------------------------------------------------------------------
@@ -2720,6 +2896,11 @@ def parse_args(argv=None):
     g.add_argument("--sample_every", type=int, default=250, help="print samples every N steps (0 = off)")
     g.add_argument("--sample_prompt", default="Hello, I'm a language model,", help="the prompt those samples continue")
     g.add_argument("--log_dir", default="log", help="log.txt and checkpoints go here")
+    g.add_argument("--tensorboard", nargs="?", const="", default=None, metavar="DIR",
+                   help="also write the metrics for TensorBoard: event files in DIR (default: --log_dir)")
+    g.add_argument("--wandb", default=None, metavar="PROJECT",
+                   help="also log the metrics to this Weights & Biases project (any WANDB_MODE, e.g. offline)")
+    g.add_argument("--wandb_run", default=None, metavar="NAME", help="the wandb run's name (default: wandb picks one)")
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint_every", type=int, default=5000, help="checkpoint every N steps (0 = only at the end); "
                    "the last step always writes one")

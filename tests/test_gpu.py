@@ -20,6 +20,7 @@ import torch
 import hellaswag
 import train_gpt2 as tg
 from conftest import ROOT, run_env
+from test_metrics import tensorboard_events
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
@@ -253,6 +254,19 @@ def test_peak_flops_table_knows_this_gpu():
         pytest.skip(f"{name} is not in GPU_PEAK_FLOPS (train_gpt2.py): add its dense bf16 peak to get an MFU")
     # datasheet bf16/fp16 dense peaks: tens to about a thousand TFLOP/s
     assert 2e13 <= tg.gpu_peak_flops(name) <= 2.5e15
+
+
+@needs_cuda
+def test_live_metrics_log_peak_memory_and_mfu(tmp_path):
+    """--tensorboard on a GPU: peak memory every step, and MFU where the peak table knows the GPU (bf16)."""
+    tg.main(run_args(tmp_path / "log", max_steps=2, dtype="bfloat16") + ["--tensorboard"])
+    tb, _ = tensorboard_events(tmp_path / "log")
+    assert sorted(tb["memory/peak_gib"]) == [0, 1] and all(0 < float(v) < 200 for v in tb["memory/peak_gib"].values())
+    if tg.gpu_peak_flops(torch.cuda.get_device_name()) is not None:
+        assert sorted(tb["perf/mfu_percent"]) == [0, 1]
+        assert all(0 < float(v) < 100 for v in tb["perf/mfu_percent"].values())
+    else:
+        assert "perf/mfu_percent" not in tb
 
 
 # -----------------------------------------------------------------------------

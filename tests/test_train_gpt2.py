@@ -679,7 +679,8 @@ def test_default_recipe_losses_are_the_seeds(tmp_path, shakespeare):
     log_dir = tmp_path / "log"
     train_here(tiny_run_args(shakespeare, log_dir, max_steps=6, val_every=3, checkpoint_every=0))
     log = read_log(log_dir)
-    assert log.keys() == SEED_LOG.keys()
+    assert {k for k in log if k[1] in ("train", "val")} == SEED_LOG.keys()
+    assert {k for k in log if k[1] in ("lr", "norm")} == {(s, stream) for s in range(6) for stream in ("lr", "norm")}
     for key, expected in SEED_LOG.items():
         assert log[key] == pytest.approx(expected, rel=1e-4), key
 
@@ -965,8 +966,8 @@ def fsdp_run(tmp_path_factory, resume_args):
 
 def assert_close_logs(log, reference, steps=None):
     assert set(log) == {k for k in reference if steps is None or k[0] in steps}
-    for key in log:
-        assert abs(log[key] - reference[key]) < 1e-4, key
+    for key in log:  # gradient norms (log.txt's norm) of other launches agree to 1e-3, as printed ones do
+        assert log[key] == pytest.approx(reference[key], rel=1e-3 if key[1] == "norm" else 0, abs=1e-4), key
 
 
 def test_fsdp_matches_one_process_and_writes_plain_checkpoints(single_run, fsdp_run):
@@ -1061,10 +1062,11 @@ def test_ddp_compile_bf16_auto_batch_size_agree_with_eager(tmp_path, shakespeare
     assert (
         compiled.keys()
         == eager.keys()
-        == {(s, k) for s in (0, 3) for k in ("val", "hella")} | {(s, "train") for s in range(3)}
+        == {(s, k) for s in (0, 3) for k in ("val", "hella")}
+        | {(s, k) for s in range(3) for k in ("train", "lr", "norm")}
     )
-    for key in eager:  # (HellaSwag: bf16 noise may flip a near tie)
-        if key[1] != "hella":
+    for key in eager:  # (HellaSwag: bf16 noise may flip a near tie; gradient norms: compared below, relative)
+        if key[1] not in ("hella", "norm"):
             assert compiled[key] == pytest.approx(eager[key], abs=2e-2), key
     for step, n in norms(eager_out).items():
         assert norms(out)[step] == pytest.approx(n, rel=2e-2), step

@@ -1092,7 +1092,7 @@ def test_keep_checkpoints_and_resume_skips_damaged_checkpoints_and_refuses_chang
     (log_dir / "model_00003.pt.keep").touch()  # the user keeps this one
     out = train_here(tiny_run_args(shakespeare, log_dir, **{**run, "max_steps": 6}) + ["--resume", "--extend"])
     assert "skipping" in out and "model_00003.pt at step 3" in out
-    assert sorted(read_log(log_dir)) == [(s, "train") for s in range(6)]
+    assert sorted(read_log(log_dir)) == sorted((s, k) for s in range(6) for k in ("train", "lr", "norm"))
     assert [s for s, _ in tg.list_checkpoints(log_dir)] == [6, 5, 3]
 
 
@@ -1162,7 +1162,7 @@ def test_resume_follows_moved_data_and_refuses_other_data(tmp_path, shakespeare,
         tiny_run_args(moved, log_dir, max_steps=4, checkpoint_every=2, val_every=0) + ["--resume", "--extend"]
     )
     assert "the data moved" in out and "at step 2" in out
-    assert sorted(read_log(log_dir)) == [(s, "train") for s in range(4)]
+    assert sorted(read_log(log_dir)) == sorted((s, k) for s in range(4) for k in ("train", "lr", "norm"))
 
 
 def test_nan_loss_stops_without_checkpoint(tmp_path, shakespeare):

@@ -2982,6 +2982,25 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
+def exit_without_teardown(code):
+    """End a torchrun worker without Python's interpreter teardown. Gloo's worker threads can outlive the destroyed
+    process group; one that frees its last tensor while the interpreter shuts down aborts the process ("terminate
+    called without an active exception", SIGABRT), which turns a finished run into a failed one (seen in CI under
+    FSDP). Everything the run writes is closed and synced before main() returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    if "RANK" not in os.environ:
+        main()
+    else:
+        try:
+            main()
+        except SystemExit as e:  # the one-line errors: their exit code, without the teardown either
+            if not isinstance(e.code, int):
+                raise
+            exit_without_teardown(e.code)
+        exit_without_teardown(0)
 

@@ -994,10 +994,11 @@ def configure_optimizers(model, weight_decay, learning_rate, device_type):
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 
 
-def newton_schulz(G, steps=5):
-    """An approximately orthogonal matrix with G's singular vectors (U V^T of G = U S V^T), in bfloat16."""
+def newton_schulz(G, steps=5, dtype=torch.bfloat16):
+    """An approximately orthogonal matrix with G's singular vectors (U V^T of G = U S V^T), computed in dtype:
+    bfloat16 is precise enough for a roughly orthogonal result, and fast where matmuls have it natively."""
     a, b, c = NS_COEFFICIENTS
-    X = G.bfloat16()
+    X = G.to(dtype)
     wide = X.size(0) <= X.size(1)
     if not wide:  # iterate on the smaller Gram matrix X X^T
         X = X.T
@@ -1015,11 +1016,14 @@ class Muon(torch.optim.Optimizer):
     1/sqrt(max(rows, cols)), and the scale makes it 1/sqrt(cols) for every shape, i.e. the same change of the
     output per unit of input for a square, a tall (c_fc, c_attn) or a wide (c_proj) matrix. It is the scaling of
     Keller Jordan's Muon and modded-nanogpt, so their learning rates (0.02-0.05) carry over. Weight decay is
-    decoupled (p -= lr * weight_decay * p) as in AdamW. The momentum buffers are the optimizer state."""
+    decoupled (p -= lr * weight_decay * p) as in AdamW. The momentum buffers are the optimizer state.
+    ns_dtype: Newton-Schulz's matmul dtype, not saved in checkpoints (a run may resume on other hardware)."""
 
-    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5):
+    def __init__(self, params, lr=0.02, momentum=0.95, nesterov=True, weight_decay=0.0, ns_steps=5,
+                 ns_dtype=torch.bfloat16):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps)
         super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
         for group in self.param_groups:
             if any(p.dim() != 2 for p in group["params"]):
                 raise ValueError("Muon updates 2-D weight matrices only; give the other parameters to AdamW")
@@ -1041,7 +1045,7 @@ class Muon(torch.optim.Optimizer):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)  # an average of past gradients
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf  # Nesterov: look one step ahead
-                update = newton_schulz(update, group["ns_steps"])
+                update = newton_schulz(update, group["ns_steps"], self.ns_dtype)
                 if group["weight_decay"]:
                     p.mul_(1 - lr * group["weight_decay"])
                 p.add_(update.to(p.dtype), alpha=-lr * max(1.0, p.size(0) / p.size(1)) ** 0.5)
@@ -1087,12 +1091,13 @@ def muon_param_names(model):
             if n.startswith("transformer.h.") and p.dim() == 2 and p.requires_grad]
 
 
-def make_optimizer(model, args, device_type):
+def make_optimizer(model, args, device_type, ns_dtype=torch.bfloat16):
     """The run's optimizer, with lr_bounds: each param group's (peak, final) learning rate, which set_lr moves
     the group between. They live outside the param groups, which load_state_dict replaces with the checkpoint's: a
     resumed run's schedule is its own flags' (as --max_steps is), and no hook has to put them back.
     adamw: configure_optimizers, the seed's. muon: Muon for the blocks' 2-D matrices, AdamW for the rest
-    (embeddings and lm_head with --weight_decay, biases and norm gains without), at --max_lr or --embed_lr."""
+    (embeddings and lm_head with --weight_decay, biases and norm gains without), at --max_lr or --embed_lr;
+    ns_dtype: Muon's Newton-Schulz dtype."""
     if args.optimizer == "adamw":
         optimizer = configure_optimizers(model, args.weight_decay, args.max_lr, device_type)
         optimizer.lr_bounds = [(args.max_lr, args.min_lr)] * len(optimizer.param_groups)
@@ -1107,7 +1112,8 @@ def make_optimizer(model, args, device_type):
     ]
     rest_opt = adamw(groups, args.max_lr, device_type)
     muon_params = [p for n, p in model.named_parameters() if n in in_muon]
-    muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay)
+    muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay,
+                ns_dtype=ns_dtype)
     optimizer = MultiOptimizer(rest_opt, muon)
     optimizer.lr_bounds = [(embed_lr, embed_lr * final), (args.max_lr, args.min_lr),
                            (args.muon_lr, args.muon_lr * final)]
@@ -1959,7 +1965,10 @@ def train(args, ctx):
             compile_blocks(model)  # hook: FSDP
     else:
         run.train_model = wrap_model(model, args, ctx)
-    run.optimizer = make_optimizer(model, args, ctx.device_type)
+    # Newton-Schulz in bf16 only where the run's matmuls are bf16: emulated (a CPU without AVX512-BF16/AMX, an fp16
+    # GPU) it took 5.7 s of a 15 s step of the CPU quickstart, fp32 0.2 s
+    ns_dtype = torch.bfloat16 if run.precision == "bfloat16" else torch.float32
+    run.optimizer = make_optimizer(model, args, ctx.device_type, ns_dtype)
     # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
     run.scaler = torch.amp.GradScaler(ctx.device_type, enabled=run.dtype == torch.float16)
     run.sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)

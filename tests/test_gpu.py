@@ -570,7 +570,7 @@ def test_train_step_lets_the_logits_go_before_backward(tmp_path, shakespeare_fil
 
 
 FSDP_WORKER = """
-import sys
+import os, sys
 import torch
 import train_gpt2 as tg
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -619,6 +619,7 @@ for fits in (lambda b: ctx.rank == 0, lambda b: b <= 4 - 2 * ctx.rank):
         out.write(f"UsageError {e}\\n")
 out.close()
 torch.distributed.destroy_process_group()
+os._exit(0)  # as train_gpt2.py's workers end: a gloo thread that outlives the group can abort Python's teardown
 """
 
 

@@ -883,9 +883,9 @@ def single_run(tmp_path_factory, resume_args):
 def test_short_run_on_shakespeare_learns_and_logs(single_run, shakespeare_file):
     log, out, log_dir = single_run["log"], single_run["out"], single_run["dir"]
     train = [log[(s, "train")] for s in range(12)]
-    assert train[0] > 10.0 and max(train[-3:]) < train[0] - 2.0, train  # from ln(50257) = 10.8 down
+    assert train[0] > 10.0 and max(train[-3:]) < 8.5, train  # from about ln(50257) = 10.8, down by 2.3+ in 12 steps
     assert {(s, "val") for s in (0, 3, 6, 9, 12)} <= log.keys()
-    assert log[(12, "val")] < log[(6, "val")] < log[(0, "val")] - 1.5
+    assert log[(12, "val")] < log[(6, "val")] - 0.5 and log[(6, "val")] < log[(0, "val")] - 1.5
     assert "sample 0: Hello, I'm a language model," in out
     # every step line: N/M and the time left, from the third step on (the first two are not timed)
     etas = re.findall(r"^step +(\d+)/12 \| loss .* \| eta (\S+)$", out, re.M)
@@ -1951,7 +1951,7 @@ MUON_RUN = dict(
     max_steps=8,
     checkpoint_every=4,
     val_every=4,
-    total_batch_size=1024,
+    total_batch_size=512,
     warmup_steps=2,
     keep_checkpoints=3,
 )

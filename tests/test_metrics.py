@@ -10,7 +10,7 @@ import torch
 
 import train_gpt2 as tg
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # as in test_train_gpt2.py: small ops, which a second OpenMP thread slows down
 
 # d2, evaluations and a checkpoint every 2 steps (HellaSwag at 0 and 4)
 RUN = dict(model="d2", batch_size=4, seq_len=64, total_batch_size=256, max_steps=4, warmup_steps=2, max_lr=3e-3,

@@ -28,7 +28,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import train_gpt2 as tg
 from conftest import ROOT, run_env
 
-torch.set_num_threads(2)
+# one thread: the ops here are small, and a second OpenMP thread costs more in hand-offs than it gains, the more so
+# on a busy machine (greedy decoding of 90 tokens: 32 s with two threads, 2 s with one, on 2 cores)
+torch.set_num_threads(1)
 
 
 def hf_tiny(tmp_path, n_layer=2, n_head=2, n_embd=64, n_positions=128, seed=0, std=0.02):

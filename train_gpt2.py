@@ -244,53 +244,65 @@ class Block(nn.Module):
 # The loss: mean cross-entropy of the lm_head's logits, computed in chunks of rows
 
 
-def softcap_chunk_(logits, cap):
-    """(cap * tanh(logits / cap), its derivative 1 - tanh^2) in place in a chunk's float32 logits; cap None: as is."""
-    if cap is None:
-        return logits, None
-    t = logits.div_(cap).tanh_()
-    dcap = t.square().neg_().add_(1)
-    return t.mul_(cap), dcap
+def chunk_loss_and_grad(xc, weight, tc, cap, row_scale=None):
+    """One chunk of rows: the summed cross-entropy of those whose target is not -1, and with row_scale the
+    gradient of the loss with respect to xc @ weight.T, times row_scale per row, in xc's dtype (else None).
+    cap: the logits are cap * tanh(xc @ weight.T / cap) (the modern arch's soft-cap); None: not capped.
+
+    Each elementwise pass over the chunk's float32 logits is a large part of a CPU step, so they are few: the
+    loss needs only a max and a fused softmax (whose value at the max is 1 / sum(exp(logits - max))), and the
+    gradient (softmax - one_hot) is made from the softmax in place, scaled in float32 before the cast (fp16 cannot
+    hold it unscaled, see LinearCrossEntropyScaled)."""
+    logits = (xc @ weight.t()).float()
+    if cap is not None:
+        # cap * tanh(u / cap) = 2 cap sigmoid(2u / cap) - cap (sigmoid is ~3x faster than tanh on CPUs); the
+        # softmax and the loss do not see the shift by cap; the cap's derivative is 1 - tanh^2 = 4 s (1 - s)
+        s = logits.mul_(2 / cap).sigmoid_()
+        logits = s * (2 * cap)
+    safe_t = tc.clamp(min=0)[:, None]
+    target_logit = logits.gather(1, safe_t).squeeze(1)
+    top = logits.amax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    del logits
+    lse = top - probs.amax(dim=-1).log()
+    loss = ((lse - target_logit) * (tc != -1)).sum()
+    if row_scale is None:
+        return loss, None
+    grad = probs.scatter_add_(1, safe_t, torch.full_like(lse[:, None], -1.0))
+    if cap is not None:
+        grad.mul_(s.addcmul_(s, s, value=-1))
+        row_scale = row_scale * 4
+    return loss, grad.mul_(row_scale[:, None]).to(xc.dtype)
 
 
-def softmax_minus_one_hot_(logits, lse, safe_t):
-    """d(cross-entropy)/d(logits) per row, in place in the float32 logits: one chunk-sized buffer, not three."""
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-    return grad
+def chunked_loss(x, weight, targets, chunk_size, cap, grad_scale=None):
+    """(summed loss, grad_x, grad_w) of the rows whose target is not -1, chunk by chunk; with grad_scale, the
+    gradients of grad_scale * the summed loss (else None), each chunk's turned into them right away."""
+    valid = targets != -1
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_x = grad_w = None
+    if grad_scale is not None:
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
+    for i in range(0, x.size(0), chunk_size):
+        rows = slice(i, i + chunk_size)
+        row_scale = None if grad_scale is None else valid[rows] * grad_scale
+        chunk_loss, grad = chunk_loss_and_grad(x[rows], weight, targets[rows], cap, row_scale)
+        loss += chunk_loss
+        if grad is not None:
+            grad_x[rows] = grad @ weight
+            grad_w += (grad.t() @ x[rows]).float()
+    return loss, grad_x, grad_w
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of (x @ weight.T) against targets, without keeping the (N, vocab) logits.
-
-    The logits are made chunk by chunk; each chunk's gradients (softmax - one_hot) are turned into the gradients
-    of x and weight right away, so memory holds one chunk of logits instead of all of them (13 GB in float32 for
-    B=64, T=1024, vocab 50304) and nothing is recomputed in backward.
-    cap: the logits are cap * tanh(x @ weight.T / cap) (the modern arch's soft-cap); None: not capped.
-    """
+    """mean cross-entropy of (x @ weight.T) against targets, without keeping the (N, vocab) logits: memory holds
+    one chunk of logits instead of all of them (13 GB in float32 for B=64, T=1024, vocab 50304), and the
+    gradients, made in forward, are not recomputed in backward."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size, cap=None):
-        valid = targets != -1
-        n_valid = valid.sum().clamp(min=1)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for i in range(0, x.size(0), chunk_size):
-            xc, tc, vc = x[i : i + chunk_size], targets[i : i + chunk_size], valid[i : i + chunk_size]
-            logits, dcap = softcap_chunk_((xc @ weight.t()).float(), cap)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = tc.clamp(min=0)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            loss += ((lse - target_logit) * vc).sum()
-            # d(loss)/d(logits) = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
-            grad = softmax_minus_one_hot_(logits, lse, safe_t)
-            grad *= (vc / n_valid)[:, None]
-            if cap is not None:
-                grad *= dcap
-            grad = grad.to(x.dtype)
-            grad_x[i : i + chunk_size] = grad @ weight
-            grad_w += (grad.t() @ xc).float()
+        n_valid = (targets != -1).sum().clamp(min=1)
+        loss, grad_x, grad_w = chunked_loss(x, weight, targets, chunk_size, cap, 1 / n_valid)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         return loss / n_valid
 
@@ -308,44 +320,23 @@ class LinearCrossEntropyScaled(torch.autograd.Function):
 
     (softmax - one_hot) / n_valid is mostly far below fp16's smallest number (6e-8) when cast before the scale is
     applied: at 65536 tokens every probability under ~4e-3 becomes 0. The scale only arrives as grad_loss in
-    backward, so forward keeps x, weight and each row's logsumexp (as much memory as LinearCrossEntropy's saved
-    gradients) and backward makes each chunk's logits again, scales them by grad_loss / n_valid in float32 and
-    only then casts: the precision of an ordinary fp16 lm_head under the same scale, for one more lm_head matmul.
+    backward, so forward keeps only x and weight, and backward makes each chunk's logits again, scales the gradient
+    by grad_loss / n_valid in float32 and only then casts: the precision of an ordinary fp16 lm_head under the same
+    scale, for one more lm_head matmul.
     """
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size, cap=None):
-        valid = targets != -1
-        n_valid = valid.sum().clamp(min=1)
-        lse = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for i in range(0, x.size(0), chunk_size):
-            tc, vc = targets[i : i + chunk_size], valid[i : i + chunk_size]
-            logits, _ = softcap_chunk_((x[i : i + chunk_size] @ weight.t()).float(), cap)
-            lse[i : i + chunk_size] = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
-            loss += ((lse[i : i + chunk_size] - target_logit) * vc).sum()
-        ctx.save_for_backward(x, weight, targets, lse, n_valid)
+        n_valid = (targets != -1).sum().clamp(min=1)
+        ctx.save_for_backward(x, weight, targets, n_valid)
         ctx.chunk_size, ctx.cap = chunk_size, cap
-        return loss / n_valid
+        return chunked_loss(x, weight, targets, chunk_size, cap)[0] / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, targets, lse, n_valid = ctx.saved_tensors
-        chunk_size, cap = ctx.chunk_size, ctx.cap
-        scale = grad_loss.float() / n_valid  # loss scale / accumulation steps / tokens, in float32
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        for i in range(0, x.size(0), chunk_size):
-            xc, tc = x[i : i + chunk_size], targets[i : i + chunk_size]
-            logits, dcap = softcap_chunk_((xc @ weight.t()).float(), cap)
-            grad = softmax_minus_one_hot_(logits, lse[i : i + chunk_size], tc.clamp(min=0))
-            grad *= ((tc != -1) * scale)[:, None]
-            if cap is not None:
-                grad *= dcap
-            grad = grad.to(x.dtype)
-            grad_x[i : i + chunk_size] = grad @ weight
-            grad_w += (grad.t() @ xc).float()
+        x, weight, targets, n_valid = ctx.saved_tensors
+        # loss scale / accumulation steps / tokens, in float32
+        _, grad_x, grad_w = chunked_loss(x, weight, targets, ctx.chunk_size, ctx.cap, grad_loss.float() / n_valid)
         return grad_x, grad_w.to(weight.dtype), None, None, None
 
 
@@ -368,13 +359,7 @@ def chunked_cross_entropy(x, weight, targets, chunk_size, cap=None):
         if x.dtype == torch.float16:
             return scaled_linear_cross_entropy(x, weight, targets, chunk_size, cap)
         return LinearCrossEntropy.apply(x, weight, targets, chunk_size, cap)
-    loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    for i in range(0, x.size(0), chunk_size):
-        logits = (x[i : i + chunk_size] @ weight.t()).float()
-        if cap is not None:
-            logits = softcap(logits, cap)
-        loss += F.cross_entropy(logits, targets[i : i + chunk_size], ignore_index=-1, reduction="sum")
-    return loss / (targets != -1).sum().clamp(min=1)
+    return chunked_loss(x, weight, targets, chunk_size, cap)[0] / (targets != -1).sum().clamp(min=1)
 
 
 def default_loss_chunk_size(device):

@@ -726,15 +726,8 @@ def test_bad_input_is_one_clear_line(tmp_path, shakespeare, capsys):
     assert_one_line_error(run_cli(base + ["--data", tmp_path / "nope"], tmp_path, check=False), "fineweb.py")
 
 
-def test_offline_without_the_tokenizer_cache_is_one_line_at_start(tmp_path, shakespeare, capsys, monkeypatch):
-    """No network (a proxy that refuses) and an empty tiktoken cache: one line before any work, not a traceback
-    from requests at the first sample."""
-    import tiktoken.registry
-
-    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "gpt2", raising=False)  # loaded by earlier tests
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_cache"))
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+def test_offline_without_the_tokenizer_cache_is_one_line_at_start(tmp_path, shakespeare, capsys, offline_no_tokenizer):
+    """One line before any work, not a traceback from requests at the first sample."""
     err = main_error(tiny_run_args(shakespeare, tmp_path / "log", sample_every=4), capsys)
     assert "cannot download the GPT-2 tokenizer" in err and "TIKTOKEN_CACHE_DIR" in err
     assert not (tmp_path / "log").exists()

@@ -406,7 +406,8 @@ def bench_sample(args):
     print(f"bench sample: --model {args.model} ({model.num_params() / 1e6:.2f}M parameters), {B} sequence(s) x {n} "
           f"new tokens after an 8-token prompt, greedy, {SHORT[dtype]}, device {ctx.device} "
           f"({device_description(ctx.device)}), {args.repeats} interleaved repeats")
-    prompt = torch.tensor([[15496, 11, 314, 1101, 257, 3303, 2746, 11]] * B, device=ctx.device)  # "Hello, I'm a ..."
+    prompt = [[15496, 11, 314, 1101, 257, 3303, 2746, 11]] * B  # "Hello, I'm a language model,"
+    prompt = torch.tensor(prompt, device=ctx.device)
 
     def check(dt):  # both decodes (also the warm-up), compared
         return token_check(model, *(decode(model, prompt, n, dt, cache) for cache in (True, False)), dt, len(prompt[0]))

@@ -399,6 +399,15 @@ EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "t
                 "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
 
 
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE, which it downloads on first use into its cache (TIKTOKEN_CACHE_DIR)."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # requests' errors are OSErrors
+        raise UsageError(f"cannot download the GPT-2 tokenizer ({type(e).__name__}); connect to the internet once "
+                         "(tiktoken caches it), or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+
+
 def check_hf_dir(path, accepted):
     """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
     config_path = os.path.join(path, "config.json")
@@ -424,7 +433,7 @@ def save_gpt2_tokenizer(directory, model_max_length=1024):
     from transformers import GPT2TokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     converter = TikTokenConverter(pattern=enc._pat_str, extra_special_tokens=enc._special_tokens)
     # the BPE ranks from memory, not from a file: tiktoken keeps a copy of every file it reads in its cache
     # (TIKTOKEN_CACHE_DIR), under a hash of the path, which a temporary file makes new each time
@@ -694,7 +703,7 @@ def read_text_file(path):
 def tokenize_text_file(path):
     """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
     text = read_text_file(path)
-    tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
+    tokens = np.array(gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)
     n_val = len(tokens) // 10
     return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
 
@@ -1273,10 +1282,16 @@ def list_checkpoints(log_dir):
 
 
 def prune_checkpoints(log_dir, keep):
-    """Keep the newest `keep` checkpoints, and any the user marked by creating model_XXXXX.pt.keep beside it."""
+    """Keep the newest `keep` checkpoints, and any the user marked by creating model_XXXXX.pt.keep beside it.
+    Returns "path (reason)" for each one it could not delete."""
+    failed = []
     for _, path in list_checkpoints(log_dir)[keep:]:
         if not os.path.exists(path + ".keep"):
-            os.remove(path)
+            try:
+                os.remove(path)
+            except OSError as e:
+                failed.append(f"{path} ({e.strerror or e})")
+    return failed
 
 
 def find_resume_checkpoint(log_dir):
@@ -1728,8 +1743,10 @@ def start_or_resume(run, checkpoint):
     args, ctx = run.args, run.ctx
     if checkpoint is None:
         if ctx.master:
-            if args.overwrite:
-                prune_checkpoints(args.log_dir, keep=0)
+            # an old checkpoint left behind would be the one a later --resume picks: stop instead
+            failed = prune_checkpoints(args.log_dir, keep=0) if args.overwrite else []
+            if failed:
+                raise UsageError(f"--overwrite: cannot delete {failed[0]}; delete it or use another --log_dir")
             open(run.log_file, "w").close()
         return 0, None
     load_optimizer_state(run.model, run.optimizer, checkpoint["optimizer"])
@@ -1769,7 +1786,7 @@ def evaluate_val(model, val_set, ctx, dtype):
 @torch.no_grad()
 def sample(model, prompt, generator, dtype, num_samples=4, max_new_tokens=32, temperature=1.0, top_k=50):
     """num_samples continuations of prompt, as text."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     model.eval()
     device = next(model.parameters()).device
     tokens = enc.encode(prompt) or [GPT2_EOT]
@@ -1852,8 +1869,9 @@ def write_checkpoint(run, step, val_loss):
         path = os.path.join(log_dir, f"model_{step:05d}.pt")
         error = try_save_checkpoint(checkpoint, path, step)
         if error is None:
-            prune_checkpoints(log_dir, run.args.keep_checkpoints)
             print(f"saved {path}")
+            for failed in prune_checkpoints(log_dir, run.args.keep_checkpoints):  # the new one is safe: go on
+                print(f"warning: cannot delete the old checkpoint {failed}; delete it by hand")
     # also the barrier after the write: nobody moves on before the file is complete, or waits for a rank 0 that stopped
     if any_rank(error is not None, ctx):
         raise CheckpointWriteFailed(error or "rank 0 could not write a checkpoint")
@@ -1936,6 +1954,8 @@ def train(args, ctx):
             ensure_text_data(args.data)  # hook: input checks (downloads Tiny Shakespeare on first use)
         if ctx.ddp:
             dist.barrier()
+    if args.sample_every or args.hellaswag_every:
+        gpt2_tokenizer()  # offline without tiktoken's cache: one line now, not a traceback at the first sample
     os.makedirs(args.log_dir, exist_ok=True)
     model, checkpoint = load_or_build_model(run)
     if checkpoint is not None and checkpoint["step"] >= args.max_steps:  # schedulers run finished jobs again

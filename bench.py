@@ -1,18 +1,8 @@
 """
-Benchmarks for train_gpt2.py. Every training step here is train_gpt2.train_step, the step train() runs.
-Each comparison runs its variants interleaved (A, B, A, B, ...) in one run and reports medians, so that load from
-other programs hits all of them alike.
-
-    python bench.py --model gpt2 --batch_size 4 --seq_len 256 --compare hf  # ours vs transformers' GPT2LMHeadModel
-    python bench.py --compare ladder                      # fp32 -> ... -> our defaults, one change at a time
-    python bench.py --model gpt2 --batch_size auto --seq_len 1024           # one GPU: tokens/s and MFU
-    python bench.py --mode memory --model gpt2 --batch_size 8 --seq_len 1024  # full logits vs chunked loss
-    python bench.py --mode sample                         # sampling: KV cache vs a forward per token
-    python bench.py --mode memory --procs 2 --fsdp        # memory per rank: DDP vs FSDP, under torchrun
-    python bench.py --mode data                           # DataLoaderLite: in order vs --shuffle
-    python bench.py --mode recipe --log_root runs_recipe  # tokens to the seed's val loss: gpt2, +muon, fast
-
-A mode is one function `bench_NAME(args)` registered in MODES at the bottom; its docstring is its --help line.
+Benchmarks for train_gpt2.py: examples and measured numbers in README.md, section Performance; flags: bench.py -h.
+Every training step here is train_gpt2.train_step, the step train() runs. Each comparison runs its variants
+interleaved (A, B, A, B, ...) in one run and reports medians, so that load from other programs hits all of them
+alike. A mode is one function `bench_NAME(args)` in MODES; its docstring is its --mode help.
 """
 
 import argparse
@@ -28,6 +18,9 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
+from importlib.util import find_spec
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -55,8 +48,7 @@ def timed(fn, device_type):
 
 
 def interleaved(fns, rounds, after_round=None):
-    """{name: [each round's result]} of the callables in fns, run A, B, A, B, ...: load from other programs hits
-    all of them alike. after_round(round, results) runs after each round."""
+    """{name: [each round's result]} of the callables in fns, run A, B, A, B, ...; after_round(round, results)."""
     results = {name: [] for name in fns}
     for r in range(rounds):
         for name, fn in fns.items():
@@ -64,6 +56,15 @@ def interleaved(fns, rounds, after_round=None):
         if after_round:
             after_round(r, results)
     return results
+
+
+def run_checked(cmd):
+    """cmd's stdout; UsageError, after the end of its output, if it fails."""
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if p.returncode:
+        print(p.stdout[-3000:] + p.stderr[-3000:], file=sys.stderr)
+        raise UsageError(f"{shlex.join(map(str, cmd))} failed (exit {p.returncode}); its output is above")
+    return p.stdout
 
 
 def peak_rss_bytes():
@@ -93,8 +94,8 @@ def device_description(device):
 
 def warn_if_busy():
     # other programs slow CPU timings far more than their share: OpenMP threads wait for each other at every step
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if load > 0.5 * (os.cpu_count() or 1):
+    load = os.getloadavg()[0]
+    if load > 0.5 * os.cpu_count():
         print(f"warning: load average {load:.1f} on {os.cpu_count()} cores: CPU timings will be slow and noisy "
               f"(ratios of interleaved variants hold up better than absolute numbers)")
 
@@ -113,15 +114,11 @@ def setup(args):
     return ctx, setup_device(argparse.Namespace(dtype=args.dtype, seed=1337), ctx)
 
 
-class FixedBatch:
+def fixed_batch(B, T, device):
     """A loader for train_step that hands out the same random batch every time: the benchmark times the model."""
-
-    def __init__(self, B, T, device):
-        data = torch.randint(0, GPT2_VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
-        self.batch = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
-
-    def next_batch(self):
-        return self.batch
+    data = torch.randint(0, GPT2_VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    batch = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
+    return SimpleNamespace(next_batch=lambda: batch)
 
 
 # -----------------------------------------------------------------------------
@@ -129,9 +126,8 @@ class FixedBatch:
 
 
 class HFLoss(torch.nn.Module):
-    """transformers' GPT2LMHeadModel in config's shape (GPT-2's vocab, no dropout, its default attention: sdpa)
-    behind our forward(idx, targets) -> (logits, loss), so that train_step runs it. It shifts the labels itself,
-    so its labels are the inputs."""
+    """transformers' GPT2LMHeadModel in config's shape (GPT-2's vocab, no dropout, sdpa) behind our forward(idx,
+    targets) -> (logits, loss). It shifts the labels itself, so its labels are the inputs."""
 
     def __init__(self, config):
         super().__init__()
@@ -157,37 +153,36 @@ class Variant:
     hf: bool = False
     tf32: bool = True
     fsdp: bool = False
-    times: list = field(default_factory=list)
     losses: list = field(default_factory=list)
-    peak_mem: int = 0
+    peak_mem: int = 0  # the peak GPU memory of its steps so far
 
-    def build(self, config, ctx):
+    def build(self, config, ctx, loader):
         torch.manual_seed(1337)
         model = HFLoss(config) if self.hf else GPT(config)
         self.flops_config = replace(config, vocab_size=GPT2_VOCAB) if self.hf else config
         model.loss_chunk_size = self.loss_chunk_size
         model.to(ctx.device)
-        how = argparse.Namespace(compile=self.compile)
         if self.fsdp:
-            self.model, self.dtype = shard_model(model, ctx, self.dtype)
+            train_model, self.dtype = shard_model(model, ctx, self.dtype)
             if self.compile:
                 compile_blocks(model)
         else:
-            self.model = wrap_model(model, how, ctx)
+            train_model = wrap_model(model, argparse.Namespace(compile=self.compile), ctx)
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
-        self.optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
-        for group in self.optimizer.param_groups if not self.fused else []:
+        optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
+        for group in optimizer.param_groups if not self.fused else []:
             group["fused"] = False
-        self.scaler = torch.amp.GradScaler(ctx.device_type, enabled=self.dtype == torch.float16)
+        scaler = torch.amp.GradScaler(ctx.device_type, enabled=self.dtype == torch.float16)
+        self.run = Run(argparse.Namespace(grad_clip=1.0), ctx, self.dtype, train_model=train_model,
+                       optimizer=optimizer, scaler=scaler, train_loader=loader)
 
-    def step(self, batch, ctx):
-        """The step's seconds; its loss goes to self.losses, the peak GPU memory so far to self.peak_mem."""
+    def step(self):
+        """The step's seconds; its loss goes to self.losses."""
+        ctx = self.run.ctx
         if ctx.device_type == "cuda":  # train() turns TF32 on; torch's default is off
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        run = Run(argparse.Namespace(grad_clip=1.0), ctx, self.dtype, train_model=self.model, optimizer=self.optimizer,
-                  scaler=self.scaler, train_loader=batch)
-        dt, (loss, _) = timed(lambda: train_step(run), ctx.device_type)
+        dt, (loss, _) = timed(lambda: train_step(self.run), ctx.device_type)
         self.losses.append(loss)
         if ctx.device_type == "cuda":
             self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated(ctx.device))
@@ -195,16 +190,16 @@ class Variant:
 
 
 def train_variants(args, dtype):
-    d, c, chunk = SHORT[dtype], bool(args.compile), args.loss_chunk_size  # chunk None: the device's default
-    ours = Variant(f"ours: {d}{', compile' if c else ''}, fused AdamW, chunked loss", dtype, c, loss_chunk_size=chunk)
+    d, c, chunk, f32 = SHORT[dtype], bool(args.compile), args.loss_chunk_size, torch.float32  # chunk None: default
+    variants = [Variant(f"ours: {d}{', compile' if c else ''}, fused AdamW, chunked loss", dtype, c,
+                        loss_chunk_size=chunk)]
     if args.compare == "hf":
         hf = "hf GPT2LMHeadModel: "
-        return [ours, Variant(hf + "fp32, default AdamW", torch.float32, False, fused=False, hf=True, tf32=False),
-                Variant(hf + f"{d}, fused AdamW, no compile (transformers' default)", dtype, False, hf=True)] + (
-            [Variant(hf + f"{d}, compile, fused AdamW (all our settings)", dtype, True, hf=True)] if c else [])
-    if args.compare == "ladder":  # one change at a time, from plain fp32 to our defaults, then build-nanogpt's setup
-        f32 = torch.float32
-        ladder = [
+        variants += [Variant(hf + "fp32, default AdamW", f32, False, fused=False, hf=True, tf32=False),
+                     Variant(hf + f"{d}, fused AdamW, no compile (transformers' default)", dtype, False, hf=True),
+                     Variant(hf + f"{d}, compile, fused AdamW (all our settings)", dtype, True, hf=True)]
+    elif args.compare == "ladder":  # one change at a time, from plain fp32 to our defaults, then build-nanogpt's setup
+        variants = [
             Variant("fp32, default AdamW, full logits", f32, False, fused=False, loss_chunk_size=0, tf32=False),
             Variant("+ fused AdamW", f32, False, loss_chunk_size=0),
             Variant("+ chunked loss", f32, False, loss_chunk_size=chunk),
@@ -212,8 +207,7 @@ def train_variants(args, dtype):
             Variant("+ compile (our defaults)", dtype, True, loss_chunk_size=chunk),
             Variant(f"{d}, compile, full logits F.cross_entropy (build-nanogpt)", dtype, True, loss_chunk_size=0),
         ]
-        return [v for v in ladder if c or not v.compile]  # --compile 0: the rungs without compile
-    return [ours]
+    return [v for v in variants if c or not v.compile]  # --compile 0: the variants without compile
 
 
 def mfu_text(v, flops, step_s, device, cpu_peaks):
@@ -229,7 +223,6 @@ def bench_train(args):
     t_start = time.time()
     ctx, dtype = setup(args)
     config, T, B = model_config(args.model, args.vocab_size), args.seq_len, args.batch_size
-    check_seq_len(T, config)
     probe = GPT(config).to(ctx.device)
     if B == "auto":  # train()'s choice, as for gpt2's 0.5M-token batch
         flags = argparse.Namespace(batch_size=B, seq_len=T, total_batch_size=2**19, compile=args.compile)
@@ -237,52 +230,44 @@ def bench_train(args):
         print(f"--batch_size auto: micro-batch {B}")
     print(f"bench train: --model {args.model} ({probe.num_params() / 1e6:.2f}M parameters), B={B}, T={T} "
           f"({B * T} tokens/step), device {ctx.device} ({device_description(ctx.device)}), torch {torch.__version__}")
+    del probe
     if args.compare == "hf":
-        try:
-            import transformers
-        except ImportError:
-            raise UsageError("--compare hf needs transformers: pip install transformers") from None
+        import transformers
         print(f"transformers {transformers.__version__}: GPT2LMHeadModel with its default attention (sdpa), dropout "
               f"0, vocab {GPT2_VOCAB}, labels = inputs (it shifts them itself), use_cache=False")
-    del probe
-    variants, batch, cpu = train_variants(args, dtype), FixedBatch(B, T, ctx.device), ctx.device_type == "cpu"
+    variants, loader, cpu = train_variants(args, dtype), fixed_batch(B, T, ctx.device), ctx.device_type == "cpu"
     for v in variants:  # build and warm up: the first step compiles and allocates
-        v.build(config, ctx)
-        first = [v.step(batch, ctx) for _ in range(args.warmup)][0]
+        v.build(config, ctx, loader)
+        first = [v.step() for _ in range(args.warmup)][0]
         print(f"  built and warmed up {v.name}: first step {first:.1f}s", flush=True)
     # on CPU the matmul peak is measured in every round, under the same load as the steps
-    peaks = {d: (lambda d=d: cpu_matmul_peak(d)) for d in {v.dtype: 0 for v in variants}} if cpu else {}
+    peaks = {d: partial(cpu_matmul_peak, d) for d in dict.fromkeys(v.dtype for v in variants)} if cpu else {}
 
     def each_round(r, times):
         print(f"  round {r + 1}/{args.steps}: " + ", ".join(f"{times[v.name][-1] * 1000:.0f}ms" for v in variants),
               flush=True)
 
-    steps = {v.name: lambda v=v: v.step(batch, ctx) for v in variants}
-    results = interleaved(steps | peaks, args.steps, each_round)
+    results = interleaved({v.name: v.step for v in variants} | peaks, args.steps, each_round)
     if cpu:
         print("CPU matmul peak (2048^3, best of 3 per round, median): "
               + ", ".join(f"{SHORT[d]} {median(results[d]) / 1e9:.0f} GFLOP/s" for d in peaks))
     for v in variants:
-        v.times, step_s = results[v.name], median(results[v.name])
-        flops = flops_per_token(v.flops_config, T) * B * T
+        step_s, flops = median(results[v.name]), flops_per_token(v.flops_config, T) * B * T
         mem = "" if cpu else f" | peak mem {gib(v.peak_mem)}"
         print(f"{v.name}\n    {B * T / step_s:9.1f} tok/s | {step_s * 1000:.1f} ms/step | {flops / step_s / 1e9:.1f} "
               f"GFLOP/s | {mfu_text(v, flops, step_s, ctx.device, results)}{mem} | loss {v.losses[-1]:.4f}")
     if cpu:
         print(f"peak RSS of this process (all variants together): {gib(peak_rss_bytes())}")
     print(f"{args.steps} timed steps per variant after {args.warmup} warm-up; total time {time.time() - t_start:.1f}s")
-    print_speedups(args.compare, variants, dtype)
 
-
-def print_speedups(compare, variants, dtype):
     def speedup(fast, slow):  # the median of each round's ratio: a slow spell hits both sides of a round alike
-        return median([b / a for a, b in zip(fast.times, slow.times)])
+        return median([b / a for a, b in zip(results[fast.name], results[slow.name])])
 
-    if compare == "hf":
+    if args.compare == "hf":
         ours, hf = variants[0], variants[1:]
         print(f"ratio vs hf {SHORT[dtype]} + fused AdamW without torch.compile: {speedup(ours, hf[1]):.2f}")
         print(f"ratio vs hf fp32: {speedup(ours, hf[0]):.2f}  vs hf same settings: {speedup(ours, hf[-1]):.2f}")
-    elif compare == "ladder":
+    elif args.compare == "ladder":
         print("speed-up over the first: " + ", ".join(f"{speedup(v, variants[0]):.2f}x" for v in variants))
 
 
@@ -290,67 +275,23 @@ def print_speedups(compare, variants, dtype):
 # Peak memory: full logits vs chunked loss, each in a fresh process; memory per rank: DDP vs FSDP, under torchrun
 
 
-def run_checked(cmd):
-    """cmd's stdout; UsageError, after the end of its output, if it fails."""
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if p.returncode:
-        print(p.stdout[-3000:] + p.stderr[-3000:], file=sys.stderr)
-        raise UsageError(f"{shlex.join(map(str, cmd))} failed (exit {p.returncode}); its output is above")
-    return p.stdout
-
-
-def measure_steps(args):
-    """Peak memory, state bytes, losses and step times of args.steps training steps (from the second on, AdamW's
-    state exists) of a Variant set up as train() sets it up: under torchrun DDP, or FSDP with args.fsdp."""
-    ctx, dtype = setup(args)
-    base_rss = peak_rss_bytes()
-    v = Variant("", dtype, bool(args.compile), loss_chunk_size=args.loss_chunk_size, fsdp=args.fsdp)
-    v.build(model_config(args.model, args.vocab_size), ctx)
-    batch, cuda = FixedBatch(args.batch_size, args.seq_len, ctx.device), ctx.device_type == "cuda"
-    before = torch.cuda.memory_allocated(ctx.device) if cuda else peak_rss_bytes()
-    times = [v.step(batch, ctx) for _ in range(args.steps)]
-    return dict(state_bytes_per_rank(v.model, v.optimizer), rank=ctx.rank, cuda=cuda, base_rss=base_rss,
-                peak_rss=peak_rss_bytes(), before=before, peak=v.peak_mem if cuda else peak_rss_bytes(),
-                losses=v.losses, times=times, dtype=SHORT[dtype])
-
-
-def bench_memory(args):
-    """peak memory of training steps: full logits vs the chunked loss, each in a fresh process; with --procs N:
-    memory per rank of DDP (and FSDP with --fsdp), each under torchrun"""
-    if args.procs > 1:
-        return bench_memory_procs(args)
-    t_start = time.time()
-    check_seq_len(args.seq_len, model_config(args.model, args.vocab_size))
-    what = "max_memory_allocated" if pick_device(args.device).startswith("cuda") else "peak RSS"
-    print(f"bench memory: --model {args.model}, B={args.batch_size}, T={args.seq_len}, {args.steps} training steps in "
-          f"a fresh process per variant, {args.repeats} interleaved rounds, compile {bool(args.compile)}")
-    chunk = args.loss_chunk_size  # None: the device's default
-    variants = {"full logits (loss_chunk_size=0)": 0, f"chunked loss (loss_chunk_size={chunk or 'default'})": chunk}
-
-    def run(name, chunk_size):
-        r = fresh_processes(args, 1, loss_chunk_size=chunk_size)[0]
-        print(f"{name:42s} {r['dtype']}: {what} {gib(r['peak'])} (before the steps {gib(r['before'])}), losses "
-              f"{', '.join(f'{x:.6f}' for x in r['losses'])}, step times {', '.join(f'{t:.1f}s' for t in r['times'])}",
-              flush=True)
-        return r
-
-    # peak RSS varies from run to run with how the heap fragments: take medians
-    full, chunked = interleaved({n: lambda n=n, c=c: run(n, c) for n, c in variants.items()}, args.repeats).values()
-    peak = [median([r["peak"] for r in rs]) for rs in (full, chunked)]
-    own = [median([r["peak"] - r["before"] for r in rs]) for rs in (full, chunked)]
-    diff = max(abs(a - b) for f, c in zip(full, chunked) for a, b in zip(f["losses"], c["losses"]))
-    print(f"median {what}: full logits {gib(peak[0])}, chunked loss {gib(peak[1])}")
-    print(f"peak memory with the chunked loss: {100 * (peak[1] / peak[0] - 1):+.1f}% (the steps' own memory above "
-          f"the model: {100 * (own[1] / max(1, own[0]) - 1):+.1f}%); largest loss difference {diff:.2e}; "
-          f"total time {time.time() - t_start:.1f}s")
-
-
 def memory_worker(out):
-    """One process of fresh_processes: measure_steps with the arguments in out.args.json, results to out.RANK."""
+    """One process of fresh_processes: args.steps training steps (from the second on, AdamW's state exists) of a
+    Variant built as train() builds it (under torchrun DDP, or FSDP with --fsdp), args from out.args.json; its peak
+    memory, state bytes, losses and step times to out.RANK."""
     with open(f"{out}.args.json") as f:
-        r = measure_steps(argparse.Namespace(**json.load(f)))
-    with open(f"{out}.{r['rank']}", "w") as f:
-        json.dump(r, f)
+        args = argparse.Namespace(**json.load(f))
+    ctx, dtype = setup(args)
+    base_rss, cuda = peak_rss_bytes(), ctx.device_type == "cuda"
+    v = Variant("", dtype, bool(args.compile), loss_chunk_size=args.loss_chunk_size, fsdp=args.fsdp)
+    v.build(model_config(args.model, args.vocab_size), ctx, fixed_batch(args.batch_size, args.seq_len, ctx.device))
+    before = torch.cuda.memory_allocated(ctx.device) if cuda else peak_rss_bytes()
+    times = [v.step() for _ in range(args.steps)]
+    result = dict(state_bytes_per_rank(v.run.train_model, v.run.optimizer), cuda=cuda, base_rss=base_rss,
+                  peak_rss=peak_rss_bytes(), before=before, peak=v.peak_mem if cuda else peak_rss_bytes(),
+                  losses=v.losses, times=times, dtype=SHORT[dtype])
+    with open(f"{out}.{ctx.rank}", "w") as f:
+        json.dump(result, f)
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
@@ -367,19 +308,48 @@ def fresh_processes(args, procs, **changes):
         return [json.load(open(f"{out}.{rank}")) for rank in range(procs)]
 
 
+def bench_memory(args):
+    """peak memory of training steps: full logits vs the chunked loss, each in a fresh process; with --procs N:
+    memory per rank of DDP (and FSDP with --fsdp), each under torchrun"""
+    if args.procs > 1:
+        return bench_memory_procs(args)
+    t_start = time.time()
+    what = "max_memory_allocated" if pick_device(args.device).startswith("cuda") else "peak RSS"
+    print(f"bench memory: --model {args.model}, B={args.batch_size}, T={args.seq_len}, {args.steps} training steps in "
+          f"a fresh process per variant, {args.repeats} interleaved rounds, compile {bool(args.compile)}")
+    chunk = args.loss_chunk_size  # None: the device's default
+    variants = {"full logits (loss_chunk_size=0)": 0, f"chunked loss (loss_chunk_size={chunk or 'default'})": chunk}
+
+    def run(name, chunk_size):
+        r = fresh_processes(args, 1, loss_chunk_size=chunk_size)[0]
+        print(f"{name:42s} {r['dtype']}: {what} {gib(r['peak'])} (before the steps {gib(r['before'])}), losses "
+              f"{', '.join(f'{x:.6f}' for x in r['losses'])}, step times {', '.join(f'{t:.1f}s' for t in r['times'])}",
+              flush=True)
+        return r
+
+    # peak RSS varies from run to run with how the heap fragments: take medians
+    full, chunked = interleaved({n: partial(run, n, c) for n, c in variants.items()}, args.repeats).values()
+    peak = [median([r["peak"] for r in rs]) for rs in (full, chunked)]
+    own = [median([r["peak"] - r["before"] for r in rs]) for rs in (full, chunked)]
+    diff = max(abs(a - b) for f, c in zip(full, chunked) for a, b in zip(f["losses"], c["losses"]))
+    print(f"median {what}: full logits {gib(peak[0])}, chunked loss {gib(peak[1])}")
+    print(f"peak memory with the chunked loss: {100 * (peak[1] / peak[0] - 1):+.1f}% (the steps' own memory above "
+          f"the model: {100 * (own[1] / max(1, own[0]) - 1):+.1f}%); largest loss difference {diff:.2e}; "
+          f"total time {time.time() - t_start:.1f}s")
+
+
 def bench_memory_procs(args):
-    # auto: one GPU per rank if there are enough, else CPU processes with gloo
-    if args.device == "auto":
+    if args.device == "auto":  # one GPU per rank if there are enough, else CPU processes with gloo
         args.device = "cuda" if torch.cuda.device_count() >= args.procs else "cpu"
-    runs = {name: lambda fsdp=fsdp: fresh_processes(args, args.procs, fsdp=fsdp)
-            for name, fsdp in [("DDP", False), ("FSDP", True)][: 1 + args.fsdp]}
-    results = interleaved(runs, args.repeats)
+    variants = {"DDP": False, "FSDP": True} if args.fsdp else {"DDP": False}
+    results = interleaved({n: partial(fresh_processes, args, args.procs, fsdp=f) for n, f in variants.items()},
+                          args.repeats)
     print(f"bench memory per rank: --model {args.model}, {args.procs} ranks on {args.device}, B={args.batch_size}, "
           f"T={args.seq_len}, after {args.steps} training steps, --dtype {args.dtype}; median of {args.repeats} "
           f"run(s) per variant, interleaved, max over ranks (RSS varies with the machine's load)")
     rows = {}
     for name, runs in results.items():
-        per_rank = lambda f: median([max(f(r) for r in ranks) for ranks in runs])  # noqa: E731
+        per_rank = lambda f, runs=runs: median([max(f(r) for r in ranks) for ranks in runs])  # noqa: E731
         row = {k: per_rank(lambda r: r[k]) for k in ("parameters", "gradients", "optimizer")}
         rows[name] = row | {"sharded total": sum(row.values()), "peak RSS": per_rank(lambda r: r["peak_rss"]),
                             "RSS over start": per_rank(lambda r: r["peak_rss"] - r["base_rss"])}
@@ -397,23 +367,20 @@ def bench_memory_procs(args):
 
 
 def decode(model, prompt, n, dtype, cache):
-    """n greedy tokens after prompt under autocast in dtype: model.generate (KV cache), or without a cache: the
-    whole sequence through the model per new token."""
+    """n greedy tokens after prompt: model.generate (KV cache), or the whole sequence through the model per token."""
     with torch.no_grad(), autocast_context(prompt.device.type, dtype):
         if cache:
             return model.generate(prompt, n, top_k=1)
         idx = prompt
         for _ in range(n):
-            logits, _ = model(idx[:, -model.config.block_size :])
-            idx = torch.cat([idx, logits[:, -1, :GPT2_VOCAB].argmax(-1, keepdim=True)], dim=1)
+            idx = torch.cat([idx, model(idx)[0][:, -1, :GPT2_VOCAB].argmax(-1, keepdim=True)], dim=1)
         return idx
 
 
 @torch.no_grad()
 def token_check(model, cached, uncached, dtype, prompt_len):
-    """Whether the decodes with and without the cache agree, as text. Where a sequence first differs, a forward of
-    the common prefix gives the two tokens' logits in float64 and the error of dtype's logits: a gap within twice
-    that error is a near-tie that rounding flips (common in bf16), a larger one a real mismatch."""
+    """Whether the decodes with and without the cache agree, as text; where they differ, a near-tie or a real
+    mismatch: the float64 logits' gap between the two tokens vs the error of dtype's logits there."""
     differ = (cached != uncached).any(1).nonzero().flatten().tolist()
     if not differ:
         return "identical"
@@ -435,27 +402,27 @@ def bench_sample(args):
     """sampling tokens/s: KV cache (model.generate) vs a full forward per token"""
     ctx, dtype = setup(args)
     model = GPT(model_config(args.model, args.vocab_size)).to(ctx.device).eval()
-    B, n, prompt = args.batch_size, args.max_new_tokens, [15496, 11, 314, 1101, 257, 3303, 2746, 11]
-    if len(prompt) + n > model.config.block_size:
-        raise UsageError(f"--max_new_tokens {n} plus the 8-token prompt is longer than block_size "
-                         f"{model.config.block_size}")
+    B, n = args.batch_size, args.max_new_tokens
     print(f"bench sample: --model {args.model} ({model.num_params() / 1e6:.2f}M parameters), {B} sequence(s) x {n} "
           f"new tokens after an 8-token prompt, greedy, {SHORT[dtype]}, device {ctx.device} "
           f"({device_description(ctx.device)}), {args.repeats} interleaved repeats")
-    prompt = torch.tensor([prompt] * B, device=ctx.device)  # "Hello, I'm a language model,"
+    prompt = [[15496, 11, 314, 1101, 257, 3303, 2746, 11]] * B  # "Hello, I'm a language model,"
+    prompt = torch.tensor(prompt, device=ctx.device)
+
+    def check(dt):  # both decodes (also the warm-up), compared
+        return token_check(model, *(decode(model, prompt, n, dt, cache) for cache in (True, False)), dt, len(prompt[0]))
+
+    same = check(dtype)
     variants = {"with KV cache (model.generate)": True, "without cache (a full forward per token)": False}
-    outs = [decode(model, prompt, n, dtype, cache) for cache in variants.values()]  # also the warm-up
-    times = interleaved({name: lambda c=c: timed(lambda: decode(model, prompt, n, dtype, c), ctx.device_type)[0]
+    times = interleaved({name: lambda c=c: timed(partial(decode, model, prompt, n, dtype, c), ctx.device_type)[0]
                          for name, c in variants.items()}, args.repeats)
     for name, ts in times.items():
         all_s = ", ".join(f"{x:.2f}" for x in ts)
         print(f"{name:42s} {B * n / median(ts):9.1f} tok/s | {median(ts):.3f}s (all: {all_s})")
-    print(f"tokens with and without the cache, {SHORT[dtype]}: {token_check(model, *outs, dtype, prompt.size(1))}")
+    print(f"tokens with and without the cache, {SHORT[dtype]}: {same}")
     if dtype != torch.float32:  # the same check without autocast, and on GPUs without TF32: exact up to fp32 rounding
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        outs = [decode(model, prompt, n, torch.float32, cache) for cache in variants.values()]
-        print(f"tokens with and without the cache, fp32 (no autocast, no TF32): "
-              f"{token_check(model, *outs, torch.float32, prompt.size(1))}")
+        print(f"tokens with and without the cache, fp32 (no autocast, no TF32): {check(torch.float32)}")
     cached, uncached = (median(ts) for ts in times.values())
     print(f"sampling speed-up with the KV cache: {uncached / cached:.2f}x")
 
@@ -475,18 +442,9 @@ def write_shards(root, shards, tokens):
     return paths
 
 
-def evict_pages(paths):
-    """Drop the files from the page cache, so that the next reads come from the disk as a fresh run's do."""
-    for path in paths:
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())  # dirty pages cannot be dropped
-            if hasattr(os, "posix_fadvise"):  # not on macOS: there 'cold' is cached too
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-
-
 def cold_then_warm(loader, paths, args):
-    """Mean seconds of next_batch over the same args.batches batches, gap_ms apart (the micro-step that the OS reads
-    ahead during): (from the disk, from cached pages)."""
+    """(from the disk, from cached pages): mean seconds of next_batch over the same args.batches batches, gap_ms
+    apart (the micro-step, during which the OS reads ahead)."""
     def mean_time():
         total = 0.0
         for _ in range(args.batches):
@@ -495,7 +453,11 @@ def cold_then_warm(loader, paths, args):
         return total / args.batches
 
     state = loader.state_dict()
-    evict_pages(paths)
+    for path in paths:  # out of the page cache: read from the disk, as a fresh run's are
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())  # dirty pages cannot be dropped
+            if hasattr(os, "posix_fadvise"):  # not on macOS: there 'cold' is cached too
+                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     cold = mean_time()
     loader.load_state_dict(state)  # the same batches again, now from cached pages
     return cold, mean_time()
@@ -511,8 +473,7 @@ def bench_data(args):
         paths = write_shards(root, args.shards, args.shard_tokens)
         loaders = {"in order": DataLoaderLite(B, T, split="train", data_root=root),
                    "--shuffle": DataLoaderLite(B, T, split="train", data_root=root, shuffle=True, seed=1337)}
-        runs = interleaved({n: lambda lo=lo: cold_then_warm(lo, paths, args) for n, lo in loaders.items()},
-                           args.repeats)
+        runs = interleaved({n: partial(cold_then_warm, lo, paths, args) for n, lo in loaders.items()}, args.repeats)
     times = {(name, cache): [r[i] for r in rs] for name, rs in runs.items() for i, cache in enumerate(("cold", "warm"))}
     flops = flops_per_token(model_config(args.model, args.vocab_size), T) * B * T
     h100 = flops / gpu_peak_flops("H100")  # the least a micro-step takes on an H100 SXM: 100% MFU at its bf16 peak
@@ -574,8 +535,7 @@ def bench_recipe(args):
           f"{args.repeats} interleaved run(s) per recipe; logs in {log_root}/<recipe>/log.txt")
 
     # each round trains every recipe again (same seed, same curve): more steps to time, and load hits all alike
-    results = interleaved({n: lambda n=n, f=f: recipe_run(common, n, f, log_root) for n, f in runs.items()},
-                          args.repeats)
+    results = interleaved({n: partial(recipe_run, common, n, f, log_root) for n, f in runs.items()}, args.repeats)
     curves = {name: rs[0][0] for name, rs in results.items()}
     print("\nval loss\n" + f"{'step':>6} {'tokens':>9} " + " ".join(f"{n:>16}" for n in runs))
     for s in sorted({s for c in curves.values() for s, _ in c}):
@@ -597,16 +557,15 @@ def bench_recipe(args):
 # Command line
 
 MODES = dict(train=bench_train, memory=bench_memory, sample=bench_sample, data=bench_data, recipe=bench_recipe)
-SMALL_MODEL = "d4"  # sampling compares the algorithm, not the model; recipes are short CPU runs
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmarks for train_gpt2.py (see the top of bench.py for examples).")
+    p = argparse.ArgumentParser(description="Benchmarks for train_gpt2.py (examples: README.md, Performance).")
     modes = "; ".join(f"{name}: {' '.join(fn.__doc__.split())}" for name, fn in MODES.items())
     p.add_argument("--mode", default="train", choices=list(MODES), help=f"what to measure (default: train). {modes}")
-    p.add_argument("--_worker_out", dest="worker_out", help=argparse.SUPPRESS)  # a rank of a --procs run
+    p.add_argument("--_worker_out", dest="worker_out", help=argparse.SUPPRESS)  # a process of fresh_processes
     g = p.add_argument_group("model and shape")
-    g.add_argument("--model", help=f"gpt2, gpt2-medium, ..., or dN (default: gpt2; {SMALL_MODEL} for sample, recipe)")
+    g.add_argument("--model", help="gpt2, gpt2-medium, ..., or dN (default: gpt2; d4 for sample, recipe)")
     g.add_argument("--vocab_size", type=int, default=50304, help="ours (default: 50304); Hugging Face's is 50257")
     g.add_argument("--batch_size", type=batch_size_arg, help="micro-batch B (per rank for --procs), or sequences "
                    "sampled at once (default: 4; 16 on a GPU except for sample; 2 for --procs; 64 for data; 16 for "
@@ -617,32 +576,29 @@ def parse_args(argv=None):
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="autocast dtype, as in train_gpt2.py (default: auto)")
     g.add_argument("--compile", type=int, choices=[0, 1], help="torch.compile (default: 1 for train, else 0)")
-    g.add_argument("--loss_chunk_size", type=positive_int, help="ours: positions per chunk of the chunked loss "
-                   "(default: the device's)")
+    g.add_argument("--loss_chunk_size", type=positive_int, help="ours: positions per chunk (default: the device's)")
     g = p.add_argument_group("timing")
     g.add_argument("--compare", default="none", choices=["none", "hf", "ladder"], help="train: hf: also "
                    "transformers' GPT2LMHeadModel in fp32 with torch's default AdamW, and with our settings; ladder: "
                    "ours from fp32 + default AdamW to our defaults one change at a time, and build-nanogpt's full "
                    "logits under compile; --compile 0 leaves out the compiled rungs (default: none)")
-    g.add_argument("--warmup", type=positive_int, default=1, help="train: untimed steps per variant; the first one "
-                   "compiles (default: 1)")
-    g.add_argument("--steps", type=positive_int, help="train, memory: timed steps per variant (default: 5 for train, "
-                   "2 for memory)")
+    g.add_argument("--warmup", type=positive_int, default=1, help="train: untimed steps per variant (default: 1)")
+    g.add_argument("--steps", type=positive_int, help="train, memory: timed steps per variant (default: 5; 2 for "
+                   "memory)")
     g.add_argument("--repeats", type=positive_int, help="memory, sample, data, recipe: interleaved rounds (default: "
                    "2 for memory, 3 for sample, 5 for data, 1 for recipe)")
-    g.add_argument("--max_new_tokens", type=positive_int, default=256, help="sample: tokens generated per sequence "
-                   "(default: 256)")
+    g.add_argument("--max_new_tokens", type=positive_int, default=256, help="sample: tokens per sequence (default: "
+                   "256)")
     g = p.add_argument_group("memory per rank (--mode memory)")
     g.add_argument("--procs", type=positive_int, default=1, help="N > 1: memory per rank of DDP under torchrun with "
                    "N processes (default: 1: full logits vs chunked loss)")
     g.add_argument("--fsdp", action="store_true", help="with --procs: FSDP (train_gpt2.py --fsdp) beside DDP")
     g = p.add_argument_group("data (--mode data)")
     g.add_argument("--batches", type=positive_int, default=100, help="batches per timing (default: 100)")
-    g.add_argument("--gap_ms", type=float, default=20, help="sleep between batches: the micro-step the loader "
-                   "feeds (default: 20)")
+    g.add_argument("--gap_ms", type=float, default=20, help="sleep between batches: the micro-step (default: 20)")
     g.add_argument("--shards", type=positive_int, default=4, help="shards of random tokens (default: 4)")
-    g.add_argument("--shard_tokens", type=positive_int, default=100_000_000, help="tokens per shard (default: 100M, "
-                   "as fineweb.py writes)")
+    g.add_argument("--shard_tokens", type=positive_int, default=10**8, help="tokens per shard (default: 100M, as "
+                   "fineweb.py writes)")
     g.add_argument("--data_dir", help="where the shards are written (default: a temporary directory)")
     g = p.add_argument_group("recipes (--mode recipe)")
     g.add_argument("--data", help="train_gpt2.py --data: a .txt or a shard directory (default: the repo's input.txt)")
@@ -650,8 +606,7 @@ def parse_args(argv=None):
                    f"{', '.join(BENCH_RECIPES)} (default: %(default)s)")
     g.add_argument("--variant", action="append", help='"NAME=train_gpt2.py flags": one more run (repeatable)')
     g.add_argument("--recipe_steps", type=positive_int, default=40, help="optimizer steps per run (default: 40)")
-    g.add_argument("--accum", type=positive_int, default=2, help="micro-batches per step: B x T x accum tokens "
-                   "(default: 2)")
+    g.add_argument("--accum", type=positive_int, default=2, help="micro-batches per step (default: 2)")
     g.add_argument("--log_root", help="a log dir per recipe, for play.ipynb (default: a temporary dir)")
     return with_defaults(p.parse_args(argv))
 
@@ -659,9 +614,10 @@ def parse_args(argv=None):
 def with_defaults(args):
     """args with each mode's defaults filled in; UsageError for flags of another mode."""
     on_gpu = pick_device(args.device).startswith("cuda")
-    args.model = args.model or (SMALL_MODEL if args.mode in ("sample", "recipe") else "gpt2")
+    # sampling compares the algorithm, not the model; recipes are short CPU runs
+    args.model = args.model or ("d4" if args.mode in ("sample", "recipe") else "gpt2")
     try:
-        model_config(args.model, args.vocab_size)  # an unknown --model fails here, before any work
+        config = model_config(args.model, args.vocab_size)  # an unknown --model fails here, before any work
     except ValueError as e:  # the model's own error: the message is the user's
         raise UsageError(str(e)) from None
     if args.mode == "recipe":  # a short CPU run of a small model
@@ -676,11 +632,17 @@ def with_defaults(args):
     args.compile = int(args.mode == "train") if args.compile is None else args.compile
     args.steps = args.steps or (2 if args.mode == "memory" else 5)
     args.repeats = args.repeats or {"memory": 2, "data": 5, "recipe": 1}.get(args.mode, 3)
+    if args.mode in ("train", "memory"):
+        check_seq_len(args.seq_len, config)
     for wrong, message in [
         (args.batch_size == "auto" and args.mode != "train", "--batch_size auto is for --mode train"),
         (args.compare != "none" and args.mode != "train", "--compare is for --mode train"),
+        (args.compare == "hf" and not find_spec("transformers"), "--compare hf needs transformers: pip install "
+         "transformers"),
         ((args.procs > 1 or args.fsdp) and args.mode != "memory", "--procs and --fsdp are for --mode memory"),
         (args.fsdp and args.procs == 1, "--fsdp shards over processes: add --procs N (N >= 2)"),
+        (args.mode == "sample" and 8 + args.max_new_tokens > config.block_size, f"--max_new_tokens "
+         f"{args.max_new_tokens} plus the 8-token prompt is longer than block_size {config.block_size}"),
     ]:
         if wrong:
             raise UsageError(message)

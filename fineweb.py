@@ -55,6 +55,17 @@ def init_worker(encoding="gpt2", docs=None):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's job: no worker tracebacks
 
 
+def check_tokenizer(encoding):
+    """Load the tokenizer here first: tiktoken downloads it once into its cache, which the workers then read. A
+    worker whose initializer fails is replaced by another that fails the same way, forever."""
+    import tiktoken
+    try:
+        tiktoken.get_encoding(encoding)
+    except OSError as e:  # requests' errors are OSErrors
+        raise DataError(f"cannot download the {encoding} tokenizer ({type(e).__name__}); connect to the internet "
+                        "once (tiktoken caches it), or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+
+
 def to_uint16(ids):
     """Token ids as uint16, refusing (instead of silently wrapping) ids that do not fit."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -463,6 +474,7 @@ def main(argv=None):
     if shards:
         print(f"resuming after shard {len(shards) - 1}: document {start_doc:,} (token {start_offset:,} of it)")
 
+    check_tokenizer(settings["encoding"])
     ds = load_source(args, builder)
     total_docs = num_docs(ds)
     print(f"tokenizing into {args.out_dir}/ with {args.num_proc} process{'es' * (args.num_proc > 1)}, "

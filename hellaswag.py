@@ -140,6 +140,15 @@ def _encoder():
     return tiktoken.get_encoding("gpt2")
 
 
+def tokenizer():
+    """The GPT-2 tokenizer, or a ValueError to report in one line: offline without tiktoken's cache."""
+    try:
+        return _encoder()
+    except OSError as e:  # requests' errors are OSErrors
+        raise ValueError(f"cannot download the GPT-2 tokenizer ({type(e).__name__}); connect to the internet once "
+                         "(tiktoken caches it), or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
+
+
 def render_example(example):
     """
     Returns (data, tokens, mask, label):
@@ -306,6 +315,7 @@ def main(argv=None):
         check_split(args.split)
         # the data first: a bad file should fail before a big model loads
         path = Path(args.data) if args.data is not None else download(args.split, args.cache_dir)
+        tokenizer()
         n = len(load_examples(data=path, limit=args.limit))
     except ValueError as e:
         raise SystemExit(f"error: {e}")

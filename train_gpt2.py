@@ -244,53 +244,63 @@ class Block(nn.Module):
 # The loss: mean cross-entropy of the lm_head's logits, computed in chunks of rows
 
 
-def softcap_chunk_(logits, cap):
-    """(cap * tanh(logits / cap), its derivative 1 - tanh^2) in place in a chunk's float32 logits; cap None: as is."""
-    if cap is None:
-        return logits, None
-    t = logits.div_(cap).tanh_()
-    dcap = t.square().neg_().add_(1)
-    return t.mul_(cap), dcap
+def chunk_loss_and_grad(xc, weight, tc, cap, row_scale=None):
+    """(summed cross-entropy of the chunk's rows whose target is not -1, its gradient with respect to the logits
+    xc @ weight.T times row_scale per row, in xc's dtype; None without row_scale). cap: the logits are
+    cap * tanh(logits / cap) (the modern arch's soft-cap); None: not capped.
+    Elementwise passes over the float32 logits are a large share of a CPU step, so they are few: a max, a fused softmax
+    (at the max it is 1 / sum(exp(logits - max)): logsumexp without exp's second pass), the gradient made from it
+    in place and scaled in float32 before the cast (fp16 cannot hold it unscaled, see LinearCrossEntropyScaled)."""
+    logits = (xc @ weight.t()).float()
+    if cap is not None:
+        # cap * tanh(u / cap) = 2 cap sigmoid(2u / cap) - cap (sigmoid: ~3x faster than tanh on an AVX2 CPU); the
+        # softmax and the loss do not see the shift by cap; the cap's derivative is 1 - tanh^2 = 4 s (1 - s)
+        s = logits.mul_(2 / cap).sigmoid_()
+        logits = s * (2 * cap)
+    safe_t = tc.clamp(min=0)[:, None]
+    target_logit = logits.gather(1, safe_t).squeeze(1)
+    top = logits.amax(dim=-1)
+    probs = torch.softmax(logits, dim=-1)
+    del logits
+    lse = top - probs.amax(dim=-1).log()
+    loss = ((lse - target_logit) * (tc != -1)).sum()
+    if row_scale is None:
+        return loss, None
+    grad = probs.scatter_add_(1, safe_t, torch.full_like(lse[:, None], -1.0))
+    if cap is not None:
+        grad.mul_(s.addcmul_(s, s, value=-1))
+        row_scale = row_scale * 4
+    return loss, grad.mul_(row_scale[:, None]).to(xc.dtype)
 
 
-def softmax_minus_one_hot_(logits, lse, safe_t):
-    """d(cross-entropy)/d(logits) per row, in place in the float32 logits: one chunk-sized buffer, not three."""
-    grad = logits.sub_(lse[:, None]).exp_()
-    grad.scatter_add_(1, safe_t[:, None], -torch.ones_like(lse)[:, None])
-    return grad
+def chunked_loss(x, weight, targets, chunk_size, cap, grad_scale=None):
+    """(summed loss, grad_x, grad_w) of the rows whose target is not -1, chunk by chunk; with grad_scale, the
+    gradients of grad_scale * the summed loss (else None), each chunk's turned into them right away."""
+    valid = targets != -1
+    loss = torch.zeros((), dtype=torch.float32, device=x.device)
+    grad_x = grad_w = None
+    if grad_scale is not None:
+        grad_x, grad_w = torch.empty_like(x), torch.zeros_like(weight, dtype=torch.float32)
+    for i in range(0, x.size(0), chunk_size):
+        rows = slice(i, i + chunk_size)
+        row_scale = None if grad_scale is None else valid[rows] * grad_scale
+        chunk_loss, grad = chunk_loss_and_grad(x[rows], weight, targets[rows], cap, row_scale)
+        loss += chunk_loss
+        if grad is not None:
+            grad_x[rows] = grad @ weight
+            grad_w += (grad.t() @ x[rows]).float()
+    return loss, grad_x, grad_w
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """mean cross-entropy of (x @ weight.T) against targets, without keeping the (N, vocab) logits.
-
-    The logits are made chunk by chunk; each chunk's gradients (softmax - one_hot) are turned into the gradients
-    of x and weight right away, so memory holds one chunk of logits instead of all of them (13 GB in float32 for
-    B=64, T=1024, vocab 50304) and nothing is recomputed in backward.
-    cap: the logits are cap * tanh(x @ weight.T / cap) (the modern arch's soft-cap); None: not capped.
-    """
+    """mean cross-entropy of (x @ weight.T) against targets, without keeping the (N, vocab) logits: memory holds
+    one chunk of logits instead of all of them (13 GB in float32 for B=64, T=1024, vocab 50304), and the
+    gradients, made in forward, are not recomputed in backward."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size, cap=None):
-        valid = targets != -1
-        n_valid = valid.sum().clamp(min=1)
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for i in range(0, x.size(0), chunk_size):
-            xc, tc, vc = x[i : i + chunk_size], targets[i : i + chunk_size], valid[i : i + chunk_size]
-            logits, dcap = softcap_chunk_((xc @ weight.t()).float(), cap)
-            lse = torch.logsumexp(logits, dim=-1)
-            safe_t = tc.clamp(min=0)
-            target_logit = logits.gather(1, safe_t[:, None]).squeeze(1)
-            loss += ((lse - target_logit) * vc).sum()
-            # d(loss)/d(logits) = (softmax - one_hot) / n_valid on valid rows, 0 on ignored ones
-            grad = softmax_minus_one_hot_(logits, lse, safe_t)
-            grad *= (vc / n_valid)[:, None]
-            if cap is not None:
-                grad *= dcap
-            grad = grad.to(x.dtype)
-            grad_x[i : i + chunk_size] = grad @ weight
-            grad_w += (grad.t() @ xc).float()
+        n_valid = (targets != -1).sum().clamp(min=1)
+        loss, grad_x, grad_w = chunked_loss(x, weight, targets, chunk_size, cap, 1 / n_valid)
         ctx.save_for_backward(grad_x, grad_w.to(weight.dtype))
         return loss / n_valid
 
@@ -308,44 +318,23 @@ class LinearCrossEntropyScaled(torch.autograd.Function):
 
     (softmax - one_hot) / n_valid is mostly far below fp16's smallest number (6e-8) when cast before the scale is
     applied: at 65536 tokens every probability under ~4e-3 becomes 0. The scale only arrives as grad_loss in
-    backward, so forward keeps x, weight and each row's logsumexp (as much memory as LinearCrossEntropy's saved
-    gradients) and backward makes each chunk's logits again, scales them by grad_loss / n_valid in float32 and
-    only then casts: the precision of an ordinary fp16 lm_head under the same scale, for one more lm_head matmul.
+    backward, so forward keeps only x and weight, and backward makes each chunk's logits again, scales the gradient
+    by grad_loss / n_valid in float32 and only then casts: the precision of an ordinary fp16 lm_head under the same
+    scale, for one more lm_head matmul.
     """
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_size, cap=None):
-        valid = targets != -1
-        n_valid = valid.sum().clamp(min=1)
-        lse = torch.empty(x.size(0), dtype=torch.float32, device=x.device)
-        loss = torch.zeros((), dtype=torch.float32, device=x.device)
-        for i in range(0, x.size(0), chunk_size):
-            tc, vc = targets[i : i + chunk_size], valid[i : i + chunk_size]
-            logits, _ = softcap_chunk_((x[i : i + chunk_size] @ weight.t()).float(), cap)
-            lse[i : i + chunk_size] = torch.logsumexp(logits, dim=-1)
-            target_logit = logits.gather(1, tc.clamp(min=0)[:, None]).squeeze(1)
-            loss += ((lse[i : i + chunk_size] - target_logit) * vc).sum()
-        ctx.save_for_backward(x, weight, targets, lse, n_valid)
+        n_valid = (targets != -1).sum().clamp(min=1)
+        ctx.save_for_backward(x, weight, targets, n_valid)
         ctx.chunk_size, ctx.cap = chunk_size, cap
-        return loss / n_valid
+        return chunked_loss(x, weight, targets, chunk_size, cap)[0] / n_valid
 
     @staticmethod
     def backward(ctx, grad_loss):
-        x, weight, targets, lse, n_valid = ctx.saved_tensors
-        chunk_size, cap = ctx.chunk_size, ctx.cap
-        scale = grad_loss.float() / n_valid  # loss scale / accumulation steps / tokens, in float32
-        grad_x = torch.empty_like(x)
-        grad_w = torch.zeros_like(weight, dtype=torch.float32)
-        for i in range(0, x.size(0), chunk_size):
-            xc, tc = x[i : i + chunk_size], targets[i : i + chunk_size]
-            logits, dcap = softcap_chunk_((xc @ weight.t()).float(), cap)
-            grad = softmax_minus_one_hot_(logits, lse[i : i + chunk_size], tc.clamp(min=0))
-            grad *= ((tc != -1) * scale)[:, None]
-            if cap is not None:
-                grad *= dcap
-            grad = grad.to(x.dtype)
-            grad_x[i : i + chunk_size] = grad @ weight
-            grad_w += (grad.t() @ xc).float()
+        x, weight, targets, n_valid = ctx.saved_tensors
+        # loss scale / accumulation steps / tokens, in float32
+        _, grad_x, grad_w = chunked_loss(x, weight, targets, ctx.chunk_size, ctx.cap, grad_loss.float() / n_valid)
         return grad_x, grad_w.to(weight.dtype), None, None, None
 
 
@@ -368,13 +357,7 @@ def chunked_cross_entropy(x, weight, targets, chunk_size, cap=None):
         if x.dtype == torch.float16:
             return scaled_linear_cross_entropy(x, weight, targets, chunk_size, cap)
         return LinearCrossEntropy.apply(x, weight, targets, chunk_size, cap)
-    loss = torch.zeros((), dtype=torch.float32, device=x.device)
-    for i in range(0, x.size(0), chunk_size):
-        logits = (x[i : i + chunk_size] @ weight.t()).float()
-        if cap is not None:
-            logits = softcap(logits, cap)
-        loss += F.cross_entropy(logits, targets[i : i + chunk_size], ignore_index=-1, reduction="sum")
-    return loss / (targets != -1).sum().clamp(min=1)
+    return chunked_loss(x, weight, targets, chunk_size, cap)[0] / (targets != -1).sum().clamp(min=1)
 
 
 def default_loss_chunk_size(device):
@@ -397,6 +380,15 @@ HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mode
 # the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
 EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                 "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
+
+
+def gpt2_tokenizer():
+    """tiktoken's GPT-2 BPE, which it downloads on first use into its cache (TIKTOKEN_CACHE_DIR)."""
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except OSError as e:  # requests' errors are OSErrors
+        raise UsageError(f"cannot download the GPT-2 tokenizer ({type(e).__name__}); connect to the internet once "
+                         "(tiktoken caches it), or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
 
 
 def check_hf_dir(path, accepted):
@@ -424,7 +416,7 @@ def save_gpt2_tokenizer(directory, model_max_length=1024):
     from transformers import GPT2TokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     converter = TikTokenConverter(pattern=enc._pat_str, extra_special_tokens=enc._special_tokens)
     # the BPE ranks from memory, not from a file: tiktoken keeps a copy of every file it reads in its cache
     # (TIKTOKEN_CACHE_DIR), under a hash of the path, which a temporary file makes new each time
@@ -616,8 +608,6 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_path}: its weights lack {len(missing)} of GPT-2's tensors "
                              f"({', '.join(missing[:3])}...); pass a complete Hugging Face GPT-2 model")
         c = hf.config
-        if getattr(c, "model_type", "gpt2") != "gpt2":
-            raise ValueError(f"{name_or_path} is a {c.model_type!r} model, not GPT-2")
         config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
                            n_embd=c.n_embd)
         model = cls(config)
@@ -694,7 +684,7 @@ def read_text_file(path):
 def tokenize_text_file(path):
     """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
     text = read_text_file(path)
-    tokens = np.array(tiktoken.get_encoding("gpt2").encode_ordinary(text), dtype=np.uint16)
+    tokens = np.array(gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)
     n_val = len(tokens) // 10
     return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
 
@@ -777,11 +767,9 @@ class DataLoaderLite:
                              f"T={T}, one for each rank; lower --batch_size or --seq_len")
         if not shuffle and not any(len(s) >= B * T * (process_rank + 1) + 1 for s in self.shards):
             longest = max(len(s) for s in self.shards)
-            raise UsageError(
-                f"the {split} split of {data_root} is too small: its longest shard has {longest} tokens, "
-                f"but rank {process_rank} needs {B * T * (process_rank + 1) + 1} for one batch of B={B} x T={T}; lower "
-                    "--batch_size or --seq_len"
-            )
+            raise UsageError(f"the {split} split of {data_root} is too small: its longest shard has {longest} tokens, "
+                             f"but rank {process_rank} needs {B * T * (process_rank + 1) + 1} for one batch of B={B} x "
+                             f"T={T}; lower --batch_size or --seq_len")
         self.reset()
 
     def reset(self):
@@ -879,11 +867,9 @@ class DataLoaderLite:
     def load_state_dict(self, state):
         saved, here = state.get("shard_tokens"), [len(s) for s in self.shards]
         if saved is not None and saved != here:  # None: a checkpoint from before shard_tokens
-            raise UsageError(
-                f"the {self.split} data in {self.data_root} ({len(here)} shards, {sum(here)} tokens) is not the data "
-                    "the "
-                f"checkpoint was trained on ({len(saved)} shards, {sum(saved)} tokens); point --data at that data"
-            )
+            raise UsageError(f"the {self.split} data in {self.data_root} ({len(here)} shards, {sum(here)} tokens) is "
+                             f"not the data the checkpoint was trained on ({len(saved)} shards, {sum(saved)} tokens); "
+                             "point --data at that data")
         if bool(state.get("shuffle")) != self.shuffle:
             raise UsageError(f"the checkpoint's data order is {'shuffled' if state.get('shuffle') else 'in order'}: "
                              f"resume {'with' if state.get('shuffle') else 'without'} --shuffle")
@@ -1085,33 +1071,25 @@ class MultiOptimizer:
             opt.load_state_dict(s)
 
 
-def muon_param_names(model):
-    """The parameters Muon updates: the 2-D matrices inside the transformer blocks (whatever the block is)."""
-    return [n for n, p in model.named_parameters()
-            if n.startswith("transformer.h.") and p.dim() == 2 and p.requires_grad]
-
-
 def make_optimizer(model, args, device_type, ns_dtype=torch.bfloat16):
-    """The run's optimizer, with lr_bounds: each param group's (peak, final) learning rate, which set_lr moves
-    the group between. They live outside the param groups, which load_state_dict replaces with the checkpoint's: a
-    resumed run's schedule is its own flags' (as --max_steps is), and no hook has to put them back.
-    adamw: configure_optimizers, the seed's. muon: Muon for the blocks' 2-D matrices, AdamW for the rest
-    (embeddings and lm_head with --weight_decay, biases and norm gains without), at --max_lr or --embed_lr;
-    ns_dtype: Muon's Newton-Schulz dtype."""
+    """adamw: configure_optimizers, the seed's; muon: Muon for the blocks' 2-D matrices, AdamW for the rest.
+    lr_bounds: each param group's (peak, final) learning rate for set_lr, kept outside the param groups (which
+    load_state_dict replaces with the checkpoint's): a resumed run's schedule is its own flags'."""
     if args.optimizer == "adamw":
         optimizer = configure_optimizers(model, args.weight_decay, args.max_lr, device_type)
         optimizer.lr_bounds = [(args.max_lr, args.min_lr)] * len(optimizer.param_groups)
         return optimizer
-    in_muon = set(muon_param_names(model))
-    rest = [(n, p) for n, p in model.named_parameters() if n not in in_muon and p.requires_grad]
+    muon_params, rest = [], []  # Muon: the 2-D matrices inside the transformer blocks (whatever the block is)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (muon_params if name.startswith("transformer.h.") and p.dim() == 2 else rest).append(p)
     embed_lr = args.embed_lr or args.max_lr
     final = args.min_lr / args.max_lr  # each group decays to this fraction of its peak, as AdamW's does
     groups = [
-        {"params": [p for _, p in rest if p.dim() >= 2], "weight_decay": args.weight_decay, "lr": embed_lr},
-        {"params": [p for _, p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": args.max_lr},
+        {"params": [p for p in rest if p.dim() >= 2], "weight_decay": args.weight_decay, "lr": embed_lr},
+        {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr": args.max_lr},
     ]
     rest_opt = adamw(groups, args.max_lr, device_type)
-    muon_params = [p for n, p in model.named_parameters() if n in in_muon]
     muon = Muon(muon_params, lr=args.muon_lr, momentum=args.muon_momentum, weight_decay=args.muon_weight_decay,
                 ns_dtype=ns_dtype)
     optimizer = MultiOptimizer(rest_opt, muon)
@@ -1240,6 +1218,17 @@ def load_checkpoint(path, resume=False):
     return checkpoint
 
 
+def os_error_in(e):
+    """The OSError behind e, if any: torch.save reports a failed write as a RuntimeError whose __context__ is it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def save_checkpoint(checkpoint, path):
     """Write atomically: a crash mid-write leaves the previous checkpoints intact and no half-written model_*.pt;
     a write that fails (disk full, file-size limit, I/O error) leaves no temporary file either."""
@@ -1273,10 +1262,16 @@ def list_checkpoints(log_dir):
 
 
 def prune_checkpoints(log_dir, keep):
-    """Keep the newest `keep` checkpoints, and any the user marked by creating model_XXXXX.pt.keep beside it."""
+    """Keep the newest `keep` checkpoints, and any the user marked by creating model_XXXXX.pt.keep beside it.
+    Returns "path (reason)" for each one it could not delete."""
+    failed = []
     for _, path in list_checkpoints(log_dir)[keep:]:
         if not os.path.exists(path + ".keep"):
-            os.remove(path)
+            try:
+                os.remove(path)
+            except OSError as e:
+                failed.append(f"{path} ({e.strerror or e})")
+    return failed
 
 
 def find_resume_checkpoint(log_dir):
@@ -1413,6 +1408,26 @@ class DistContext:
         return self.device.split(":")[0]
 
 
+def restart_safe_group(rank, world_size):
+    """init_process_group's store under torchrun. torchrun --max-restarts gives every attempt the same rendezvous
+    store: a restarted group would read the dead one's addresses (a hang, or "Connection refused"), so the keys of
+    each attempt get a prefix of their own. Without torchrun (srun, mpirun): {}, env:// as usual."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dict(store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank, world_size=world_size)
+
+
+def local_rank_from_env(rank):
+    """The GPU of this process on its node (RANK is global across nodes): LOCAL_RANK from torchrun, else the local
+    rank Slurm or MPI set (srun, mpirun), else RANK modulo the GPUs of a node (ranks numbered node by node)."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return rank % max(1, torch.cuda.device_count())
+
+
 def setup_distributed(requested_device):
     """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
     device = pick_device(requested_device)
@@ -1437,26 +1452,6 @@ def setup_distributed(requested_device):
     return DistContext(True, rank, local_rank, world_size, device)
 
 
-def restart_safe_group(rank, world_size):
-    """init_process_group's store under torchrun. torchrun --max-restarts gives every attempt the same rendezvous
-    store: a restarted group would read the dead one's addresses (a hang, or "Connection refused"), so the keys of
-    each attempt get a prefix of their own. Without torchrun (srun, mpirun): {}, env:// as usual."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
-        return {}
-    store, _, _ = next(dist.rendezvous("env://"))
-    return dict(store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank, world_size=world_size)
-
-
-def local_rank_from_env(rank):
-    """The GPU of this process on its node (RANK is global across nodes): LOCAL_RANK from torchrun, else the local
-    rank Slurm or MPI set (srun, mpirun), else RANK modulo the GPUs of a node (ranks numbered node by node)."""
-    for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return rank % max(1, torch.cuda.device_count())
-
-
 def all_reduce_mean(value, ctx):
     """The mean of a scalar tensor over ranks (gloo has no AVG, so SUM / world_size)."""
     if ctx.ddp:
@@ -1473,13 +1468,18 @@ def gather_objects(obj, ctx):
     return out
 
 
-def any_rank(flag, ctx):
-    """True on every rank if flag is True on any (a collective: every rank calls it)."""
+def agreed(value, ctx, op):
+    """A number agreed over the ranks (op: MIN or MAX; a collective: every rank calls it); as is in one process."""
     if not ctx.ddp:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=ctx.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+        return value
+    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
+    dist.all_reduce(t, op=op)
+    return t.item()
+
+
+def any_rank(flag, ctx):
+    """True on every rank if flag is True on any."""
+    return bool(agreed(flag, ctx, dist.ReduceOp.MAX))
 
 
 class StopSignal:
@@ -1638,6 +1638,21 @@ def model_errors_as_usage_errors():
         raise UsageError(str(e)) from None
 
 
+def new_model(run):
+    """The model of a new run: from scratch, or --init_from's weights."""
+    args = run.args
+    run.lr_decay_steps = lr_decay_steps(args, None)
+    with model_errors_as_usage_errors():
+        if args.init_from == "scratch":
+            return GPT(model_config(args.model, args.vocab_size, arch=args.arch))
+        model = GPT.from_pretrained(args.init_from)
+    # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
+    if model.config.arch != args.arch:
+        raise UsageError(f"--init_from {args.init_from} is an --arch {model.config.arch} model, not {args.arch}: "
+                         f"pass --arch {model.config.arch}")
+    return model
+
+
 def load_or_build_model(run):
     """(model, checkpoint): the model of the checkpoint to resume (checkpoint is then its dict), or a new one.
     Sets the run's micro-batch (a resumed 'auto' run keeps its own) and where its schedule ends."""
@@ -1667,21 +1682,6 @@ def load_or_build_model(run):
         model = GPT(GPTConfig(**checkpoint["config"]))
     model.load_state_dict(checkpoint["model"])
     return model, checkpoint
-
-
-def new_model(run):
-    """The model of a new run: from scratch, or --init_from's weights."""
-    args = run.args
-    run.lr_decay_steps = lr_decay_steps(args, None)
-    with model_errors_as_usage_errors():
-        if args.init_from == "scratch":
-            return GPT(model_config(args.model, args.vocab_size, arch=args.arch))
-        model = GPT.from_pretrained(args.init_from)
-    # the weights decide the architecture; a different --arch is a mistake to report, not to ignore
-    if model.config.arch != args.arch:
-        raise UsageError(f"--init_from {args.init_from} is an --arch {model.config.arch} model, not {args.arch}: "
-                         f"pass --arch {model.config.arch}")
-    return model
 
 
 def make_loaders(args, ctx, B):
@@ -1728,8 +1728,10 @@ def start_or_resume(run, checkpoint):
     args, ctx = run.args, run.ctx
     if checkpoint is None:
         if ctx.master:
-            if args.overwrite:
-                prune_checkpoints(args.log_dir, keep=0)
+            # an old checkpoint left behind would be the one a later --resume picks: stop instead
+            failed = prune_checkpoints(args.log_dir, keep=0) if args.overwrite else []
+            if failed:
+                raise UsageError(f"--overwrite: cannot delete {failed[0]}; delete it or use another --log_dir")
             open(run.log_file, "w").close()
         return 0, None
     load_optimizer_state(run.model, run.optimizer, checkpoint["optimizer"])
@@ -1769,7 +1771,7 @@ def evaluate_val(model, val_set, ctx, dtype):
 @torch.no_grad()
 def sample(model, prompt, generator, dtype, num_samples=4, max_new_tokens=32, temperature=1.0, top_k=50):
     """num_samples continuations of prompt, as text."""
-    enc = tiktoken.get_encoding("gpt2")
+    enc = gpt2_tokenizer()
     model.eval()
     device = next(model.parameters()).device
     tokens = enc.encode(prompt) or [GPT2_EOT]
@@ -1825,6 +1827,30 @@ def log_line(ctx, log_file, line):
             f.write(line + "\n")
 
 
+WRITE_FIXES = {
+    errno.ENOSPC: "make room on that disk", errno.EDQUOT: "make room in your disk quota",
+    errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EACCES: "make the directory writable",
+    errno.EPERM: "make the directory writable", errno.EROFS: "use a writable --log_dir",
+}
+
+
+def try_save_checkpoint(checkpoint, path, step):
+    """None, or the one-line error for a checkpoint that could not be written (disk full, file-size limit, I/O
+    error, permissions); the previous checkpoints are left as they are."""
+    try:
+        save_checkpoint(checkpoint, path)
+    except (OSError, RuntimeError) as e:
+        cause = os_error_in(e)
+        if cause is None:
+            raise
+        fix = WRITE_FIXES.get(cause.errno, "check that disk")
+        done = list_checkpoints(os.path.dirname(path))
+        since = f"the last checkpoint, {os.path.basename(done[0][1])}" if done else "the start (no checkpoint yet)"
+        return (f"{path}: cannot write the checkpoint of step {step} ({cause.strerror or cause}); {fix}, then run "
+                f"the same command with --resume: it continues from {since}")
+    return None
+
+
 def write_checkpoint(run, step, val_loss):
     """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
     model, ctx, log_dir = run.model, run.ctx, run.args.log_dir
@@ -1852,46 +1878,12 @@ def write_checkpoint(run, step, val_loss):
         path = os.path.join(log_dir, f"model_{step:05d}.pt")
         error = try_save_checkpoint(checkpoint, path, step)
         if error is None:
-            prune_checkpoints(log_dir, run.args.keep_checkpoints)
             print(f"saved {path}")
+            for failed in prune_checkpoints(log_dir, run.args.keep_checkpoints):  # the new one is safe: go on
+                print(f"warning: cannot delete the old checkpoint {failed}; delete it by hand")
     # also the barrier after the write: nobody moves on before the file is complete, or waits for a rank 0 that stopped
     if any_rank(error is not None, ctx):
         raise CheckpointWriteFailed(error or "rank 0 could not write a checkpoint")
-
-
-def try_save_checkpoint(checkpoint, path, step):
-    """None, or the one-line error for a checkpoint that could not be written (disk full, file-size limit, I/O
-    error, permissions); the previous checkpoints are left as they are."""
-    try:
-        save_checkpoint(checkpoint, path)
-    except (OSError, RuntimeError) as e:
-        cause = os_error_in(e)
-        if cause is None:
-            raise
-        fix = WRITE_FIXES.get(cause.errno, "check that disk")
-        done = list_checkpoints(os.path.dirname(path))
-        since = f"the last checkpoint, {os.path.basename(done[0][1])}" if done else "the start (no checkpoint yet)"
-        return (f"{path}: cannot write the checkpoint of step {step} ({cause.strerror or cause}); {fix}, then run "
-                f"the same command with --resume: it continues from {since}")
-    return None
-
-
-WRITE_FIXES = {
-    errno.ENOSPC: "make room on that disk", errno.EDQUOT: "make room in your disk quota",
-    errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EACCES: "make the directory writable",
-    errno.EPERM: "make the directory writable", errno.EROFS: "use a writable --log_dir",
-}
-
-
-def os_error_in(e):
-    """The OSError behind e, if any: torch.save reports a failed write as a RuntimeError whose __context__ is it."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def run_evals(run, step, log):
@@ -1936,6 +1928,8 @@ def train(args, ctx):
             ensure_text_data(args.data)  # hook: input checks (downloads Tiny Shakespeare on first use)
         if ctx.ddp:
             dist.barrier()
+    if args.sample_every or args.hellaswag_every:
+        gpt2_tokenizer()  # offline without tiktoken's cache: one line now, not a traceback at the first sample
     os.makedirs(args.log_dir, exist_ok=True)
     model, checkpoint = load_or_build_model(run)
     if checkpoint is not None and checkpoint["step"] >= args.max_steps:  # schedulers run finished jobs again
@@ -2241,15 +2235,6 @@ def cuda_step_budget(model, ctx):
     return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
 
 
-def agreed(value, ctx, op):
-    """A number agreed over the ranks (op: MIN or MAX); as is in a single process."""
-    if not ctx.ddp:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=op)
-    return t.item()
-
-
 def agree_batch_size(find, ctx):
     """find() on this rank, then the smallest B over the ranks. A rank where nothing fits (find raises) still joins
     the all-reduce, so that every rank stops with the error instead of waiting for it until the NCCL timeout."""
@@ -2257,10 +2242,7 @@ def agree_batch_size(find, ctx):
         B, error = find(), None
     except UsageError as e:
         B, error = 0, e
-    if ctx.ddp:
-        b = torch.tensor([B], device=ctx.device)
-        dist.all_reduce(b, op=dist.ReduceOp.MIN)
-        B = int(b.item())
+    B = int(agreed(B, ctx, dist.ReduceOp.MIN))
     if B == 0:
         raise error or UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory on another rank; "
                                   "use a smaller --model or --seq_len")
@@ -2364,22 +2346,10 @@ def pick_dtype(requested, device_type):
 
 # dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
 GPU_PEAK_FLOPS = [
-    ("H200", 989e12),
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H800", 989e12),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("RTX 4090", 165e12),
-    ("RTX 3090", 71e12),
-    ("A6000", 155e12),
-    ("V100", 125e12),  # fp16
-    ("T4", 65e12),  # fp16
+    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),  # H100: SXM
+    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
+    ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("A6000", 155e12),
+    ("V100", 125e12), ("T4", 65e12),  # fp16 (no bf16 tensor cores)
 ]
 
 
@@ -2395,22 +2365,14 @@ def flops_per_token(config, T):
     (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the lm_head is one matmul
     whether tied to wte (gpt2) or not (modern), and the modern block has the same matmuls (its norms, rotary
     and soft-cap are elementwise, negligible): one formula for both archs."""
-    N = sum(
-        [
-            config.vocab_size * config.n_embd,  # lm_head (tied with wte or not)
-            config.n_layer * 12 * config.n_embd**2,  # attention 4 C^2, MLP 8 C^2
-        ]
-    )
+    # lm_head (tied with wte or not), then per layer attention 4 C^2 and MLP 8 C^2
+    N = config.vocab_size * config.n_embd + config.n_layer * 12 * config.n_embd**2
     return 6 * N + 12 * config.n_layer * config.n_embd * T
 
 
 def tune_cpu_allocator():
-    """Stop glibc from returning big buffers (activations, logits) to the OS after every step.
-
-    By default malloc serves blocks over 32 MB with mmap and munmaps them on free, so every step pays page
-    faults for hundreds of MB; on CPU that was ~30% of the time, in the kernel. Keeping them on the heap,
-    and never trimming it, lets the next step reuse the same memory.
-    """
+    """Keep big buffers (activations, logits) on glibc's heap: by default blocks over 32 MB are mmapped and
+    unmapped on free, and every step paid page faults for hundreds of MB, ~30% of a CPU step's time."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -2445,6 +2407,15 @@ def setup_device(args, ctx):
 # trains on, which play.ipynb reads beside log.txt)
 
 
+def format_duration(seconds):
+    """'45s', '12m05s', '3h20m', '2d04h': two units at most."""
+    s = int(round(seconds))
+    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
+        if s >= size:
+            return f"{s // size}{unit}{s % size // sub_size:02d}{sub}"
+    return f"{s}s"
+
+
 class StepTimer:
     """The mean time of this process's steps, leaving out its first `skip` (compilation, allocator warm-up); the
     evaluations between steps are not timed."""
@@ -2461,15 +2432,6 @@ class StepTimer:
     def eta(self, steps_left):
         """The time the steps left take at the mean so far ('-' before any step counted), for the step line."""
         return format_duration(self.total / self.counted * steps_left) if self.counted else "-"
-
-
-def format_duration(seconds):
-    """'45s', '12m05s', '3h20m', '2d04h': two units at most."""
-    s = int(round(seconds))
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if s >= size:
-            return f"{s // size}{unit}{s % size // sub_size:02d}{sub}"
-    return f"{s}s"
 
 
 def matmul_rate(device, dtype):
@@ -2572,6 +2534,37 @@ def lr_group_names(optimizer):
     return [f"{type(opt).__name__.lower()}{i}" for opt in inner for i in range(len(opt.param_groups))]
 
 
+def run_config(run):
+    """The flags and the model config, as the run's hparams / config (numbers, strings and booleans)."""
+    flat = {**run.flags(), **{f"model.{k}": v for k, v in asdict(run.model.config).items()}}
+    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
+
+
+def open_tensorboard(log_dir, start_step, config):
+    from torch.utils.tensorboard import SummaryWriter
+    from torch.utils.tensorboard.summary import hparams
+
+    # purge_step: an earlier run's events in log_dir at or after start_step are hidden (0: a run started over)
+    writer = SummaryWriter(log_dir, purge_step=start_step)
+    experiment, session_start, _ = hparams(config, {tag: None for tag in ("train/loss", *EVAL_TAGS.values())})
+    writer.file_writer.add_summary(experiment, start_step)
+    writer.file_writer.add_summary(session_start, start_step)
+    return writer
+
+
+def open_wandb(args, config, run_id):
+    import wandb
+
+    directory = None if "WANDB_DIR" in os.environ else args.log_dir
+    try:  # no login, no network, a project name wandb refuses: one line now, not a traceback
+        return wandb.init(project=args.wandb, name=args.wandb_run, id=run_id, resume="allow", config=config,
+                          dir=directory)
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"--wandb {args.wandb}: wandb could not start the run ({why}); run `wandb login`, or set "
+                         "WANDB_MODE=offline") from None
+
+
 class Metrics:
     """A run's metrics in TensorBoard and wandb, written by global rank 0. Without --tensorboard and --wandb, and
     on the other ranks, every method does nothing. peak_flops: the summed peak FLOP/s of the GPUs (None: no MFU)."""
@@ -2666,37 +2659,6 @@ class Metrics:
             self.tb.close()
         if self.wandb_run:
             self.wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)  # called in a finally: an error under way?
-
-
-def run_config(run):
-    """The flags and the model config, as the run's hparams / config (numbers, strings and booleans)."""
-    flat = {**run.flags(), **{f"model.{k}": v for k, v in asdict(run.model.config).items()}}
-    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
-
-
-def open_tensorboard(log_dir, start_step, config):
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
-
-    # purge_step: an earlier run's events in log_dir at or after start_step are hidden (0: a run started over)
-    writer = SummaryWriter(log_dir, purge_step=start_step)
-    experiment, session_start, _ = hparams(config, {tag: None for tag in ("train/loss", *EVAL_TAGS.values())})
-    writer.file_writer.add_summary(experiment, start_step)
-    writer.file_writer.add_summary(session_start, start_step)
-    return writer
-
-
-def open_wandb(args, config, run_id):
-    import wandb
-
-    directory = None if "WANDB_DIR" in os.environ else args.log_dir
-    try:  # no login, no network, a project name wandb refuses: one line now, not a traceback
-        return wandb.init(project=args.wandb, name=args.wandb_run, id=run_id, resume="allow", config=config,
-                          dir=directory)
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"--wandb {args.wandb}: wandb could not start the run ({why}); run `wandb login`, or set "
-                         "WANDB_MODE=offline") from None
 
 
 # -----------------------------------------------------------------------------

@@ -67,3 +67,15 @@ def fineweb_jsonl():
 @pytest.fixture(scope="session")
 def fineweb_parquet():
     return DATA / "fineweb_sample_100.parquet"
+
+
+@pytest.fixture
+def offline_no_tokenizer(tmp_path, monkeypatch):
+    """No network (a proxy that refuses every connection) and an empty tiktoken cache, as for a user offline
+    before tiktoken ever downloaded the GPT-2 vocab."""
+    import tiktoken.registry
+
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "gpt2", raising=False)  # loaded by earlier tests
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty_tiktoken_cache"))
+    for name in ("HTTPS_PROXY", "https_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")

@@ -383,3 +383,9 @@ def test_bad_local_files_and_out_dir_are_one_line(env, fineweb_jsonl, tmp_path):
     err = proc.stderr.strip()
     assert proc.returncode != 0 and "Traceback" not in err and err.count("\n") == 0, err
     assert err.startswith("error: ") and "latin.jsonl: not UTF-8 text" in err
+
+
+def test_offline_without_the_tokenizer_cache_is_one_line(fineweb_jsonl, tmp_path, offline_no_tokenizer):
+    """Checked before the workers start: a worker whose initializer fails is respawned forever (a hang)."""
+    with pytest.raises(fineweb.DataError, match="cannot download the gpt2 tokenizer .*TIKTOKEN_CACHE_DIR"):
+        run_here("--local_files", fineweb_jsonl, "--out_dir", tmp_path / "out", "--num_proc", 2)

@@ -301,3 +301,8 @@ def test_two_downloads_with_the_same_pid_into_one_cache_both_succeed(hellaswag_s
     assert not errors
     assert (tmp_path / "hellaswag_val.jsonl").read_bytes() == body
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hellaswag_val.jsonl"]  # no temp file left behind
+
+
+def test_offline_without_the_tokenizer_cache_is_one_line(hellaswag_sample, offline_no_tokenizer):
+    err = main_error(["-m", "gpt2", "--data", str(hellaswag_sample)])
+    assert "cannot download the GPT-2 tokenizer" in err and "TIKTOKEN_CACHE_DIR" in err

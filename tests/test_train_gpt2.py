@@ -698,6 +698,13 @@ def test_bad_input_is_one_clear_line(tmp_path, shakespeare, capsys):
     assert_one_line_error(run_cli(base + ["--data", tmp_path / "nope"], tmp_path, check=False), "fineweb.py")
 
 
+def test_offline_without_the_tokenizer_cache_is_one_line_at_start(tmp_path, shakespeare, capsys, offline_no_tokenizer):
+    """One line before any work, not a traceback from requests at the first sample."""
+    err = main_error(tiny_run_args(shakespeare, tmp_path / "log", sample_every=4), capsys)
+    assert "cannot download the GPT-2 tokenizer" in err and "TIKTOKEN_CACHE_DIR" in err
+    assert not (tmp_path / "log").exists()
+
+
 def test_fine_tune_starts_from_the_weights_with_a_fresh_optimizer(tmp_path, shakespeare):
     """--init_from a checkpoint or a Hugging Face directory: step 0's loss is the source model's on the same batch,
     and the optimizer and the schedule start fresh (one AdamW step taken, the warmup's first lr)."""
@@ -760,6 +767,10 @@ def test_refuses_to_overwrite_an_earlier_run(tmp_path, shakespeare, capsys):
     assert [s for s, _ in tg.list_checkpoints(log_dir)] == [2, 1]
     train_here(tiny_run_args(shakespeare, log_dir, max_steps=1, val_every=0) + ["--overwrite"])
     assert [s for s, _ in tg.list_checkpoints(log_dir)] == [1]  # the earlier run's checkpoints are gone
+    # one --overwrite cannot delete (a directory named like a checkpoint) would be what a later --resume picks
+    (log_dir / "model_00009.pt").mkdir()
+    err = main_error(tiny_run_args(shakespeare, log_dir, max_steps=1, val_every=0) + ["--overwrite"], capsys)
+    assert "--overwrite: cannot delete" in err and "model_00009.pt" in err
 
 
 # -----------------------------------------------------------------------------
@@ -1192,8 +1203,14 @@ def test_log_truncation_and_pruning(tmp_path):
     for s in (1, 2, 3, 4):
         (tmp_path / f"model_{s:05d}.pt").write_bytes(b"x")
     (tmp_path / "model_00001.pt.keep").touch()
-    tg.prune_checkpoints(str(tmp_path), 2)
+    assert tg.prune_checkpoints(str(tmp_path), 2) == []
     assert [s for s, _ in tg.list_checkpoints(str(tmp_path))] == [4, 3, 1]
+    # one that cannot be deleted is reported, and the rest are still pruned
+    (tmp_path / "model_00000.pt").mkdir()
+    (tmp_path / "model_00005.pt").write_bytes(b"x")
+    failed = tg.prune_checkpoints(str(tmp_path), 1)
+    assert len(failed) == 1 and "model_00000.pt" in failed[0]
+    assert [s for s, _ in tg.list_checkpoints(str(tmp_path))] == [5, 1, 0]
 
 
 def test_logits_at_selects_positions():

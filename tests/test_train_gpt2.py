@@ -1962,7 +1962,7 @@ def test_recipe_preset_and_explicit_flags_win():
     # README's quickstart: fast, on Tiny Shakespeare at a CPU's size; its flags win too
     quick = tg.parse_args(["--recipe", "shakespeare", "--max_steps", "40"])
     assert (quick.data, quick.model, quick.optimizer, quick.arch, quick.total_batch_size, quick.max_steps) == \
-        ("input.txt", "d4", "muon", "modern", 8192, 40)
+        ("input.txt", "d2", "muon", "modern", 2048, 40)
 
 
 MUON_RUN = dict(

@@ -1941,7 +1941,8 @@ def test_muon_newton_schulz_runs_in_the_runs_matmul_dtype(tmp_path, shakespeare,
     seen = set()
     real = tg.newton_schulz
     monkeypatch.setattr(tg, "newton_schulz", lambda G, steps, dtype: seen.add(dtype) or real(G, steps, dtype))
-    train_here(tiny_run_args(shakespeare, tmp_path, optimizer="muon", dtype=precision, max_steps=1))
+    train_here(tiny_run_args(shakespeare, tmp_path, optimizer="muon", dtype=precision, max_steps=1,
+                             total_batch_size=256, val_every=0, checkpoint_every=0))
     assert seen == {ns_dtype}
 
 

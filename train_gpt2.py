@@ -13,11 +13,12 @@ The seed's story (build-nanogpt's), each section using only what comes before it
     The model: GPT     init, forward, generate; Hugging Face import and export
     The data           DataLoaderLite (train shards), ValSet (the val loss's tokens)
     Optimization       the LR schedule, AdamW, Muon
-    Checkpoints        save, load, find, prune; resume checks; older checkpoints upgraded
-    Training           train_step, evaluation, sampling, train()
-Optional machinery, which train() reaches through the hooks marked "hook:" in it:
-    FSDP, batch-size probing and the loss path, hardware (dtype, GPU peak FLOPs), progress (step N/M, ETA, run.json),
-    live metrics (TensorBoard, wandb), input checks, the command line.
+    Checkpoints        save, load, find, prune; older checkpoints upgraded
+    Training           train_step, evaluation, sampling, checkpointing, train()
+Optional machinery, after a banner; the core reaches it only through calls marked "hook:" (most of them in train()):
+    launch (devices, process groups), FSDP, batch-size probing and the loss path, hardware (dtype, GPU peak FLOPs),
+    progress (step N/M, ETA, run.json), live metrics (TensorBoard, wandb), input checks (flags, files, checkpoints,
+    resume), the command line.
 """
 
 import argparse
@@ -377,11 +378,6 @@ CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight",
 HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
-# the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
-EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
-
-
 def gpt2_tokenizer():
     """tiktoken's GPT-2 BPE, which it downloads on first use into its cache (TIKTOKEN_CACHE_DIR)."""
     try:
@@ -659,64 +655,13 @@ class GPT(nn.Module):
 # The data
 
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-def read_text_file(path):
-    """The text of a --data .txt file, or a UsageError that says what is wrong with it."""
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: a directory, not a text file; pass a .txt file, or a directory of shards without "
-                         "the .txt name")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to "
-                         "UTF-8 (e.g. iconv -t utf-8)") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
-    if not text.strip():
-        raise UsageError(f"{path}: the file is empty; pass a text file with something to train on")
-    return text
-
-
 @functools.lru_cache(maxsize=2)
 def tokenize_text_file(path):
     """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
-    text = read_text_file(path)
+    text = read_text_file(path)  # hook: input checks (UTF-8, not empty)
     tokens = np.array(gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)
     n_val = len(tokens) // 10
     return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
-
-
-def check_shard(path, vocab_size=GPT2_VOCAB):
-    """Memory-map a token shard after checking it is what fineweb.py writes: a 1-D uint16 .npy of token ids below
-    vocab_size. The id check is one vectorized max over the shard, read once (measured: see README)."""
-    fix = "remake the shards with `python fineweb.py`, or move this file out of the --data directory"
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
-    if magic != b"\x93NUMPY":  # np.load would try it as a pickle and talk about allow_pickle
-        raise UsageError(f"{path}: not a .npy file (no .npy header); {fix}")
-    try:
-        # a memory map reads only the pages a batch touches, instead of copying a 200 MB shard at each switch
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, object arrays (pickles), unreadable
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"{path}: not a token shard ({reason}); {fix}") from None
-    if not isinstance(tokens, np.ndarray):  # np.load opens a .npz archive as a dict-like
-        raise UsageError(f"{path}: an .npz archive, not a .npy token shard; {fix}")
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UsageError(f"{path}: a {tokens.ndim}-D {tokens.dtype} array, not the 1-D uint16 tokens of a shard; {fix}")
-    if tokens.size == 0:
-        raise UsageError(f"{path}: the shard holds no tokens; {fix}")
-    top = int(tokens.max())
-    if top >= vocab_size:
-        raise UsageError(f"{path}: holds token id {top}, outside GPT-2's vocabulary of {vocab_size} (not GPT-2 "
-                         f"tokens?); {fix}")
-    return tokens
 
 
 def find_shards(data_root, split):
@@ -734,7 +679,7 @@ def find_shards(data_root, split):
     paths = sorted(glob.glob(os.path.join(data_root, f"*{split}*.npy")))
     if not paths:
         raise UsageError(f"no {split} shards (*{split}*.npy) in {data_root}: run `python fineweb.py` to make them")
-    return [check_shard(p) for p in paths]
+    return [check_shard(p) for p in paths]  # hook: input checks (memory-mapped, uint16 GPT-2 ids)
 
 
 class DataLoaderLite:
@@ -1133,70 +1078,6 @@ def upgrade_checkpoint(checkpoint):
     return checkpoint
 
 
-def check_checkpoint_model(checkpoint, path):
-    """The config must be a GPTConfig and the weights exactly the tensors of that model; returns the model built
-    on the meta device (shapes only, no memory)."""
-    fix = "pass a checkpoint written by train_gpt2.py"
-    config, sd = checkpoint["config"], checkpoint["model"]
-    fields = set(GPTConfig.__dataclass_fields__)
-    if not isinstance(config, dict) or set(config) != fields:
-        raise UsageError(f"{path}: its config is not a GPT config (expected the keys {', '.join(sorted(fields))}); "
-                         f"{fix}")
-    sizes = {k: v for k, v in config.items() if k != "arch"}
-    positive = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values())
-    if not positive or config["n_embd"] % config["n_head"]:
-        raise UsageError(f"{path}: its config {config} is not a valid GPT config (positive whole numbers, n_embd "
-                         f"divisible by n_head); {fix}")
-    if config["arch"] not in ARCHS:
-        raise UsageError(f"{path}: its config has arch {config['arch']!r}, not one of {', '.join(ARCHS)}; {fix}")
-    try:
-        with torch.device("meta"):
-            model = GPT(GPTConfig(**config))
-    except ValueError as e:  # e.g. an odd head size for the modern arch
-        raise UsageError(f"{path}: {e}; {fix}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UsageError(f"{path}: its model entry is not a dict of tensors; {fix}")
-    try:
-        with warnings.catch_warnings():  # on the meta device it checks the keys and the shapes and copies nothing
-            warnings.filterwarnings("ignore", message=".*to a meta parameter")
-            model.load_state_dict(sd)
-    except RuntimeError as e:
-        # load_state_dict's error lists the missing keys, the unexpected ones and each wrong shape, a line each
-        problems = [line.strip()[:200] for line in str(e).splitlines()[1:]]
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UsageError(f"{path}: its weights do not fit its config: {' '.join(problems[:3])}{more}; {fix}") from None
-    return model
-
-
-def check_checkpoint_state(checkpoint, path, model):
-    """--resume also needs the training state: flags, data positions, RNG states and an optimizer for this model."""
-    fix = "resume from another checkpoint, or start a new run from its weights with --init_from"
-    need = {"optimizer": dict, "args": dict, "train_loader": list, "rng": list}
-    bad = [k for k, kind in need.items() if not isinstance(checkpoint.get(k), kind)]
-    if bad:
-        raise UsageError(f"{path}: holds weights but no training state to resume ({', '.join(bad)} missing or "
-                         f"damaged); {fix}")
-    ranks = checkpoint.get("world_size", 1)
-    per_rank = len(checkpoint["train_loader"]) == ranks and len(checkpoint["rng"]) == ranks
-    if not per_rank or "batch_size" not in checkpoint["args"]:
-        raise UsageError(f"{path}: its data positions or RNG states do not match its world size {ranks}; {fix}")
-    opt = checkpoint["optimizer"]
-    parts = opt["optimizers"] if "optimizers" in opt else [opt]  # --optimizer muon: AdamW's and Muon's
-    try:
-        n_opt = sum(len(g["params"]) for part in parts for g in part["param_groups"])
-        # each parameter's first moment (AdamW) or momentum (Muon) has its shape
-        state_shapes = sorted(tuple(s["exp_avg" if "exp_avg" in s else "momentum_buffer"].shape)
-                              for part in parts for s in part["state"].values())
-    except (KeyError, TypeError, AttributeError):
-        raise UsageError(f"{path}: its optimizer state is damaged; {fix}") from None
-    params = list(model.parameters())
-    param_shapes = sorted(tuple(p.shape) for p in params)
-    fits = n_opt == len(params) and (not state_shapes or state_shapes == param_shapes)
-    if not fits:
-        raise UsageError(f"{path}: its optimizer state does not fit its model ({n_opt} tensors for {len(params)} "
-                         f"parameters); {fix}")
-
-
 def load_checkpoint(path, resume=False):
     """A checkpoint of ours, checked inside too (config, weights, and with resume the training state), so that a
     foreign or damaged one is a one-line error here, not a traceback from load_state_dict later."""
@@ -1212,9 +1093,9 @@ def load_checkpoint(path, resume=False):
         raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py (expected a dict with model, config and "
                          "step)")
     upgrade_checkpoint(checkpoint)
-    model = check_checkpoint_model(checkpoint, path)
+    model = check_checkpoint_model(checkpoint, path)  # hook: input checks (config and weights fit)
     if resume:
-        check_checkpoint_state(checkpoint, path, model)
+        check_checkpoint_state(checkpoint, path, model)  # hook: input checks (optimizer, data, RNG states)
     return checkpoint
 
 
@@ -1330,42 +1211,6 @@ def truncate_log(log_file, step):
     os.replace(log_file + ".tmp", log_file)
 
 
-# flags that decide the model and which tokens each step sees: a run can only resume with the same ones
-# --data may change (the loader checks that the shards are the same); these change the run itself
-RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed",
-                     "shuffle", "optimizer", "schedule")
-# flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
-# would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
-# would jump from min_lr back to 6x min_lr), so they must match; --extend alone changes --max_steps
-RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "decay_frac",
-                   "embed_lr", "muon_lr", "muon_momentum", "muon_weight_decay")
-
-
-def check_resume_compatible(checkpoint, flags, world_size):
-    """flags: this run's, as its checkpoints save them (Run.flags(): the command line and the run's precision and
-    micro-batch). The schedule and the precision must be the checkpoint's too."""
-    saved = checkpoint.get("args", {})
-    extend = flags.get("extend", False)
-
-    def differ(names):
-        return [f"--{k} {saved[k]} -> {flags[k]}" for k in names if k in saved and saved[k] != flags[k]]
-
-    diffs = differ(RESUME_MUST_MATCH)
-    if checkpoint.get("world_size", world_size) != world_size:
-        diffs.append(f"world size {checkpoint['world_size']} -> {world_size} (it changes each rank's data)")
-    diffs += differ(k for k in RESUME_SCHEDULE if not (k == "max_steps" and extend))
-    if extend and flags["max_steps"] < checkpoint["step"]:
-        diffs.append(f"--max_steps {flags['max_steps']} is before the checkpoint's step {checkpoint['step']}")
-    before, now = saved.get("precision"), flags.get("precision")
-    if now and before != now and (before is not None or now == "float16"):
-        before = before or "bfloat16 or float32"
-        diffs.append(f"precision {before} -> {now} (--dtype {flags['dtype']}; pass --dtype {before})")
-    if diffs:
-        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the "
-                         "checkpoint's settings (the eval, logging and checkpoint flags may change; --extend to train "
-                         "to another --max_steps), or --init_from CKPT to start a new run from its weights")
-
-
 def lr_decay_steps(args, checkpoint):
     """Where the cosine ends: --max_steps, or for a resumed run the checkpoint's, which --extend keeps."""
     return args.max_steps if checkpoint is None else checkpoint["args"]["lr_decay_steps"]
@@ -1373,16 +1218,6 @@ def lr_decay_steps(args, checkpoint):
 
 # -----------------------------------------------------------------------------
 # Training
-
-
-def pick_device(requested="auto"):
-    if requested != "auto":
-        return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
 
 
 def autocast_context(device_type, dtype):
@@ -1406,50 +1241,6 @@ class DistContext:
     @property
     def device_type(self):  # cuda, cpu or mps: what autocast and the fused kernels ask for
         return self.device.split(":")[0]
-
-
-def restart_safe_group(rank, world_size):
-    """init_process_group's store under torchrun. torchrun --max-restarts gives every attempt the same rendezvous
-    store: a restarted group would read the dead one's addresses (a hang, or "Connection refused"), so the keys of
-    each attempt get a prefix of their own. Without torchrun (srun, mpirun): {}, env:// as usual."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
-        return {}
-    store, _, _ = next(dist.rendezvous("env://"))
-    return dict(store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank, world_size=world_size)
-
-
-def local_rank_from_env(rank):
-    """The GPU of this process on its node (RANK is global across nodes): LOCAL_RANK from torchrun, else the local
-    rank Slurm or MPI set (srun, mpirun), else RANK modulo the GPUs of a node (ranks numbered node by node)."""
-    for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return rank % max(1, torch.cuda.device_count())
-
-
-def setup_distributed(requested_device):
-    """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
-    device = pick_device(requested_device)
-    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-        if device.startswith("cuda:"):  # else seeding, synchronize, the dtype's capability query act on GPU 0
-            torch.cuda.set_device(device)
-        return DistContext(False, 0, 0, 1, device)
-    # Import dynamo before the process group exists. Imported afterwards (DDP and torch.compile import it), it keeps
-    # a reference to the group, so destroy_process_group cannot join gloo's worker threads; one that frees its last
-    # tensor after Python has begun shutting down aborts the process ("terminate called without an active exception").
-    from torch import _dynamo  # noqa: F401 (binds no local `torch`, which the lines above use)
-
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = local_rank_from_env(rank)
-    group = restart_safe_group(rank, world_size)
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device), **group)
-    else:
-        dist.init_process_group(backend="gloo", **group)
-    return DistContext(True, rank, local_rank, world_size, device)
 
 
 def all_reduce_mean(value, ctx):
@@ -1537,48 +1328,6 @@ def params_finite(model, ctx):
     if is_sharded(model):
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
-
-
-def full_state_dicts(model, optimizer, ctx):
-    """(model state_dict, optimizer state_dict) of the whole model on rank 0, (None, None) on the others.
-    Under FSDP every rank must call it: the shards are gathered one tensor at a time and moved to CPU (cpu_offload),
-    so no GPU ever holds the whole optimizer state. The optimizer's is converted to a plain AdamW's format."""
-    if not is_sharded(model):
-        return (model.state_dict(), optimizer.state_dict()) if ctx.master else (None, None)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    if not ctx.master:
-        return None, None
-    # keyed by parameter name here; a plain optimizer numbers its parameters 0, 1, ... in param-group order
-    index = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
-    return model_state, {
-        "state": {index[name]: state for name, state in optim_state["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]],
-    }
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Load a plain AdamW state_dict (from any of single process, DDP, FSDP) into the optimizer; under FSDP each
-    rank keeps its shards of the full tensors (every rank has read the checkpoint)."""
-    if not is_sharded(model):
-        if next(model.parameters()).device.type == "cpu":
-            # AdamW keeps the very tensors it is given on the CPU: copies, not pages of the memory-mapped checkpoint
-            # (whose mapping would then hold the file, even once pruned, for the whole run)
-            state = copy.deepcopy(state)
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    named = {
-        "state": {names[i]: s for i, s in state["state"].items()},
-        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
 @dataclass
@@ -1675,7 +1424,7 @@ def load_or_build_model(run):
         path, checkpoint = args.resume, load_checkpoint(args.resume, resume=True)
     if args.batch_size == "auto":  # the micro-batch the run chose
         run.batch_size = checkpoint["args"]["batch_size"]
-    check_resume_compatible(checkpoint, run.flags(), run.ctx.world_size)
+    check_resume_compatible(checkpoint, run.flags(), run.ctx.world_size)  # hook: input checks
     run.lr_decay_steps = lr_decay_steps(args, checkpoint)
     checkpoint["path"] = path
     with torch.device(run.ctx.device):  # built where it trains: no CPU copy of the model on each rank
@@ -1734,7 +1483,7 @@ def start_or_resume(run, checkpoint):
                 raise UsageError(f"--overwrite: cannot delete {failed[0]}; delete it or use another --log_dir")
             open(run.log_file, "w").close()
         return 0, None
-    load_optimizer_state(run.model, run.optimizer, checkpoint["optimizer"])
+    load_optimizer_state(run.model, run.optimizer, checkpoint["optimizer"])  # hook: FSDP (or a plain load)
     run.scaler.load_state_dict(checkpoint.get("scaler", {}))
     run.train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
     set_rng_state(checkpoint["rng"][ctx.rank], run.sample_generator)
@@ -1859,7 +1608,7 @@ def write_checkpoint(run, step, val_loss):
                                f"--max_lr or resume from the last checkpoint in {log_dir}")
     loader_states = gather_objects(run.train_loader.state_dict(), ctx)
     rng_states = gather_objects(get_rng_state(run.sample_generator), ctx)
-    model_state, optimizer_state = full_state_dicts(model, run.optimizer, ctx)  # gathered on rank 0 under FSDP
+    model_state, optimizer_state = full_state_dicts(model, run.optimizer, ctx)  # hook: FSDP (gathered on rank 0)
     error = None
     if ctx.master:
         checkpoint = {
@@ -2037,9 +1786,67 @@ def train(args, ctx):
 
 
 # =============================================================================
-# Optional machinery. Everything above is the seed's training run; what follows is reached from train() only
-# through its "hook:" calls (and from the command line).
+# Optional machinery. Everything above is the seed's training run; what follows is reached from it only through
+# the calls marked "hook:" (and from the command line).
 # =============================================================================
+
+
+# -----------------------------------------------------------------------------
+# Launch: the device, and one process per GPU under torchrun, srun or mpirun
+
+
+def pick_device(requested="auto"):
+    if requested != "auto":
+        return requested
+    if torch.cuda.is_available():
+        return "cuda"
+    if torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def local_rank_from_env(rank):
+    """The GPU of this process on its node (RANK is global across nodes): LOCAL_RANK from torchrun, else the local
+    rank Slurm or MPI set (srun, mpirun), else RANK modulo the GPUs of a node (ranks numbered node by node)."""
+    for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    return rank % max(1, torch.cuda.device_count())
+
+
+def restart_safe_group(rank, world_size):
+    """init_process_group's store under torchrun. torchrun --max-restarts gives every attempt the same rendezvous
+    store: a restarted group would read the dead one's addresses (a hang, or "Connection refused"), so the keys of
+    each attempt get a prefix of their own. Without torchrun (srun, mpirun): {}, env:// as usual."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return {}
+    store, _, _ = next(dist.rendezvous("env://"))
+    return dict(store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank, world_size=world_size)
+
+
+def setup_distributed(requested_device):
+    """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
+    device = pick_device(requested_device)
+    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
+        if device.startswith("cuda:"):  # else seeding, synchronize, the dtype's capability query act on GPU 0
+            torch.cuda.set_device(device)
+        return DistContext(False, 0, 0, 1, device)
+    # Import dynamo before the process group exists. Imported afterwards (DDP and torch.compile import it), it keeps
+    # a reference to the group, so destroy_process_group cannot join gloo's worker threads; one that frees its last
+    # tensor after Python has begun shutting down aborts the process ("terminate called without an active exception").
+    from torch import _dynamo  # noqa: F401 (binds no local `torch`, which the lines above use)
+
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = local_rank_from_env(rank)
+    group = restart_safe_group(rank, world_size)
+    if device.startswith("cuda"):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=torch.device(device), **group)
+    else:
+        dist.init_process_group(backend="gloo", **group)
+    return DistContext(True, rank, local_rank, world_size, device)
 
 
 # -----------------------------------------------------------------------------
@@ -2120,6 +1927,48 @@ def state_memory_line(model, optimizer, ctx):
     if is_sharded(model):
         how = f"FSDP, 1/{ctx.world_size} each"
     return "state per rank: " + " | ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in b.items()) + f" ({how})"
+
+
+def full_state_dicts(model, optimizer, ctx):
+    """(model state_dict, optimizer state_dict) of the whole model on rank 0, (None, None) on the others.
+    Under FSDP every rank must call it: the shards are gathered one tensor at a time and moved to CPU (cpu_offload),
+    so no GPU ever holds the whole optimizer state. The optimizer's is converted to a plain AdamW's format."""
+    if not is_sharded(model):
+        return (model.state_dict(), optimizer.state_dict()) if ctx.master else (None, None)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if not ctx.master:
+        return None, None
+    # keyed by parameter name here; a plain optimizer numbers its parameters 0, 1, ... in param-group order
+    index = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
+    return model_state, {
+        "state": {index[name]: state for name, state in optim_state["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]],
+    }
+
+
+def load_optimizer_state(model, optimizer, state):
+    """Load a plain AdamW state_dict (from any of single process, DDP, FSDP) into the optimizer; under FSDP each
+    rank keeps its shards of the full tensors (every rank has read the checkpoint)."""
+    if not is_sharded(model):
+        if next(model.parameters()).device.type == "cpu":
+            # AdamW keeps the very tensors it is given on the CPU: copies, not pages of the memory-mapped checkpoint
+            # (whose mapping would then hold the file, even once pruned, for the whole run)
+            state = copy.deepcopy(state)
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    named = {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
 # -----------------------------------------------------------------------------
@@ -2665,6 +2514,9 @@ class Metrics:
 # Input checks: flags and files, before any work starts
 
 
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+
+
 def ensure_text_data(path):
     """--data input.txt is Tiny Shakespeare: download it on first use."""
     if os.path.exists(path) or os.path.basename(path) != "input.txt":
@@ -2684,6 +2536,156 @@ def ensure_text_data(path):
     except OSError as e:
         raise UsageError(f"{path}: cannot write the download there ({e.strerror or e}); pass --data with a writable "
                          "path") from None
+
+
+def read_text_file(path):
+    """The text of a --data .txt file, or a UsageError that says what is wrong with it."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path}: a directory, not a text file; pass a .txt file, or a directory of shards without "
+                         "the .txt name")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to "
+                         "UTF-8 (e.g. iconv -t utf-8)") from None
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
+    if not text.strip():
+        raise UsageError(f"{path}: the file is empty; pass a text file with something to train on")
+    return text
+
+
+def check_shard(path, vocab_size=GPT2_VOCAB):
+    """Memory-map a token shard after checking it is what fineweb.py writes: a 1-D uint16 .npy of token ids below
+    vocab_size. The id check is one vectorized max over the shard, read once (measured: see README)."""
+    fix = "remake the shards with `python fineweb.py`, or move this file out of the --data directory"
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
+    if magic != b"\x93NUMPY":  # np.load would try it as a pickle and talk about allow_pickle
+        raise UsageError(f"{path}: not a .npy file (no .npy header); {fix}")
+    try:
+        # a memory map reads only the pages a batch touches, instead of copying a 200 MB shard at each switch
+        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, object arrays (pickles), unreadable
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UsageError(f"{path}: not a token shard ({reason}); {fix}") from None
+    if not isinstance(tokens, np.ndarray):  # np.load opens a .npz archive as a dict-like
+        raise UsageError(f"{path}: an .npz archive, not a .npy token shard; {fix}")
+    if tokens.dtype != np.uint16 or tokens.ndim != 1:
+        raise UsageError(f"{path}: a {tokens.ndim}-D {tokens.dtype} array, not the 1-D uint16 tokens of a shard; {fix}")
+    if tokens.size == 0:
+        raise UsageError(f"{path}: the shard holds no tokens; {fix}")
+    top = int(tokens.max())
+    if top >= vocab_size:
+        raise UsageError(f"{path}: holds token id {top}, outside GPT-2's vocabulary of {vocab_size} (not GPT-2 "
+                         f"tokens?); {fix}")
+    return tokens
+
+
+def check_checkpoint_model(checkpoint, path):
+    """The config must be a GPTConfig and the weights exactly the tensors of that model; returns the model built
+    on the meta device (shapes only, no memory)."""
+    fix = "pass a checkpoint written by train_gpt2.py"
+    config, sd = checkpoint["config"], checkpoint["model"]
+    fields = set(GPTConfig.__dataclass_fields__)
+    if not isinstance(config, dict) or set(config) != fields:
+        raise UsageError(f"{path}: its config is not a GPT config (expected the keys {', '.join(sorted(fields))}); "
+                         f"{fix}")
+    sizes = {k: v for k, v in config.items() if k != "arch"}
+    positive = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values())
+    if not positive or config["n_embd"] % config["n_head"]:
+        raise UsageError(f"{path}: its config {config} is not a valid GPT config (positive whole numbers, n_embd "
+                         f"divisible by n_head); {fix}")
+    if config["arch"] not in ARCHS:
+        raise UsageError(f"{path}: its config has arch {config['arch']!r}, not one of {', '.join(ARCHS)}; {fix}")
+    try:
+        with torch.device("meta"):
+            model = GPT(GPTConfig(**config))
+    except ValueError as e:  # e.g. an odd head size for the modern arch
+        raise UsageError(f"{path}: {e}; {fix}") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UsageError(f"{path}: its model entry is not a dict of tensors; {fix}")
+    try:
+        with warnings.catch_warnings():  # on the meta device it checks the keys and the shapes and copies nothing
+            warnings.filterwarnings("ignore", message=".*to a meta parameter")
+            model.load_state_dict(sd)
+    except RuntimeError as e:
+        # load_state_dict's error lists the missing keys, the unexpected ones and each wrong shape, a line each
+        problems = [line.strip()[:200] for line in str(e).splitlines()[1:]]
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise UsageError(f"{path}: its weights do not fit its config: {' '.join(problems[:3])}{more}; {fix}") from None
+    return model
+
+
+def check_checkpoint_state(checkpoint, path, model):
+    """--resume also needs the training state: flags, data positions, RNG states and an optimizer for this model."""
+    fix = "resume from another checkpoint, or start a new run from its weights with --init_from"
+    need = {"optimizer": dict, "args": dict, "train_loader": list, "rng": list}
+    bad = [k for k, kind in need.items() if not isinstance(checkpoint.get(k), kind)]
+    if bad:
+        raise UsageError(f"{path}: holds weights but no training state to resume ({', '.join(bad)} missing or "
+                         f"damaged); {fix}")
+    ranks = checkpoint.get("world_size", 1)
+    per_rank = len(checkpoint["train_loader"]) == ranks and len(checkpoint["rng"]) == ranks
+    if not per_rank or "batch_size" not in checkpoint["args"]:
+        raise UsageError(f"{path}: its data positions or RNG states do not match its world size {ranks}; {fix}")
+    opt = checkpoint["optimizer"]
+    parts = opt["optimizers"] if "optimizers" in opt else [opt]  # --optimizer muon: AdamW's and Muon's
+    try:
+        n_opt = sum(len(g["params"]) for part in parts for g in part["param_groups"])
+        # each parameter's first moment (AdamW) or momentum (Muon) has its shape
+        state_shapes = sorted(tuple(s["exp_avg" if "exp_avg" in s else "momentum_buffer"].shape)
+                              for part in parts for s in part["state"].values())
+    except (KeyError, TypeError, AttributeError):
+        raise UsageError(f"{path}: its optimizer state is damaged; {fix}") from None
+    params = list(model.parameters())
+    param_shapes = sorted(tuple(p.shape) for p in params)
+    fits = n_opt == len(params) and (not state_shapes or state_shapes == param_shapes)
+    if not fits:
+        raise UsageError(f"{path}: its optimizer state does not fit its model ({n_opt} tensors for {len(params)} "
+                         f"parameters); {fix}")
+
+
+# flags that decide the model and which tokens each step sees: a run can only resume with the same ones
+# --data may change (the loader checks that the shards are the same); these change the run itself
+RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed",
+                     "shuffle", "optimizer", "schedule")
+
+
+# flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
+# would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
+# would jump from min_lr back to 6x min_lr), so they must match; --extend alone changes --max_steps
+RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "decay_frac",
+                   "embed_lr", "muon_lr", "muon_momentum", "muon_weight_decay")
+
+
+def check_resume_compatible(checkpoint, flags, world_size):
+    """flags: this run's, as its checkpoints save them (Run.flags(): the command line and the run's precision and
+    micro-batch). The schedule and the precision must be the checkpoint's too."""
+    saved = checkpoint.get("args", {})
+    extend = flags.get("extend", False)
+
+    def differ(names):
+        return [f"--{k} {saved[k]} -> {flags[k]}" for k in names if k in saved and saved[k] != flags[k]]
+
+    diffs = differ(RESUME_MUST_MATCH)
+    if checkpoint.get("world_size", world_size) != world_size:
+        diffs.append(f"world size {checkpoint['world_size']} -> {world_size} (it changes each rank's data)")
+    diffs += differ(k for k in RESUME_SCHEDULE if not (k == "max_steps" and extend))
+    if extend and flags["max_steps"] < checkpoint["step"]:
+        diffs.append(f"--max_steps {flags['max_steps']} is before the checkpoint's step {checkpoint['step']}")
+    before, now = saved.get("precision"), flags.get("precision")
+    if now and before != now and (before is not None or now == "float16"):
+        before = before or "bfloat16 or float32"
+        diffs.append(f"precision {before} -> {now} (--dtype {flags['dtype']}; pass --dtype {before})")
+    if diffs:
+        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the "
+                         "checkpoint's settings (the eval, logging and checkpoint flags may change; --extend to train "
+                         "to another --max_steps), or --init_from CKPT to start a new run from its weights")
 
 
 def positive_int(value):
@@ -2715,6 +2717,11 @@ def check_output_dir(path, flag):
         raise UsageError(f"{path}: {flag} must be a directory, but {where}; pass another {flag}")
     if not os.access(target, os.W_OK | os.X_OK):
         raise UsageError(f"{path}: {flag} is not writable ({target} is read-only for this user); pass another {flag}")
+
+
+# the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
+EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
 
 
 def check_export_dir(path):

@@ -1798,11 +1798,7 @@ def train(args, ctx):
 def pick_device(requested="auto"):
     if requested != "auto":
         return requested
-    if torch.cuda.is_available():
-        return "cuda"
-    if torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def local_rank_from_env(rank):
@@ -1860,8 +1856,7 @@ def setup_distributed(requested_device):
 
 
 def fsdp_api():
-    """(MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method): FSDP2, public in torch.distributed.fsdp
-    since torch 2.6 (torch 2.4 and 2.5 keep it under torch.distributed._composable)."""
+    """FSDP2's API: public in torch.distributed.fsdp since torch 2.6 (2.4 and 2.5 keep it in a private module)."""
     try:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     except ImportError:
@@ -1895,37 +1890,34 @@ def shard_model(model, ctx, dtype):
     register_fsdp_forward_method(model, "generate")
     register_fsdp_forward_method(model, "logits_at")
     if ctx.master:
-        compute = "float32"
-        if dtype != torch.float32:
-            compute = f"{str(dtype).replace('torch.', '')} (FSDP casts the weights; no autocast)"
+        name = str(dtype).replace("torch.", "")
+        compute = name if dtype == torch.float32 else f"{name} (FSDP casts the weights; no autocast)"
         print(f"FSDP: {len(model.transformer.h)} blocks + root sharded over {ctx.world_size} ranks | compute {compute} "
               "| gradients reduced in float32")
     return model, torch.float32
 
 
 def compile_blocks(model):
-    """torch.compile each block in place (names unchanged): under FSDP each compiled graph sits between two
-    all-gathers."""
+    """In place (names unchanged): under FSDP each compiled graph sits between two all-gathers."""
     for block in model.transformer.h:
         block.compile()
 
 
 def state_bytes_per_rank(model, optimizer):
     """Bytes this rank holds of parameters, gradients and optimizer state (its shards under FSDP)."""
-    size = lambda t: local_part(t).numel() * local_part(t).element_size()  # noqa: E731
     params = list(model.parameters())
+    opt_tensors = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
     return {
-        "parameters": sum(size(p) for p in params),
-        "gradients": sum(size(p.grad) for p in params if p.grad is not None),
-        "optimizer": sum(size(v) for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)),
+        "parameters": sum(local_part(p).nbytes for p in params),
+        "gradients": sum(local_part(p.grad).nbytes for p in params if p.grad is not None),
+        "optimizer": sum(local_part(v).nbytes for v in opt_tensors),
     }
 
 
 def state_memory_line(model, optimizer, ctx):
     b = state_bytes_per_rank(model, optimizer)
     how = "a full copy" + (" on every rank" if ctx.ddp else "")
-    if is_sharded(model):
-        how = f"FSDP, 1/{ctx.world_size} each"
+    how = f"FSDP, 1/{ctx.world_size} each" if is_sharded(model) else how
     return "state per rank: " + " | ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in b.items()) + f" ({how})"
 
 
@@ -1944,10 +1936,13 @@ def full_state_dicts(model, optimizer, ctx):
         return None, None
     # keyed by parameter name here; a plain optimizer numbers its parameters 0, 1, ... in param-group order
     index = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
-    return model_state, {
-        "state": {index[name]: state for name, state in optim_state["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in optim_state["param_groups"]],
-    }
+    return model_state, rekey_optimizer_state(optim_state, index)
+
+
+def rekey_optimizer_state(state, key):
+    """An optimizer state_dict with each parameter's key k replaced by key[k] (names <-> param-group order)."""
+    groups = [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]
+    return {"state": {key[k]: s for k, s in state["state"].items()}, "param_groups": groups}
 
 
 def load_optimizer_state(model, optimizer, state):
@@ -1964,10 +1959,7 @@ def load_optimizer_state(model, optimizer, state):
 
     name_of = {id(p): name for name, p in model.named_parameters()}
     names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    named = {
-        "state": {names[i]: s for i, s in state["state"].items()},
-        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
+    named = rekey_optimizer_state(state, names)
     set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
 
 
@@ -1982,25 +1974,22 @@ FULL_LOGITS_MEMORY_FRACTION = 0.25
 EAGER_SOFTCAP_LOGITS_COPIES = 4
 
 
-def pick_loss_chunk_size(device_type, n_tokens, vocab_size, free_bytes, copies=1):
-    """0 (full logits and F.cross_entropy, build-nanogpt's path, which torch.compile fuses) on CUDA when the
-    micro-batch's float32 logits (times copies of them) take at most FULL_LOGITS_MEMORY_FRACTION of the free
-    memory; else chunks. CPUs always chunk: measured faster there and 54% lighter (bench.py --mode memory)."""
-    if device_type == "cuda" and copies * n_tokens * vocab_size * 4 <= free_bytes * FULL_LOGITS_MEMORY_FRACTION:
-        return 0
-    return default_loss_chunk_size(torch.device(device_type))
-
-
 def head_is_fused(args, model):
     """Whether torch.compile sees the head and the loss together: a compiled root (FSDP compiles only the blocks)."""
     return bool(args.compile) and not is_sharded(model)
 
 
 def training_loss_chunk_size(model, ctx, B, T, fused_head=True):
-    """The loss path of a training micro-batch B x T on this device (GPUs: asks for the free memory)."""
-    free = torch.cuda.mem_get_info(ctx.device)[0] if ctx.device_type == "cuda" else 0
-    copies = 1 if fused_head or model.softcap is None else EAGER_SOFTCAP_LOGITS_COPIES
-    return pick_loss_chunk_size(ctx.device_type, B * T, model.config.vocab_size, free, copies)
+    """The loss path of a training micro-batch B x T: 0 (full logits and F.cross_entropy, build-nanogpt's path, which
+    torch.compile fuses) on CUDA when its float32 logits (and their copies) take at most FULL_LOGITS_MEMORY_FRACTION
+    of the free memory; else chunks. CPUs always chunk: measured faster there and 54% lighter (bench.py --mode
+    memory)."""
+    if ctx.device_type == "cuda":
+        copies = 1 if fused_head or model.softcap is None else EAGER_SOFTCAP_LOGITS_COPIES
+        logits_bytes = copies * B * T * model.config.vocab_size * 4
+        if logits_bytes <= torch.cuda.mem_get_info(ctx.device)[0] * FULL_LOGITS_MEMORY_FRACTION:
+            return 0
+    return default_loss_chunk_size(torch.device(ctx.device_type))
 
 
 def find_batch_size(fits, largest):
@@ -2074,14 +2063,7 @@ def training_state_bytes(num_params, ddp, fsdp_shards=0, accumulating=False):
 def cuda_usable_bytes(ctx):
     """The GPU memory this process may use: what the other processes on this GPU leave us."""
     torch.cuda.empty_cache()
-    free, _ = torch.cuda.mem_get_info(ctx.device)
-    return free + torch.cuda.memory_reserved(ctx.device)
-
-
-def cuda_step_budget(model, ctx):
-    """Bytes a probed forward+backward may peak at (the model's own parameters included)."""
-    usable = cuda_usable_bytes(ctx)
-    return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(model.num_params(), ctx.ddp)
+    return torch.cuda.mem_get_info(ctx.device)[0] + torch.cuda.memory_reserved(ctx.device)
 
 
 def agree_batch_size(find, ctx):
@@ -2137,7 +2119,9 @@ def choose_batch_size(args, model, ctx, dtype):
     if ctx.device_type == "cuda" and is_sharded(model):
         return agree_batch_size(lambda: fsdp_batch_size(model, ctx, dtype, T, largest, fused), ctx)
     if ctx.device_type == "cuda":
-        budget = cuda_step_budget(model, ctx)
+        # a probed forward+backward may peak at this (the model's own parameters included)
+        usable = int(cuda_usable_bytes(ctx) * BATCH_PROBE_MEMORY_FRACTION)
+        budget = usable - training_state_bytes(model.num_params(), ctx.ddp)
 
         def fits(b):
             model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused)  # the path training will use
@@ -2154,40 +2138,25 @@ def choose_batch_size(args, model, ctx, dtype):
 # Hardware: precision, FLOPs, memory allocator
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_flags():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 def cpu_has_native_bf16():
     # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
     try:
-        native = _cpu_flags() & {"avx512_bf16", "amx_bf16"} != set()
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and native
-    except (AttributeError, RuntimeError):
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not {"avx512_bf16", "amx_bf16"}.isdisjoint(flags)
+    except (OSError, AttributeError, RuntimeError):
         return False
-
-
-def cuda_has_native_bf16():
-    # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
-    # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
-    return torch.cuda.get_device_capability() >= (8, 0)
 
 
 def pick_dtype(requested, device_type):
     """The autocast dtype. bf16 has float32's exponent range, so unlike fp16 it needs no loss scaling;
     fp16 is for GPUs without bf16 (V100, T4)."""
     if requested != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[requested]
+        return getattr(torch, requested)
     if device_type == "cuda":
-        return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+        # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
+        # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
+        return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
     if device_type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
@@ -2203,18 +2172,14 @@ GPU_PEAK_FLOPS = [
 
 
 def gpu_peak_flops(device_name):
-    for key, flops in GPU_PEAK_FLOPS:
-        if key in device_name:
-            return flops
-    return None
+    return next((flops for key, flops in GPU_PEAK_FLOPS if key in device_name), None)
 
 
 def flops_per_token(config, T):
     """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
-    (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the lm_head is one matmul
-    whether tied to wte (gpt2) or not (modern), and the modern block has the same matmuls (its norms, rotary
-    and soft-cap are elementwise, negligible): one formula for both archs."""
-    # lm_head (tied with wte or not), then per layer attention 4 C^2 and MLP 8 C^2
+    (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the modern block has the same
+    matmuls (its norms, rotary and soft-cap are elementwise, negligible): one formula for both archs."""
+    # lm_head (one matmul, tied with wte or not), then per layer attention 4 C^2 and MLP 8 C^2
     N = config.vocab_size * config.n_embd + config.n_layer * 12 * config.n_embd**2
     return 6 * N + 12 * config.n_layer * config.n_embd * T
 
@@ -2222,16 +2187,13 @@ def flops_per_token(config, T):
 def tune_cpu_allocator():
     """Keep big buffers (activations, logits) on glibc's heap: by default blocks over 32 MB are mmapped and
     unmapped on free, and every step paid page faults for hundreds of MB, ~30% of a CPU step's time."""
-    if not sys.platform.startswith("linux"):
-        return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # musl or another libc
-        return False
+    except OSError:  # not glibc (macOS, Windows, musl)
+        return
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    ok = libc.mallopt(M_MMAP_MAX, 0) == 1
-    ok &= libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1  # an int: the largest it takes
-    return bool(ok)
+    libc.mallopt(M_MMAP_MAX, 0)
+    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # an int: the largest it takes
 
 
 def setup_device(args, ctx):
@@ -2313,9 +2275,8 @@ def long_run_note(run, config, steps):
 
 
 def data_kind(data):
-    """What --data holds, for run.json: text (a .txt file), fineweb-edu (fineweb.py's default download, or shards
-    named as build-nanogpt's fineweb.py names them), local files (fineweb.py --local_files), another hub dataset's
-    name, or shards (of unknown origin)."""
+    """What --data holds, for run.json: text, fineweb-edu (also shards named as build-nanogpt's fineweb.py names
+    them), local files (fineweb.py --local_files), another hub dataset's name, or shards (of unknown origin)."""
     if data.endswith(".txt"):
         return "text"
     try:
@@ -2346,7 +2307,6 @@ def write_run_record(log_dir, record):
 
 
 def record_run(run, start_step):
-    """At start, on rank 0: run.json, and the note of a run that will take more than a day."""
     write_run_record(run.args.log_dir, run_record(run.args, run.model.config, run.model.num_params()))
     note = long_run_note(run, run.model.config, run.args.max_steps - start_step)
     if note:
@@ -2364,7 +2324,6 @@ def record_run(run, start_step):
 # the server already holds (the interrupted run's after its checkpoint, the same values: resume is exact) are not
 # sent again.
 
-METRICS_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}  # flag: the package it needs
 EVAL_TAGS = {"val": "val/loss", "hella": "hellaswag/acc_norm"}  # log.txt stream: metric
 
 
@@ -2372,9 +2331,9 @@ def check_metrics_packages(args):
     """--tensorboard and --wandb need their package where the metrics are written (global rank 0)."""
     if os.environ.get("RANK", "0") != "0":
         return
-    for flag, package in METRICS_PACKAGES.items():
-        if getattr(args, flag) is not None and importlib.util.find_spec(package) is None:
-            raise UsageError(f"--{flag}: the {package} package is not installed; pip install {package}")
+    for package in ("tensorboard", "wandb"):  # each flag is named after the package it needs
+        if getattr(args, package) is not None and importlib.util.find_spec(package) is None:
+            raise UsageError(f"--{package}: the {package} package is not installed; pip install {package}")
 
 
 def lr_group_names(optimizer):
@@ -2595,8 +2554,7 @@ def check_checkpoint_model(checkpoint, path):
     if not isinstance(config, dict) or set(config) != fields:
         raise UsageError(f"{path}: its config is not a GPT config (expected the keys {', '.join(sorted(fields))}); "
                          f"{fix}")
-    sizes = {k: v for k, v in config.items() if k != "arch"}
-    positive = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sizes.values())
+    positive = all(type(v) is int and v > 0 for k, v in config.items() if k != "arch")  # bools are not sizes
     if not positive or config["n_embd"] % config["n_head"]:
         raise UsageError(f"{path}: its config {config} is not a valid GPT config (positive whole numbers, n_embd "
                          f"divisible by n_head); {fix}")
@@ -2734,25 +2692,25 @@ def check_export_dir(path):
                              "new or empty directory")
 
 
+# the numeric flags' ranges, checked in this order: flag -> (the range in words, the check); None (unset) passes
+FLAG_RANGES = {
+    **dict.fromkeys(["seq_len", "total_batch_size", "val_tokens", "keep_checkpoints", "num_samples", "val_steps"],
+                    (">= 1", lambda v: v >= 1)),
+    **dict.fromkeys(["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every",
+                     "max_new_tokens"], (">= 0", lambda v: v >= 0)),
+    "decay_frac": ("between 0 and 1", lambda v: 0 <= v <= 1),
+    **dict.fromkeys(["muon_lr", "max_lr", "embed_lr"], ("> 0", lambda v: v > 0)),
+    "muon_momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+}
+
+
 def check_args(args):
     """Mistakes that need no data or model to find, caught before any work starts."""
-    positive = ["seq_len", "total_batch_size", "val_tokens", "keep_checkpoints", "num_samples"]
-    for name in positive:
-        if getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.val_steps is not None and args.val_steps < 1:
-        raise UsageError(f"--val_steps must be >= 1, got {args.val_steps} (and it is deprecated: use --val_tokens)")
-    for name in ["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every",
-                 "max_new_tokens"]:
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name} must be >= 0, got {getattr(args, name)}")
-    if not 0 <= args.decay_frac <= 1:
-        raise UsageError(f"--decay_frac must be between 0 and 1, got {args.decay_frac}")
-    for name in ["muon_lr", "max_lr"] + (["embed_lr"] if args.embed_lr is not None else []):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name} must be > 0, got {getattr(args, name)}")
-    if not 0 <= args.muon_momentum < 1:
-        raise UsageError(f"--muon_momentum must be in [0, 1), got {args.muon_momentum}")
+    for name, (allowed, ok) in FLAG_RANGES.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            deprecated = " (and it is deprecated: use --val_tokens)" if name == "val_steps" else ""
+            raise UsageError(f"--{name} must be {allowed}, got {value}{deprecated}")
     if args.vocab_size < GPT2_VOCAB:
         raise UsageError(f"--vocab_size {args.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} tokens")
     if args.init_from == "scratch":
@@ -2788,11 +2746,10 @@ def check_args(args):
 # Command line
 
 
-# --recipe presets: flag values, measured best at small scale (README: Faster than the seed)
+# --recipe presets: flag values, best at small scale on CPU (bench.py --mode recipe; README "Faster than the seed")
 RECIPE_PRESETS = {
     "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
-    # measured best on CPU (bench.py --mode recipe, README "Faster than the seed"); embed_lr: the AdamW lr of the
-    # embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's records go higher still)
+    # embed_lr: the AdamW lr of the embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's go higher)
     "fast": {"optimizer": "muon", "schedule": "wsd", "muon_lr": 0.02, "muon_momentum": 0.95, "decay_frac": 0.3,
              "arch": "modern", "embed_lr": 6e-3},
 }
@@ -2806,29 +2763,21 @@ RECIPE_PRESETS["shakespeare"] = {
 }
 
 
-def apply_recipe(args, given):
-    """Set the --recipe preset's values on args, except for flags the user gave explicitly (in `given`)."""
-    for name, value in RECIPE_PRESETS[args.recipe].items():
-        if name not in given:
-            setattr(args, name, value)
-
-
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Train GPT-2 (defaults: the 124M reproduction on FineWeb-Edu 10B), or sample from / export a "
-            "model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(description="Train GPT-2 (defaults: the 124M reproduction on FineWeb-Edu 10B), or "
+                                "sample from / export a model.", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data and model")
     g.add_argument("--data", default="edu_fineweb10B", help="a directory of uint16 .npy token shards (from "
-        "fineweb.py), or a .txt file tokenized at start (last 10%% = val); input.txt is downloaded if missing")
+                   "fineweb.py), or a .txt file tokenized at start (last 10%% = val); input.txt is downloaded if "
+                   "missing")
     g.add_argument("--model", default="gpt2", help="gpt2, gpt2-medium, gpt2-large, gpt2-xl, or dN: N layers, width "
                    "64*N, N heads (d12 = gpt2)")
     g.add_argument("--arch", default="gpt2", choices=list(ARCHS), help="gpt2: OpenAI's GPT-2 block; modern: rotary "
-        "embeddings, RMSNorm, QK-norm, ReLU^2, no biases, zero-init projections, untied zero-init lm_head, logits "
-                   "soft-capped at 15 (not exportable to Hugging Face)")
+                   "embeddings, RMSNorm, QK-norm, ReLU^2, no biases, zero-init projections, untied zero-init "
+                   "lm_head, logits soft-capped at 15 (not exportable to Hugging Face)")
     g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul "
-        "kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to ignore them")
+                   "kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to "
+                   "ignore them")
     g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face "
                    "directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
     g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
@@ -2866,9 +2815,9 @@ def parse_args(argv=None):
                    "and lm_head (default: --max_lr)")
     g = p.add_argument_group("evaluation and logging")
     g.add_argument("--val_every", type=int, default=250, help="val loss every N steps (0 = off)")
-    g.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8, help="the val loss is the mean loss over the "
-        "first N tokens of the val split, whatever the batch size and number of GPUs (default: 20 x 64 x 1024 x 8, the "
-                   "8-GPU reproduction's); cut to what the split holds")
+    g.add_argument("--val_tokens", type=int, default=20 * 64 * 1024 * 8, help="the val loss is the mean loss over "
+                   "the first N tokens of the val split, whatever the batch size and number of GPUs (default: 20 x 64 "
+                   "x 1024 x 8, the 8-GPU reproduction's); cut to what the split holds")
     g.add_argument("--val_steps", type=int, default=None, help="deprecated: use --val_tokens; N micro-batches of every "
                    "rank (N x batch_size x seq_len x GPUs tokens)")
     g.add_argument("--hellaswag_every", type=int, default=250, help="HellaSwag acc_norm every N steps (0 = off)")
@@ -2899,8 +2848,8 @@ def parse_args(argv=None):
                    "else float32")
     g.add_argument("--compile", type=int, default=1, choices=[0, 1], help="torch.compile the model")
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard parameters, gradients and optimizer "
-        "state over the ranks (FSDP2) instead of a full copy per GPU (DDP); for models that do not fit one GPU "
-                   "(gpt2-medium to gpt2-xl)")
+                   "state over the ranks (FSDP2) instead of a full copy per GPU (DDP); for models that do not fit one "
+                   "GPU (gpt2-medium to gpt2-xl)")
     g.add_argument("--seed", type=int, default=1337)
     g = p.add_argument_group("sampling and export (with --init_from; no training)")
     g.add_argument("--sample", default=None, metavar="PROMPT", help="print samples continuing PROMPT and exit")
@@ -2910,12 +2859,9 @@ def parse_args(argv=None):
     g.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (1 = greedy, 0 = all)")
     g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face GPT-2 "
                    "directory and exit")
-    args = p.parse_args(argv)
-    # parsed again with no defaults, the namespace holds only the flags on the command line: those win over the preset
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    apply_recipe(args, given=vars(p.parse_args(argv)))
-    return args
+    # parsed again with the preset as the defaults: flags given explicitly win over it
+    p.set_defaults(**RECIPE_PRESETS[p.parse_args(argv).recipe])
+    return p.parse_args(argv)
 
 
 def sample_or_export(args):
@@ -2947,16 +2893,10 @@ def main(argv=None):
             return sample_or_export(args)
         ctx = setup_distributed(args.device)
         train(args, ctx)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
-    except CheckpointWriteFailed as e:
-        if ctx.master:  # one line: the other ranks only stop
+    except (UsageError, TrainingDiverged, CheckpointWriteFailed) as e:
+        if not isinstance(e, CheckpointWriteFailed) or ctx.master:  # a failed write: one line; other ranks only stop
             print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(2 if isinstance(e, UsageError) else 1)
     finally:
         if ctx is not None and ctx.ddp:
             dist.destroy_process_group()

@@ -553,7 +553,7 @@ def test_choose_batch_size_auto_divides_the_total_batch_on_cpu():
         tg.choose_batch_size(args, model, ctx, torch.float32)
 
 
-def test_batch_probe_budget_counts_the_optimizer_state_and_a_margin(monkeypatch):
+def test_batch_probe_budget_counts_the_optimizer_state(monkeypatch):
     # the memory queries of a GPU with 40 GB free and 2 GB already ours; nothing else is faked
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (40 * 2**30, 80 * 2**30))
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 2 * 2**30)
@@ -568,7 +568,8 @@ def test_batch_probe_budget_counts_the_optimizer_state_and_a_margin(monkeypatch)
     moments = held["optimizer"] - 4 * len(optimizer.state)  # less each parameter's float32 step count
     for ddp, extra in ((False, 0), (True, held["gradients"])):
         ctx = tg.DistContext(ddp=ddp, rank=0, local_rank=0, world_size=1, device="cuda:0")
-        assert tg.cuda_step_budget(model, ctx) == int(42 * 2**30 * 0.85) - moments - extra
+        assert tg.cuda_usable_bytes(ctx) == 42 * 2**30
+        assert tg.training_state_bytes(model.num_params(), ctx.ddp) == moments + extra
 
 
 @pytest.mark.parametrize("free_gb, device, expected", [(79, "cuda:0", 0), (40, "cuda:0", 4096), (79, "cpu", 1024)])

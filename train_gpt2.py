@@ -124,20 +124,10 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) over the last dimension, no learned gain (the next matmul can scale as it likes)."""
-
-    def forward(self, x):
-        return rms_norm(x)
-
-
-class ReLUSquared(nn.Module):
-    def forward(self, x):
-        return F.relu(x).square()
-
-
 def make_norm(config):
-    return nn.LayerNorm(config.n_embd) if config.arch == "gpt2" else RMSNorm()
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.n_embd)
+    return nn.RMSNorm(config.n_embd, elementwise_affine=False)  # no learned gain: the next matmul can scale as it likes
 
 
 def rotary_tables(head_size, block_size):
@@ -217,13 +207,15 @@ class MLP(nn.Module):
         super().__init__()
         bias = config.arch == "gpt2"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=bias)
-        # GPT-2: the tanh approximation of GELU OpenAI trained with; modern: ReLU^2 (relu(x).square())
-        self.act = nn.GELU(approximate="tanh") if bias else ReLUSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=bias)
         self.c_proj.RESIDUAL_PROJ = True
+        self.gelu = bias
 
     def forward(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
+        h = self.c_fc(x)
+        # GPT-2: the tanh approximation of GELU OpenAI trained with; modern: ReLU^2
+        h = F.gelu(h, approximate="tanh") if self.gelu else F.relu(h).square()
+        return self.c_proj(h)
 
 
 class Block(nn.Module):
@@ -1736,7 +1728,7 @@ def train(args, ctx):
 
     if ctx.master:
         record_run(run, start_step)  # hook: progress (run.json; a note if the run will take days)
-    timer = StepTimer()
+    timer = StepTimer()  # hook: progress (the step lines' eta)
     stop = StopSignal()
     stop.install()
     try:

@@ -624,6 +624,8 @@ def with_defaults(args):
          "transformers"),
         ((args.procs > 1 or args.fsdp) and args.mode != "memory", "--procs and --fsdp are for --mode memory"),
         (args.fsdp and args.procs == 1, "--fsdp shards over processes: add --procs N (N >= 2)"),
+        (not set(filter(None, args.recipes.split(","))) <= set(BENCH_RECIPES), f"--recipes {args.recipes}: use names "
+         f"from {', '.join(BENCH_RECIPES)}, comma-separated (--variant NAME=FLAGS adds others)"),
         (args.mode == "sample" and 8 + args.max_new_tokens > config.block_size, f"--max_new_tokens "
          f"{args.max_new_tokens} plus the 8-token prompt is longer than block_size {config.block_size}"),
     ]:

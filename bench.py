@@ -1,8 +1,7 @@
 """
-Benchmarks for train_gpt2.py: examples and measured numbers in README.md, section Performance; flags: bench.py -h.
-Every training step here is train_gpt2.train_step, the step train() runs. Each comparison runs its variants
-interleaved (A, B, A, B, ...) in one run and reports medians, so that load from other programs hits all of them
-alike. A mode is one function `bench_NAME(args)` in MODES; its docstring is its --mode help.
+Benchmarks for train_gpt2.py (examples and numbers: README.md, Performance). Every training step is train_step, the
+step train() runs. Each comparison runs its variants interleaved (A, B, A, B, ...) and reports medians, so that load
+from other programs hits all alike. A mode is one function `bench_NAME(args)` in MODES; its docstring, its help.
 """
 
 import argparse
@@ -20,15 +19,14 @@ import time
 from dataclasses import dataclass, field, replace
 from functools import partial
 from importlib.util import find_spec
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
 from train_gpt2 import (GPT, GPT2_VOCAB, DataLoaderLite, Run, UsageError, autocast_context, batch_size_arg,
                         check_seq_len, choose_batch_size, compile_blocks, configure_optimizers, flops_per_token,
-                        gpu_peak_flops, model_config, pick_device, positive_int, setup_device, setup_distributed,
-                        shard_model, state_bytes_per_rank, train_step, wrap_model)
+                        gpu_peak_flops, model_config, model_errors_as_usage_errors, pick_device, positive_int,
+                        setup_device, setup_distributed, shard_model, state_bytes_per_rank, train_step, wrap_model)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtype names in printed lines
@@ -118,7 +116,7 @@ def fixed_batch(B, T, device):
     """A loader for train_step that hands out the same random batch every time: the benchmark times the model."""
     data = torch.randint(0, GPT2_VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
     batch = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
-    return SimpleNamespace(next_batch=lambda: batch)
+    return argparse.Namespace(next_batch=lambda: batch)
 
 
 # -----------------------------------------------------------------------------
@@ -126,8 +124,7 @@ def fixed_batch(B, T, device):
 
 
 class HFLoss(torch.nn.Module):
-    """transformers' GPT2LMHeadModel in config's shape (GPT-2's vocab, no dropout, sdpa) behind our forward(idx,
-    targets) -> (logits, loss). It shifts the labels itself, so its labels are the inputs."""
+    """transformers' GPT2LMHeadModel in config's shape (GPT-2's vocab, no dropout) behind our forward's signature."""
 
     def __init__(self, config):
         super().__init__()
@@ -138,20 +135,18 @@ class HFLoss(torch.nn.Module):
         self.hf.loss_type = "ForCausalLM"  # its default; saying so silences a warning
 
     def forward(self, idx, targets):
-        return None, self.hf(input_ids=idx, labels=idx, use_cache=False).loss
+        return None, self.hf(input_ids=idx, labels=idx, use_cache=False).loss  # it shifts the labels itself
 
 
 @dataclass
 class Variant:
-    """One way to train: built as train() builds (wrap_model compiles, and wraps in DDP under torchrun; or
-    shard_model), stepped with train_step at the optimizer's lr (6e-4), one micro-batch, clip at 1.0."""
+    """One way to train: built as train() builds it, stepped with train_step (lr 6e-4, one micro-batch, clip 1.0)."""
     name: str
     dtype: torch.dtype
     compile: bool
-    fused: bool = True  # False: torch's default AdamW (a loop over tensors on CPU, foreach on CUDA); fp32 only
+    plain: bool = False  # torch's defaults: no TF32, its default AdamW (a loop over tensors on CPU, foreach on CUDA)
     loss_chunk_size: int = None  # ours: None = the device's default, 0 = full logits
     hf: bool = False
-    tf32: bool = True
     fsdp: bool = False
     losses: list = field(default_factory=list)
     peak_mem: int = 0  # the peak GPU memory of its steps so far
@@ -170,7 +165,7 @@ class Variant:
             train_model = wrap_model(model, argparse.Namespace(compile=self.compile), ctx)
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
         optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
-        for group in optimizer.param_groups if not self.fused else []:
+        for group in optimizer.param_groups if self.plain else []:
             group["fused"] = False
         scaler = torch.amp.GradScaler(ctx.device_type, enabled=self.dtype == torch.float16)
         self.run = Run(argparse.Namespace(grad_clip=1.0), ctx, self.dtype, train_model=train_model,
@@ -180,7 +175,7 @@ class Variant:
         """The step's seconds; its loss goes to self.losses."""
         ctx = self.run.ctx
         if ctx.device_type == "cuda":  # train() turns TF32 on; torch's default is off
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = self.tf32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not self.plain
             torch.cuda.reset_peak_memory_stats(ctx.device)
         dt, (loss, _) = timed(lambda: train_step(self.run), ctx.device_type)
         self.losses.append(loss)
@@ -195,12 +190,12 @@ def train_variants(args, dtype):
                         loss_chunk_size=chunk)]
     if args.compare == "hf":
         hf = "hf GPT2LMHeadModel: "
-        variants += [Variant(hf + "fp32, default AdamW", f32, False, fused=False, hf=True, tf32=False),
+        variants += [Variant(hf + "fp32, default AdamW", f32, False, plain=True, hf=True),
                      Variant(hf + f"{d}, fused AdamW, no compile (transformers' default)", dtype, False, hf=True),
                      Variant(hf + f"{d}, compile, fused AdamW (all our settings)", dtype, True, hf=True)]
     elif args.compare == "ladder":  # one change at a time, from plain fp32 to our defaults, then build-nanogpt's setup
         variants = [
-            Variant("fp32, default AdamW, full logits", f32, False, fused=False, loss_chunk_size=0, tf32=False),
+            Variant("fp32, default AdamW, full logits", f32, False, plain=True, loss_chunk_size=0),
             Variant("+ fused AdamW", f32, False, loss_chunk_size=0),
             Variant("+ chunked loss", f32, False, loss_chunk_size=chunk),
             Variant(f"+ {d} autocast", dtype, False, loss_chunk_size=chunk),
@@ -276,9 +271,8 @@ def bench_train(args):
 
 
 def memory_worker(out):
-    """One process of fresh_processes: args.steps training steps (from the second on, AdamW's state exists) of a
-    Variant built as train() builds it (under torchrun DDP, or FSDP with --fsdp), args from out.args.json; its peak
-    memory, state bytes, losses and step times to out.RANK."""
+    """One process of fresh_processes: args.steps training steps (from the second on, AdamW's state exists), args
+    from out.args.json; its peak memory, state bytes, losses and step times to out.RANK."""
     with open(f"{out}.args.json") as f:
         args = argparse.Namespace(**json.load(f))
     ctx, dtype = setup(args)
@@ -297,8 +291,7 @@ def memory_worker(out):
 
 
 def fresh_processes(args, procs, **changes):
-    """Each rank's measure_steps(args with changes) in new processes: one (a process's peak RSS never goes down, so
-    each variant needs its own), or procs ranks under torchrun. Arguments and results travel in files."""
+    """Each rank's memory_worker result, from fresh processes (peak RSS never goes down): one, or procs (torchrun)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "run")
         with open(f"{out}.args.json", "w") as f:
@@ -443,13 +436,12 @@ def write_shards(root, shards, tokens):
 
 
 def cold_then_warm(loader, paths, args):
-    """(from the disk, from cached pages): mean seconds of next_batch over the same args.batches batches, gap_ms
-    apart (the micro-step, during which the OS reads ahead)."""
+    """(from the disk, from cached pages): mean seconds of next_batch over the same args.batches batches."""
     def mean_time():
         total = 0.0
         for _ in range(args.batches):
             total += timed(loader.next_batch, "cpu")[0]
-            time.sleep(args.gap_ms / 1000)
+            time.sleep(args.gap_ms / 1000)  # the micro-step, during which the OS reads ahead
         return total / args.batches
 
     state = loader.state_dict()
@@ -567,28 +559,23 @@ def parse_args(argv=None):
     g = p.add_argument_group("model and shape")
     g.add_argument("--model", help="gpt2, gpt2-medium, ..., or dN (default: gpt2; d4 for sample, recipe)")
     g.add_argument("--vocab_size", type=int, default=50304, help="ours (default: 50304); Hugging Face's is 50257")
-    g.add_argument("--batch_size", type=batch_size_arg, help="micro-batch B (per rank for --procs), or sequences "
-                   "sampled at once (default: 4; 16 on a GPU except for sample; 2 for --procs; 64 for data; 16 for "
-                   "recipe); 'auto': train_gpt2.py's choice")
-    g.add_argument("--seq_len", type=positive_int, help="T (default: 256 on CPU, 1024 on GPU; 128 for --procs and "
-                   "recipe; 1024 for data)")
+    g.add_argument("--batch_size", type=batch_size_arg, help="micro-batch B per rank, or sequences sampled at once "
+                   "(default: 4, 16 on a GPU but for sample; --procs 2; data 64; recipe 16); 'auto': as train_gpt2.py")
+    g.add_argument("--seq_len", type=positive_int, help="T (default: 256, GPU 1024; --procs, recipe 128; data 1024)")
     g.add_argument("--device", default="auto", help="auto (cuda > mps > cpu, the default), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="autocast dtype, as in train_gpt2.py (default: auto)")
     g.add_argument("--compile", type=int, choices=[0, 1], help="torch.compile (default: 1 for train, else 0)")
     g.add_argument("--loss_chunk_size", type=positive_int, help="ours: positions per chunk (default: the device's)")
     g = p.add_argument_group("timing")
-    g.add_argument("--compare", default="none", choices=["none", "hf", "ladder"], help="train: hf: also "
-                   "transformers' GPT2LMHeadModel in fp32 with torch's default AdamW, and with our settings; ladder: "
-                   "ours from fp32 + default AdamW to our defaults one change at a time, and build-nanogpt's full "
-                   "logits under compile; --compile 0 leaves out the compiled rungs (default: none)")
+    g.add_argument("--compare", default="none", choices=["none", "hf", "ladder"], help="train: hf: also transformers' "
+                   "GPT2LMHeadModel; ladder: from fp32 to our defaults one change at a time (default: none); "
+                   "--compile 0 leaves out the compiled variants")
     g.add_argument("--warmup", type=positive_int, default=1, help="train: untimed steps per variant (default: 1)")
-    g.add_argument("--steps", type=positive_int, help="train, memory: timed steps per variant (default: 5; 2 for "
-                   "memory)")
-    g.add_argument("--repeats", type=positive_int, help="memory, sample, data, recipe: interleaved rounds (default: "
-                   "2 for memory, 3 for sample, 5 for data, 1 for recipe)")
-    g.add_argument("--max_new_tokens", type=positive_int, default=256, help="sample: tokens per sequence (default: "
-                   "256)")
+    g.add_argument("--steps", type=positive_int, help="train, memory: timed steps per variant (default: 5, memory 2)")
+    g.add_argument("--repeats", type=positive_int, help="interleaved rounds (default: memory 2, sample 3, data 5, "
+                   "recipe 1)")
+    g.add_argument("--max_new_tokens", type=positive_int, default=256, help="sample: tokens a sequence (default: 256)")
     g = p.add_argument_group("memory per rank (--mode memory)")
     g.add_argument("--procs", type=positive_int, default=1, help="N > 1: memory per rank of DDP under torchrun with "
                    "N processes (default: 1: full logits vs chunked loss)")
@@ -597,13 +584,11 @@ def parse_args(argv=None):
     g.add_argument("--batches", type=positive_int, default=100, help="batches per timing (default: 100)")
     g.add_argument("--gap_ms", type=float, default=20, help="sleep between batches: the micro-step (default: 20)")
     g.add_argument("--shards", type=positive_int, default=4, help="shards of random tokens (default: 4)")
-    g.add_argument("--shard_tokens", type=positive_int, default=10**8, help="tokens per shard (default: 100M, as "
-                   "fineweb.py writes)")
+    g.add_argument("--shard_tokens", type=positive_int, default=10**8, help="tokens a shard (default: 100M, fineweb's)")
     g.add_argument("--data_dir", help="where the shards are written (default: a temporary directory)")
     g = p.add_argument_group("recipes (--mode recipe)")
     g.add_argument("--data", help="train_gpt2.py --data: a .txt or a shard directory (default: the repo's input.txt)")
-    g.add_argument("--recipes", default="gpt2,gpt2+muon,fast", help=f"comma-separated, of "
-                   f"{', '.join(BENCH_RECIPES)} (default: %(default)s)")
+    g.add_argument("--recipes", default=",".join(BENCH_RECIPES), help="comma-separated (default: all: %(default)s)")
     g.add_argument("--variant", action="append", help='"NAME=train_gpt2.py flags": one more run (repeatable)')
     g.add_argument("--recipe_steps", type=positive_int, default=40, help="optimizer steps per run (default: 40)")
     g.add_argument("--accum", type=positive_int, default=2, help="micro-batches per step (default: 2)")
@@ -616,10 +601,8 @@ def with_defaults(args):
     on_gpu = pick_device(args.device).startswith("cuda")
     # sampling compares the algorithm, not the model; recipes are short CPU runs
     args.model = args.model or ("d4" if args.mode in ("sample", "recipe") else "gpt2")
-    try:
-        config = model_config(args.model, args.vocab_size)  # an unknown --model fails here, before any work
-    except ValueError as e:  # the model's own error: the message is the user's
-        raise UsageError(str(e)) from None
+    with model_errors_as_usage_errors():  # an unknown --model fails here, before any work
+        config = model_config(args.model, args.vocab_size)
     if args.mode == "recipe":  # a short CPU run of a small model
         B, T = 16, 128
     elif args.mode == "data":  # gpt2's micro-batch in train_gpt2.py
@@ -641,6 +624,8 @@ def with_defaults(args):
          "transformers"),
         ((args.procs > 1 or args.fsdp) and args.mode != "memory", "--procs and --fsdp are for --mode memory"),
         (args.fsdp and args.procs == 1, "--fsdp shards over processes: add --procs N (N >= 2)"),
+        (not set(filter(None, args.recipes.split(","))) <= set(BENCH_RECIPES), f"--recipes {args.recipes}: use names "
+         f"from {', '.join(BENCH_RECIPES)}, comma-separated (--variant NAME=FLAGS adds others)"),
         (args.mode == "sample" and 8 + args.max_new_tokens > config.block_size, f"--max_new_tokens "
          f"{args.max_new_tokens} plus the 8-token prompt is longer than block_size {config.block_size}"),
     ]:

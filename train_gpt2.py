@@ -124,20 +124,10 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-class RMSNorm(nn.Module):
-    """x / rms(x) over the last dimension, no learned gain (the next matmul can scale as it likes)."""
-
-    def forward(self, x):
-        return rms_norm(x)
-
-
-class ReLUSquared(nn.Module):
-    def forward(self, x):
-        return F.relu(x).square()
-
-
 def make_norm(config):
-    return nn.LayerNorm(config.n_embd) if config.arch == "gpt2" else RMSNorm()
+    if config.arch == "gpt2":
+        return nn.LayerNorm(config.n_embd)
+    return nn.RMSNorm(config.n_embd, elementwise_affine=False)  # no learned gain: the next matmul can scale as it likes
 
 
 def rotary_tables(head_size, block_size):
@@ -217,13 +207,15 @@ class MLP(nn.Module):
         super().__init__()
         bias = config.arch == "gpt2"
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=bias)
-        # GPT-2: the tanh approximation of GELU OpenAI trained with; modern: ReLU^2 (relu(x).square())
-        self.act = nn.GELU(approximate="tanh") if bias else ReLUSquared()
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=bias)
         self.c_proj.RESIDUAL_PROJ = True
+        self.gelu = bias
 
     def forward(self, x):
-        return self.c_proj(self.act(self.c_fc(x)))
+        h = self.c_fc(x)
+        # GPT-2: the tanh approximation of GELU OpenAI trained with; modern: ReLU^2
+        h = F.gelu(h, approximate="tanh") if self.gelu else F.relu(h).square()
+        return self.c_proj(h)
 
 
 class Block(nn.Module):
@@ -1351,6 +1343,7 @@ class Run:
     sample_generator: torch.Generator = None
     log_file: str = None
     metrics: object = None  # TensorBoard and wandb (Metrics, in the optional machinery)
+    peak_flops: float = None  # the GPUs' summed tensor-core peak FLOP/s, for the MFU (None: not known)
 
     def flags(self):
         """The flags as checkpoints save them ("args"), with the run's precision, micro-batch and schedule end."""
@@ -1667,7 +1660,8 @@ def run_evals(run, step, log):
 
 
 def train(args, ctx):
-    """The training run. The optional machinery is reached through the calls marked "hook:" below."""
+    """The training run: a new one or a resumed one set up here (model, data, optimizer), then train_loop. The
+    optional machinery is reached through the calls marked "hook:"."""
     say = print if ctx.master else (lambda *a, **k: None)
     run = Run(args, ctx, batch_size=None if args.batch_size == "auto" else args.batch_size)
     run.dtype = setup_device(args, ctx)  # hook: hardware (dtype for the device, TF32, CPU allocator, seeds)
@@ -1716,7 +1710,6 @@ def train(args, ctx):
     run.scaler = torch.amp.GradScaler(ctx.device_type, enabled=run.dtype == torch.float16)
     run.sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
     run.log_file = os.path.join(args.log_dir, "log.txt")
-    log = functools.partial(log_line, ctx, run.log_file)
     start_step, val_loss = start_or_resume(run, checkpoint)
 
     say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
@@ -1727,16 +1720,25 @@ def train(args, ctx):
     say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
     # hook: hardware, for the MFU. The peak table holds tensor-core bf16/fp16 peaks (under FSDP, run.dtype is
     # float32 and FSDP itself casts to bf16: the precision says which)
-    flops_per_step = flops_per_token(config, T) * args.total_batch_size
     on_tensor_cores = ctx.device_type == "cuda" and run.precision != "float32"
     peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if on_tensor_cores else None
+    run.peak_flops = peak * ctx.world_size if peak else None
     # hook: live metrics (--tensorboard, --wandb); a resumed run continues the checkpoint's curves
-    run.metrics = Metrics(run, checkpoint, peak * ctx.world_size if peak else None)
-    checkpoint = None  # free its tensors
-
+    run.metrics = Metrics(run, checkpoint, run.peak_flops)
+    del checkpoint  # free its tensors
     if ctx.master:
         record_run(run, start_step)  # hook: progress (run.json; a note if the run will take days)
-    timer = StepTimer()
+    train_loop(run, start_step, val_loss)
+
+
+def train_loop(run, start_step, val_loss):
+    """Steps start_step .. --max_steps, each with its due evaluations and checkpoint before its training step; stops
+    early, with a checkpoint, on a stop signal. val_loss: the latest, saved with the checkpoints."""
+    args, ctx = run.args, run.ctx
+    say = print if ctx.master else (lambda *a, **k: None)
+    log = functools.partial(log_line, ctx, run.log_file)
+    flops_per_step = flops_per_token(run.model.config, args.seq_len) * args.total_batch_size  # hook: hardware (MFU)
+    timer = StepTimer()  # hook: progress (the step lines' eta)
     stop = StopSignal()
     stop.install()
     try:
@@ -1767,7 +1769,7 @@ def train(args, ctx):
                 torch.cuda.synchronize()
             dt = time.time() - t0
             timer.add(dt)
-            mfu = f" | mfu {100 * flops_per_step / dt / (peak * ctx.world_size):.1f}%" if peak else ""
+            mfu = f" | mfu {100 * flops_per_step / dt / run.peak_flops:.1f}%" if run.peak_flops else ""
             say(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt "
                 f"{dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{mfu} | eta "
                 f"{timer.eta(args.max_steps - step - 1)}")
@@ -1776,7 +1778,7 @@ def train(args, ctx):
                 say(f"step {step}: epoch {new_epoch} of the train data begins; the data repeats from here")
                 log(f"{step} epoch {new_epoch}")
             if step == start_step:  # the optimizer state exists after the first step
-                say(state_memory_line(model, run.optimizer, ctx))  # hook: FSDP (state bytes per rank)
+                say(state_memory_line(run.model, run.optimizer, ctx))  # hook: FSDP (state bytes per rank)
             log(f"{step} train {loss:.6f}\n{step} lr {lr:.6e}\n{step} norm {norm:.6f}")  # one write, one step
             run.metrics.log_step(step, loss, norm, dt)  # hook: live metrics
     finally:

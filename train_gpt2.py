@@ -1997,7 +1997,7 @@ def training_loss_chunk_size(model, ctx, B, T, fused_head=True):
 def find_batch_size(fits, largest):
     """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
     With largest = total_batch_size // (T * world_size) every divisor is a micro-batch the total batch allows."""
-    candidates = [b for b in range(1, max(1, largest) + 1) if largest % b == 0]
+    candidates = [b for b in range(1, largest + 1) if largest % b == 0]
     if fits(candidates[-1]):
         return candidates[-1]
     lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), candidates[hi] does not
@@ -2121,9 +2121,8 @@ def choose_batch_size(args, model, ctx, dtype):
     if ctx.device_type == "cuda" and is_sharded(model):
         return agree_batch_size(lambda: fsdp_batch_size(model, ctx, dtype, T, largest, fused), ctx)
     if ctx.device_type == "cuda":
-        # a probed forward+backward may peak at this (the model's own parameters included)
-        usable = int(cuda_usable_bytes(ctx) * BATCH_PROBE_MEMORY_FRACTION)
-        budget = usable - training_state_bytes(model.num_params(), ctx.ddp)
+        share = int(cuda_usable_bytes(ctx) * BATCH_PROBE_MEMORY_FRACTION)
+        budget = share - training_state_bytes(model.num_params(), ctx.ddp)  # what a probed step may peak at
 
         def fits(b):
             model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused)  # the path training will use

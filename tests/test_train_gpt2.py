@@ -1623,46 +1623,47 @@ def test_val_tokens_flags(tmp_path, shakespeare, capsys):
 
 
 def small_text(tmp_path, shakespeare):
-    """The first 8,000 characters of Tiny Shakespeare: 7 batches of 4 x 64 train tokens, and 225 val tokens."""
+    """The first 5,000 characters of Tiny Shakespeare: 4 batches of 4 x 64 train tokens, and 139 val tokens."""
     path = tmp_path / "small.txt"
-    path.write_text(shakespeare.read_text()[:8000])
+    path.write_text(shakespeare.read_text()[:5000])
     return path
 
 
-SMALL_RUN = dict(max_steps=20, checkpoint_every=10, val_every=5, val_tokens=128, total_batch_size=256, warmup_steps=4)
+# a checkpoint at step 6, in the middle of epoch 2 (batches 4..7); the resumed run crosses into epoch 3 at step 8
+SMALL_RUN = dict(max_steps=10, checkpoint_every=6, val_every=5, val_tokens=128, total_batch_size=256, warmup_steps=4)
 
 
 def test_epoch_lines_and_shuffle_sigkill_then_resume_is_exact(tmp_path, shakespeare):
     data = small_text(tmp_path, shakespeare)
-    assert tg.DataLoaderLite(4, 64, 0, 1, "train", data).epoch_tokens() == 7 * 256
-    epoch_lines = {(7, "epoch"): 2, (14, "epoch"): 3}  # a batch a step: batch 7 (the first of epoch 2) in step 7
+    assert tg.DataLoaderLite(4, 64, 0, 1, "train", data).epoch_tokens() == 4 * 256
+    epoch_lines = {(4, "epoch"): 2, (8, "epoch"): 3}  # a batch a step: batch 4 (the first of epoch 2) in step 4
     # in order: the epoch lines, and a warning at start
-    out = train_here(tiny_run_args(data, tmp_path / "plain", **{**SMALL_RUN, "max_steps": 15, "checkpoint_every": 0}))
+    out = train_here(tiny_run_args(data, tmp_path / "plain", **{**SMALL_RUN, "max_steps": 9, "checkpoint_every": 0}))
     assert (
-        "warning: this run reads its train data 2.14 times over" in out
-        and "step 7: epoch 2 of the train data begins" in out
+        "warning: this run reads its train data 2.25 times over" in out
+        and "step 4: epoch 2 of the train data begins" in out
     ), out
     in_order = read_log(tmp_path / "plain")
     assert {k: v for k, v in in_order.items() if k[1] == "epoch"} == epoch_lines
-    # shuffled: the same epochs (each reads all 7 batches), in another order, and exact resume in the middle of epoch 2
+    # shuffled: the same epochs (each reads all 4 batches), in another order, and exact resume in the middle of epoch 2
     args = lambda name: tiny_run_args(data, tmp_path / name, **SMALL_RUN) + ["--shuffle"]  # noqa: E731
     train_here(args("ref"))
     reference = read_log(tmp_path / "ref")
     assert {k: v for k, v in reference.items() if k[1] == "epoch"} == epoch_lines
     assert reference[(0, "val")] == in_order[(0, "val")] and reference[(0, "train")] != in_order[(0, "train")]
-    # the run from its step 10, SIGKILLed (the machine dies) in the middle of writing the step-20 checkpoint: the
-    # step-10 one is intact
-    kept = (copy_run(tmp_path / "ref", tmp_path / "log", 10) / "model_00010.pt").read_bytes()
-    stalled = StalledCheckpoint(tmp_path / "log", 20)
+    # the run from its step 6, SIGKILLed (the machine dies) in the middle of writing the step-10 checkpoint: the
+    # step-6 one is intact
+    kept = (copy_run(tmp_path / "ref", tmp_path / "log", 6) / "model_00006.pt").read_bytes()
+    stalled = StalledCheckpoint(tmp_path / "log", 10)
     proc = run_cli_popen(args("log") + ["--resume"], tmp_path)
     stalled.wait(proc)
     os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     stalled.leave_half_written()
-    assert [s for s, _ in tg.list_checkpoints(tmp_path / "log")] == [10]
-    assert (tmp_path / "log" / "model_00010.pt").read_bytes() == kept
-    assert "model_00010.pt at step 10" in train_here(args("log") + ["--resume"])
-    assert_resumed_equal(reference, read_log(tmp_path / "log"), 10)
+    assert [s for s, _ in tg.list_checkpoints(tmp_path / "log")] == [6]
+    assert (tmp_path / "log" / "model_00006.pt").read_bytes() == kept
+    assert "model_00006.pt at step 6" in train_here(args("log") + ["--resume"])
+    assert_resumed_equal(reference, read_log(tmp_path / "log"), 6)
 
 
 def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, shakespeare, capsys, monkeypatch):

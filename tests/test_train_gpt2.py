@@ -807,6 +807,17 @@ def wait_ok(proc, timeout=300):
     return out
 
 
+@contextlib.contextmanager
+def in_the_background(proc):
+    """A launch that runs while this process works on: it ends with the test, even one that fails before waiting."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def read_until(proc, needle):
     """The run's stdout up to and including the first line holding needle (blocks on the pipe, no polling)."""
     lines = []
@@ -886,8 +897,19 @@ def resume_args(shakespeare_file, hella16):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, resume_args):
+def fsdp_launch(tmp_path_factory, resume_args):
+    """The run under torchrun x2 --fsdp (2 accumulation steps, clipping active), with HellaSwag and sampling:
+    started, not awaited (fsdp_run waits)."""
+    log_dir = tmp_path_factory.mktemp("fsdp") / "log"
+    with in_the_background(torchrun(resume_args(log_dir) + ["--fsdp"], log_dir.parent)) as proc:
+        yield proc, log_dir
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, resume_args, request):
     """The uninterrupted run in this process: what every interrupted and every torchrun run must reproduce."""
+    if any("fsdp_run" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("fsdp_launch")  # the FSDP run trains meanwhile, on the core this one leaves idle
     log_dir = tmp_path_factory.mktemp("single") / "log"
     out = train_here(resume_args(log_dir))
     return {"log": read_log(log_dir), "out": out, "dir": log_dir}
@@ -950,12 +972,31 @@ def test_second_ctrl_c_aborts_a_stalled_checkpoint_and_resume_is_exact(tmp_path,
     assert_hellaswag_logged_is_eager(single_run["dir"], single_run["out"], hella16)
 
 
+def run_until_signal(argv, log_dir, after, sig):
+    """Train in this process and send it `sig` once log.txt holds the line `after`; its stdout."""
+
+    def signal_later():
+        log = log_dir / "log.txt"
+        while not (log.exists() and after in log.read_text()):
+            time.sleep(0.002)
+        os.kill(os.getpid(), sig)
+
+    guard = signal.signal(sig, lambda *_: None)  # a signal that comes after the run cannot end pytest
+    sender = threading.Thread(target=signal_later, daemon=True)
+    sender.start()
+    try:
+        return train_here(argv)
+    finally:
+        sender.join(timeout=60)
+        signal.signal(sig, guard)
+
+
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, single_run, resume_args):
+    """In this process (the Ctrl-C test above is the real process for StopSignal): main() returns, exit 0."""
     log_dir = copy_run(single_run["dir"], tmp_path / "log", 6)
-    proc = run_cli_popen(resume_args(log_dir) + ["--resume"], tmp_path)
-    read_until(proc, "step     7/")
-    proc.send_signal(signal.SIGTERM)
-    out = wait_ok(proc)
+    tg.truncate_log(str(log_dir / "log.txt"), 6)  # the log as of the checkpoint: its step-7 line is the run's
+    out = run_until_signal(resume_args(log_dir) + ["--resume"], log_dir, "7 train", signal.SIGTERM)
+    assert "SIGTERM: stopping after this step" in out, out[-2000:]
     ckpts = [s for s, _ in tg.list_checkpoints(log_dir)]
     assert len(ckpts) == 2 and 8 <= ckpts[0] < 12 and ckpts[1] == 6, out[-2000:]  # newest first; not step 12's
     train_here(resume_args(log_dir) + ["--resume"])
@@ -963,10 +1004,9 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, single_run
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory, resume_args):
-    """The run under torchrun x2 --fsdp (2 accumulation steps, clipping active), with HellaSwag and sampling."""
-    log_dir = tmp_path_factory.mktemp("fsdp") / "log"
-    out = wait_ok(torchrun(resume_args(log_dir) + ["--fsdp"], log_dir.parent))
+def fsdp_run(fsdp_launch):
+    proc, log_dir = fsdp_launch
+    out = wait_ok(proc)
     return {"log": read_log(log_dir), "out": out, "dir": log_dir}
 
 
@@ -1061,12 +1101,14 @@ def test_ddp_compile_bf16_auto_batch_size_agree_with_eager(tmp_path, shakespeare
     hella4.write_text("".join(hella16.read_text().splitlines(keepends=True)[:4]))
     flags = dict(compile=1, dtype="bfloat16", batch_size="auto", max_steps=2, val_every=2, checkpoint_every=0)
     flags.update(seq_len=32, total_batch_size=128, val_tokens=128, hellaswag_every=2, hellaswag_data=hella4)
-    out = wait_ok(torchrun(tiny_run_args(shakespeare, tmp_path / "compiled", **flags), tmp_path), timeout=600)
+    # the reference, while the compiled ranks run: eager, 2 accumulation steps in one process; no HellaSwag (its
+    # forward runs outside compile)
+    eager_flags = {**flags, "compile": 0, "batch_size": 2, "hellaswag_every": 0}
+    with in_the_background(torchrun(tiny_run_args(shakespeare, tmp_path / "compiled", **flags), tmp_path)) as ddp:
+        eager_out = train_here(tiny_run_args(shakespeare, tmp_path / "eager", **eager_flags))
+        out = wait_ok(ddp, timeout=600)
     # the CPU rule: the largest power of two with B*T <= 8192 and B*T*ranks <= --total_batch_size (here 128/(32*2))
     assert "--batch_size auto: micro-batch 2" in out and "= 2 x 32 x 2 ranks x 1 accumulation steps" in out, out[-3000:]
-    # the reference: eager, 2 accumulation steps in one process; no HellaSwag (its forward runs outside compile)
-    eager_flags = {**flags, "compile": 0, "batch_size": 2, "hellaswag_every": 0}
-    eager_out = train_here(tiny_run_args(shakespeare, tmp_path / "eager", **eager_flags))
     compiled, eager = read_log(tmp_path / "compiled"), read_log(tmp_path / "eager")
     hella = re.findall(r"HellaSwag accuracy: (\d+)/(\d+)=", out)
     assert len(hella) == 2 and all(n == "4" for _, n in hella), out[-3000:]
@@ -1582,20 +1624,21 @@ def test_val_loss_is_the_same_for_any_batch_size_and_process_count(tmp_path):
     # two val shards (windows cross from one into the other); 13 windows of 64: the ranks hold 7 and 6, B=4 pads
     write_shards(tmp_path / "d", [300, 600], split="val")
     n_tokens = 13 * 64 + 10  # not whole windows: cut to 13
-    torch.manual_seed(0)
-    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32))
-    tokens = torch.arange(13 * 64 + 1)  # write_shards: token i of the stream is i
-    with torch.no_grad():
-        expected = model.eval()(tokens[:-1].view(13, 64), tokens[1:].view(13, 64))[1].item()  # one forward, all 13
-    ctx = tg.DistContext(False, 0, 0, 1, "cpu")
-    got = {}
-    for B in (4, 8, 32):
-        val = tg.ValSet(B, 64, 0, 1, tmp_path / "d", n_tokens)
-        assert val.n_tokens == 13 * 64
-        got[(1, B)] = tg.evaluate_val(model, val, ctx, torch.float32)
     script = tmp_path / "val.py"
     script.write_text(VAL_EVAL)
-    wait_ok(torchrun([tmp_path / "d", 4, n_tokens, tmp_path / "val"], tmp_path, script=script), timeout=600)
+    with in_the_background(torchrun([tmp_path / "d", 4, n_tokens, tmp_path / "val"], tmp_path, script=script)) as ddp:
+        torch.manual_seed(0)
+        model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32))
+        tokens = torch.arange(13 * 64 + 1)  # write_shards: token i of the stream is i
+        with torch.no_grad():  # one forward, all 13
+            expected = model.eval()(tokens[:-1].view(13, 64), tokens[1:].view(13, 64))[1].item()
+        ctx = tg.DistContext(False, 0, 0, 1, "cpu")
+        got = {}
+        for B in (4, 8, 32):
+            val = tg.ValSet(B, 64, 0, 1, tmp_path / "d", n_tokens)
+            assert val.n_tokens == 13 * 64
+            got[(1, B)] = tg.evaluate_val(model, val, ctx, torch.float32)
+        wait_ok(ddp, timeout=600)
     ranks = [(tmp_path / f"val.{r}").read_text().split() for r in range(2)]
     assert [n for n, _ in ranks] == [str(13 * 64)] * 2
     got.update({(2, r): float(loss) for r, (_, loss) in enumerate(ranks)})
@@ -1987,9 +2030,9 @@ MUON_RUN = dict(
 def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespeare, capsys):
     """--recipe fast (Muon, WSD): the loss drops; torchrun x2 = one process with twice the accumulation; resuming
     from the step-4 checkpoint reproduces steps 4..8 exactly; a resume with another optimizer is refused."""
-    ddp = torchrun(tiny_run_args(shakespeare, tmp_path / "ddp", **MUON_RUN), tmp_path)
-    train_here(tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN))  # while torchrun starts
-    wait_ok(ddp)
+    with in_the_background(torchrun(tiny_run_args(shakespeare, tmp_path / "ddp", **MUON_RUN), tmp_path)) as ddp:
+        train_here(tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN))  # while torchrun runs
+        wait_ok(ddp)
     ref, log_ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
     # learns (the modern block's zero-initialized head and projections make its first steps slow)
     assert ref[(7, "train")] < ref[(0, "train")] - 1.0 and ref[(8, "val")] < ref[(0, "val")] - 1.0
@@ -2114,25 +2157,6 @@ def test_elastic_restarts_after_a_full_disk_and_a_sigkill_give_the_uninterrupted
 RESTART_RUN = dict(max_steps=6, checkpoint_every=3, val_every=3, total_batch_size=256)
 
 
-def run_until_sigusr1(argv, log_dir, after):
-    """Train in this process and send it SIGUSR1 once log.txt holds the line `after`; its stdout."""
-
-    def signal_later():
-        log = log_dir / "log.txt"
-        while not (log.exists() and after in log.read_text()):
-            time.sleep(0.002)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    guard = signal.signal(signal.SIGUSR1, lambda *_: None)  # a signal that comes after the run cannot end pytest
-    sender = threading.Thread(target=signal_later, daemon=True)
-    sender.start()
-    try:
-        return train_here(argv)
-    finally:
-        sender.join(timeout=60)
-        signal.signal(signal.SIGUSR1, guard)
-
-
 def files_of(log_dir):
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in log_dir.iterdir()}
 
@@ -2151,7 +2175,7 @@ def test_same_command_through_sigusr1_a_full_disk_and_completion(tmp_path, shake
     reference = read_log(tmp_path / "ref")
     log_dir = tmp_path / "log"
     args = tiny_run_args(shakespeare_file, log_dir, **RESTART_RUN) + ["--resume"]
-    out = run_until_sigusr1(args, log_dir, after="1 train")
+    out = run_until_signal(args, log_dir, "1 train", signal.SIGUSR1)
     assert "starting a new run" in out and "SIGUSR1: stopping after this step" in out, out
     [(stopped, path)] = tg.list_checkpoints(log_dir)
     assert 2 <= stopped < 6, out

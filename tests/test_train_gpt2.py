@@ -956,12 +956,13 @@ def test_second_ctrl_c_aborts_a_stalled_checkpoint_and_resume_is_exact(tmp_path,
     log_dir = copy_run(single_run["dir"], tmp_path / "log", 6)  # the run from its step 6: 6 steps to the stall
     kept = (log_dir / "model_00006.pt").read_bytes()
     stalled = StalledCheckpoint(log_dir, 12)
-    proc = run_cli_popen(resume_args(log_dir) + ["--resume"], tmp_path)
-    stalled.wait(proc)
-    proc.send_signal(signal.SIGINT)
-    read_until(proc, "SIGINT: stopping after this step")  # the handler ran: the second signal is a new one
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    with in_the_background(run_cli_popen(resume_args(log_dir) + ["--resume"], tmp_path)) as proc:
+        assert_hellaswag_logged_is_eager(single_run["dir"], single_run["out"], hella16)  # while the run starts
+        stalled.wait(proc)
+        proc.send_signal(signal.SIGINT)
+        read_until(proc, "SIGINT: stopping after this step")  # the handler ran: the second signal is a new one
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-3000:]
     stalled.leave_half_written()
     assert [s for s, _ in tg.list_checkpoints(log_dir)] == [6] and (log_dir / "model_00006.pt").read_bytes() == kept
@@ -969,7 +970,6 @@ def test_second_ctrl_c_aborts_a_stalled_checkpoint_and_resume_is_exact(tmp_path,
     assert "model_00006.pt at step 6" in out
     assert_resumed_equal(single_run["log"], read_log(log_dir), 6)
     assert not stalled.path.exists()  # replaced by the new step-12 checkpoint
-    assert_hellaswag_logged_is_eager(single_run["dir"], single_run["out"], hella16)
 
 
 def run_until_signal(argv, log_dir, after, sig):
@@ -1004,10 +1004,23 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, single_run
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(fsdp_launch):
+def fsdp_run(fsdp_launch, tmp_path_factory, resume_args, request):
     proc, log_dir = fsdp_launch
     out = wait_ok(proc)
-    return {"log": read_log(log_dir), "out": out, "dir": log_dir}
+    run = {"log": read_log(log_dir), "out": out, "dir": log_dir}
+    if not any("fsdp_resumed" in item.fixturenames for item in request.session.items):
+        yield run
+        return
+    # FSDP again from the step-6 checkpoint, for test_fsdp_resume_is_exact: it trains beside the tests in between
+    resumed = copy_run(log_dir, tmp_path_factory.mktemp("fsdp_resumed") / "log", 6)
+    with in_the_background(torchrun(resume_args(resumed) + ["--resume", "--fsdp"], resumed.parent)) as resume:
+        yield {**run, "resume": (resume, resumed)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_resumed(fsdp_run):
+    """(the launch, its log_dir) of the FSDP run resumed from its step-6 checkpoint, started by fsdp_run."""
+    return fsdp_run["resume"]
 
 
 def assert_close_logs(log, reference, steps=None):
@@ -1034,12 +1047,6 @@ def test_fsdp_matches_one_process_and_writes_plain_checkpoints(single_run, fsdp_
         assert ckpt["optimizer"]["state"][i]["step"].item() == 12
     optimizer.load_state_dict(ckpt["optimizer"])
     plain.load_state_dict(ckpt["model"])
-
-
-def test_fsdp_resume_is_exact(tmp_path, fsdp_run, resume_args):
-    log_dir = copy_run(fsdp_run["dir"], tmp_path / "log", 6)
-    wait_ok(torchrun(resume_args(log_dir) + ["--resume", "--fsdp"], tmp_path))
-    assert_resumed_equal(fsdp_run["log"], read_log(log_dir), 6)
 
 
 THREADS_AFTER_MAIN = """
@@ -1090,6 +1097,12 @@ def test_ddp_resumes_an_fsdp_checkpoint_and_exits_cleanly(tmp_path, single_run, 
     assert full["gradients"] == full["parameters"] and full["optimizer"] == pytest.approx(2 * n_bytes, abs=2**20 / 1000)
     for k in full:
         assert 0.49 < sharded[k] / full[k] < 0.51, (k, sharded, full)
+
+
+def test_fsdp_resume_is_exact(fsdp_run, fsdp_resumed):
+    proc, log_dir = fsdp_resumed
+    wait_ok(proc)
+    assert_resumed_equal(fsdp_run["log"], read_log(log_dir), 6)
 
 
 def test_ddp_compile_bf16_auto_batch_size_agree_with_eager(tmp_path, shakespeare, hella16):
@@ -1698,10 +1711,10 @@ def test_epoch_lines_and_shuffle_sigkill_then_resume_is_exact(tmp_path, shakespe
     # step-6 one is intact
     kept = (copy_run(tmp_path / "ref", tmp_path / "log", 6) / "model_00006.pt").read_bytes()
     stalled = StalledCheckpoint(tmp_path / "log", 10)
-    proc = run_cli_popen(args("log") + ["--resume"], tmp_path)
-    stalled.wait(proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    with in_the_background(run_cli_popen(args("log") + ["--resume"], tmp_path)) as proc:
+        stalled.wait(proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
     stalled.leave_half_written()
     assert [s for s, _ in tg.list_checkpoints(tmp_path / "log")] == [6]
     assert (tmp_path / "log" / "model_00006.pt").read_bytes() == kept

@@ -193,9 +193,10 @@ def test_gpt2_init_and_weight_tying():
     for w in (block.attn.c_proj.weight, block.mlp.c_proj.weight):
         assert abs(w.std().item() - expected) < 0.1 * expected
     assert block.attn.c_attn.bias.abs().max().item() == 0
-    # 124M: the number everyone quotes (tied embeddings counted once)
-    n = sum(p.numel() for p in tg.GPT(tg.GPTConfig()).parameters())
-    assert n == 124439808
+    # 124M: the number everyone quotes (tied embeddings counted once); on the meta device: shapes, no init
+    with torch.device("meta"):
+        gpt2 = tg.GPT(tg.GPTConfig())
+    assert sum(p.numel() for p in gpt2.parameters()) == 124439808
 
 
 def assert_chunked_equals_full_logits(model, idx, targets, atol):
@@ -679,7 +680,9 @@ def bad_input_cases(tmp_path, shakespeare):
 
 
 def test_bad_input_is_one_clear_line(tmp_path, shakespeare, capsys):
-    base = [
+    base = [  # d2: the default model (124M) takes seconds to build, and an error about the data comes after that
+        "--model",
+        "d2",
         "--batch_size",
         4,
         "--seq_len",
@@ -808,6 +811,17 @@ def wait_ok(proc, timeout=300):
     return out
 
 
+@contextlib.contextmanager
+def in_the_background(proc):
+    """A launch that runs while this process works on: it ends with the test, even one that fails before waiting."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def read_until(proc, needle):
     """The run's stdout up to and including the first line holding needle (blocks on the pipe, no polling)."""
     lines = []
@@ -887,8 +901,19 @@ def resume_args(shakespeare_file, hella16):
 
 
 @pytest.fixture(scope="module")
-def single_run(tmp_path_factory, resume_args):
+def fsdp_launch(tmp_path_factory, resume_args):
+    """The run under torchrun x2 --fsdp (2 accumulation steps, clipping active), with HellaSwag and sampling:
+    started, not awaited (fsdp_run waits)."""
+    log_dir = tmp_path_factory.mktemp("fsdp") / "log"
+    with in_the_background(torchrun(resume_args(log_dir) + ["--fsdp"], log_dir.parent)) as proc:
+        yield proc, log_dir
+
+
+@pytest.fixture(scope="module")
+def single_run(tmp_path_factory, resume_args, request):
     """The uninterrupted run in this process: what every interrupted and every torchrun run must reproduce."""
+    if any("fsdp_run" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("fsdp_launch")  # the FSDP run trains meanwhile, on the core this one leaves idle
     log_dir = tmp_path_factory.mktemp("single") / "log"
     out = train_here(resume_args(log_dir))
     return {"log": read_log(log_dir), "out": out, "dir": log_dir}
@@ -935,12 +960,13 @@ def test_second_ctrl_c_aborts_a_stalled_checkpoint_and_resume_is_exact(tmp_path,
     log_dir = copy_run(single_run["dir"], tmp_path / "log", 6)  # the run from its step 6: 6 steps to the stall
     kept = (log_dir / "model_00006.pt").read_bytes()
     stalled = StalledCheckpoint(log_dir, 12)
-    proc = run_cli_popen(resume_args(log_dir) + ["--resume"], tmp_path)
-    stalled.wait(proc)
-    proc.send_signal(signal.SIGINT)
-    read_until(proc, "SIGINT: stopping after this step")  # the handler ran: the second signal is a new one
-    proc.send_signal(signal.SIGINT)
-    out, _ = proc.communicate(timeout=60)
+    with in_the_background(run_cli_popen(resume_args(log_dir) + ["--resume"], tmp_path)) as proc:
+        assert_hellaswag_logged_is_eager(single_run["dir"], single_run["out"], hella16)  # while the run starts
+        stalled.wait(proc)
+        proc.send_signal(signal.SIGINT)
+        read_until(proc, "SIGINT: stopping after this step")  # the handler ran: the second signal is a new one
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
     assert proc.returncode != 0 and "KeyboardInterrupt" in out, out[-3000:]
     stalled.leave_half_written()
     assert [s for s, _ in tg.list_checkpoints(log_dir)] == [6] and (log_dir / "model_00006.pt").read_bytes() == kept
@@ -948,15 +974,33 @@ def test_second_ctrl_c_aborts_a_stalled_checkpoint_and_resume_is_exact(tmp_path,
     assert "model_00006.pt at step 6" in out
     assert_resumed_equal(single_run["log"], read_log(log_dir), 6)
     assert not stalled.path.exists()  # replaced by the new step-12 checkpoint
-    assert_hellaswag_logged_is_eager(single_run["dir"], single_run["out"], hella16)
+
+
+def run_until_signal(argv, log_dir, after, sig):
+    """Train in this process and send it `sig` once log.txt holds the line `after`; its stdout."""
+
+    def signal_later():
+        log = log_dir / "log.txt"
+        while not (log.exists() and after in log.read_text()):
+            time.sleep(0.002)
+        os.kill(os.getpid(), sig)
+
+    guard = signal.signal(sig, lambda *_: None)  # a signal that comes after the run cannot end pytest
+    sender = threading.Thread(target=signal_later, daemon=True)
+    sender.start()
+    try:
+        return train_here(argv)
+    finally:
+        sender.join(timeout=60)
+        signal.signal(sig, guard)
 
 
 def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, single_run, resume_args):
+    """In this process (the Ctrl-C test above is the real process for StopSignal): main() returns, exit 0."""
     log_dir = copy_run(single_run["dir"], tmp_path / "log", 6)
-    proc = run_cli_popen(resume_args(log_dir) + ["--resume"], tmp_path)
-    read_until(proc, "step     7/")
-    proc.send_signal(signal.SIGTERM)
-    out = wait_ok(proc)
+    tg.truncate_log(str(log_dir / "log.txt"), 6)  # the log as of the checkpoint: its step-7 line is the run's
+    out = run_until_signal(resume_args(log_dir) + ["--resume"], log_dir, "7 train", signal.SIGTERM)
+    assert "SIGTERM: stopping after this step" in out, out[-2000:]
     ckpts = [s for s, _ in tg.list_checkpoints(log_dir)]
     assert len(ckpts) == 2 and 8 <= ckpts[0] < 12 and ckpts[1] == 6, out[-2000:]  # newest first; not step 12's
     train_here(resume_args(log_dir) + ["--resume"])
@@ -964,11 +1008,23 @@ def test_sigterm_checkpoints_exits_zero_and_resumes_exactly(tmp_path, single_run
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(tmp_path_factory, resume_args):
-    """The run under torchrun x2 --fsdp (2 accumulation steps, clipping active), with HellaSwag and sampling."""
-    log_dir = tmp_path_factory.mktemp("fsdp") / "log"
-    out = wait_ok(torchrun(resume_args(log_dir) + ["--fsdp"], log_dir.parent))
-    return {"log": read_log(log_dir), "out": out, "dir": log_dir}
+def fsdp_run(fsdp_launch, tmp_path_factory, resume_args, request):
+    proc, log_dir = fsdp_launch
+    out = wait_ok(proc)
+    run = {"log": read_log(log_dir), "out": out, "dir": log_dir}
+    if not any("fsdp_resumed" in item.fixturenames for item in request.session.items):
+        yield run
+        return
+    # FSDP again from the step-6 checkpoint, for test_fsdp_resume_is_exact: it trains beside the tests in between
+    resumed = copy_run(log_dir, tmp_path_factory.mktemp("fsdp_resumed") / "log", 6)
+    with in_the_background(torchrun(resume_args(resumed) + ["--resume", "--fsdp"], resumed.parent)) as resume:
+        yield {**run, "resume": (resume, resumed)}
+
+
+@pytest.fixture(scope="module")
+def fsdp_resumed(fsdp_run):
+    """(the launch, its log_dir) of the FSDP run resumed from its step-6 checkpoint, started by fsdp_run."""
+    return fsdp_run["resume"]
 
 
 def assert_close_logs(log, reference, steps=None):
@@ -995,12 +1051,6 @@ def test_fsdp_matches_one_process_and_writes_plain_checkpoints(single_run, fsdp_
         assert ckpt["optimizer"]["state"][i]["step"].item() == 12
     optimizer.load_state_dict(ckpt["optimizer"])
     plain.load_state_dict(ckpt["model"])
-
-
-def test_fsdp_resume_is_exact(tmp_path, fsdp_run, resume_args):
-    log_dir = copy_run(fsdp_run["dir"], tmp_path / "log", 6)
-    wait_ok(torchrun(resume_args(log_dir) + ["--resume", "--fsdp"], tmp_path))
-    assert_resumed_equal(fsdp_run["log"], read_log(log_dir), 6)
 
 
 THREADS_AFTER_MAIN = """
@@ -1053,6 +1103,12 @@ def test_ddp_resumes_an_fsdp_checkpoint_and_exits_cleanly(tmp_path, single_run, 
         assert 0.49 < sharded[k] / full[k] < 0.51, (k, sharded, full)
 
 
+def test_fsdp_resume_is_exact(fsdp_run, fsdp_resumed):
+    proc, log_dir = fsdp_resumed
+    wait_ok(proc)
+    assert_resumed_equal(fsdp_run["log"], read_log(log_dir), 6)
+
+
 def test_ddp_compile_bf16_auto_batch_size_agree_with_eager(tmp_path, shakespeare, hella16):
     """The one compiled run: torchrun x2, torch.compile under DDP, bf16 autocast, --batch_size auto. Its losses and
     gradient norms are those of an eager bf16 run in one process, to bf16's precision. HellaSwag is split over the
@@ -1062,12 +1118,14 @@ def test_ddp_compile_bf16_auto_batch_size_agree_with_eager(tmp_path, shakespeare
     hella4.write_text("".join(hella16.read_text().splitlines(keepends=True)[:4]))
     flags = dict(compile=1, dtype="bfloat16", batch_size="auto", max_steps=2, val_every=2, checkpoint_every=0)
     flags.update(seq_len=32, total_batch_size=128, val_tokens=128, hellaswag_every=2, hellaswag_data=hella4)
-    out = wait_ok(torchrun(tiny_run_args(shakespeare, tmp_path / "compiled", **flags), tmp_path), timeout=600)
+    # the reference, while the compiled ranks run: eager, 2 accumulation steps in one process; no HellaSwag (its
+    # forward runs outside compile)
+    eager_flags = {**flags, "compile": 0, "batch_size": 2, "hellaswag_every": 0}
+    with in_the_background(torchrun(tiny_run_args(shakespeare, tmp_path / "compiled", **flags), tmp_path)) as ddp:
+        eager_out = train_here(tiny_run_args(shakespeare, tmp_path / "eager", **eager_flags))
+        out = wait_ok(ddp, timeout=600)
     # the CPU rule: the largest power of two with B*T <= 8192 and B*T*ranks <= --total_batch_size (here 128/(32*2))
     assert "--batch_size auto: micro-batch 2" in out and "= 2 x 32 x 2 ranks x 1 accumulation steps" in out, out[-3000:]
-    # the reference: eager, 2 accumulation steps in one process; no HellaSwag (its forward runs outside compile)
-    eager_flags = {**flags, "compile": 0, "batch_size": 2, "hellaswag_every": 0}
-    eager_out = train_here(tiny_run_args(shakespeare, tmp_path / "eager", **eager_flags))
     compiled, eager = read_log(tmp_path / "compiled"), read_log(tmp_path / "eager")
     hella = re.findall(r"HellaSwag accuracy: (\d+)/(\d+)=", out)
     assert len(hella) == 2 and all(n == "4" for _, n in hella), out[-3000:]
@@ -1583,20 +1641,21 @@ def test_val_loss_is_the_same_for_any_batch_size_and_process_count(tmp_path):
     # two val shards (windows cross from one into the other); 13 windows of 64: the ranks hold 7 and 6, B=4 pads
     write_shards(tmp_path / "d", [300, 600], split="val")
     n_tokens = 13 * 64 + 10  # not whole windows: cut to 13
-    torch.manual_seed(0)
-    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32))
-    tokens = torch.arange(13 * 64 + 1)  # write_shards: token i of the stream is i
-    with torch.no_grad():
-        expected = model.eval()(tokens[:-1].view(13, 64), tokens[1:].view(13, 64))[1].item()  # one forward, all 13
-    ctx = tg.DistContext(False, 0, 0, 1, "cpu")
-    got = {}
-    for B in (4, 8, 32):
-        val = tg.ValSet(B, 64, 0, 1, tmp_path / "d", n_tokens)
-        assert val.n_tokens == 13 * 64
-        got[(1, B)] = tg.evaluate_val(model, val, ctx, torch.float32)
     script = tmp_path / "val.py"
     script.write_text(VAL_EVAL)
-    wait_ok(torchrun([tmp_path / "d", 4, n_tokens, tmp_path / "val"], tmp_path, script=script), timeout=600)
+    with in_the_background(torchrun([tmp_path / "d", 4, n_tokens, tmp_path / "val"], tmp_path, script=script)) as ddp:
+        torch.manual_seed(0)
+        model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=1024, n_layer=2, n_head=2, n_embd=32))
+        tokens = torch.arange(13 * 64 + 1)  # write_shards: token i of the stream is i
+        with torch.no_grad():  # one forward, all 13
+            expected = model.eval()(tokens[:-1].view(13, 64), tokens[1:].view(13, 64))[1].item()
+        ctx = tg.DistContext(False, 0, 0, 1, "cpu")
+        got = {}
+        for B in (4, 8, 32):
+            val = tg.ValSet(B, 64, 0, 1, tmp_path / "d", n_tokens)
+            assert val.n_tokens == 13 * 64
+            got[(1, B)] = tg.evaluate_val(model, val, ctx, torch.float32)
+        wait_ok(ddp, timeout=600)
     ranks = [(tmp_path / f"val.{r}").read_text().split() for r in range(2)]
     assert [n for n, _ in ranks] == [str(13 * 64)] * 2
     got.update({(2, r): float(loss) for r, (_, loss) in enumerate(ranks)})
@@ -1624,46 +1683,47 @@ def test_val_tokens_flags(tmp_path, shakespeare, capsys):
 
 
 def small_text(tmp_path, shakespeare):
-    """The first 8,000 characters of Tiny Shakespeare: 7 batches of 4 x 64 train tokens, and 225 val tokens."""
+    """The first 5,000 characters of Tiny Shakespeare: 4 batches of 4 x 64 train tokens, and 139 val tokens."""
     path = tmp_path / "small.txt"
-    path.write_text(shakespeare.read_text()[:8000])
+    path.write_text(shakespeare.read_text()[:5000])
     return path
 
 
-SMALL_RUN = dict(max_steps=20, checkpoint_every=10, val_every=5, val_tokens=128, total_batch_size=256, warmup_steps=4)
+# a checkpoint at step 6, in the middle of epoch 2 (batches 4..7); the resumed run crosses into epoch 3 at step 8
+SMALL_RUN = dict(max_steps=10, checkpoint_every=6, val_every=5, val_tokens=128, total_batch_size=256, warmup_steps=4)
 
 
 def test_epoch_lines_and_shuffle_sigkill_then_resume_is_exact(tmp_path, shakespeare):
     data = small_text(tmp_path, shakespeare)
-    assert tg.DataLoaderLite(4, 64, 0, 1, "train", data).epoch_tokens() == 7 * 256
-    epoch_lines = {(7, "epoch"): 2, (14, "epoch"): 3}  # a batch a step: batch 7 (the first of epoch 2) in step 7
+    assert tg.DataLoaderLite(4, 64, 0, 1, "train", data).epoch_tokens() == 4 * 256
+    epoch_lines = {(4, "epoch"): 2, (8, "epoch"): 3}  # a batch a step: batch 4 (the first of epoch 2) in step 4
     # in order: the epoch lines, and a warning at start
-    out = train_here(tiny_run_args(data, tmp_path / "plain", **{**SMALL_RUN, "max_steps": 15, "checkpoint_every": 0}))
+    out = train_here(tiny_run_args(data, tmp_path / "plain", **{**SMALL_RUN, "max_steps": 9, "checkpoint_every": 0}))
     assert (
-        "warning: this run reads its train data 2.14 times over" in out
-        and "step 7: epoch 2 of the train data begins" in out
+        "warning: this run reads its train data 2.25 times over" in out
+        and "step 4: epoch 2 of the train data begins" in out
     ), out
     in_order = read_log(tmp_path / "plain")
     assert {k: v for k, v in in_order.items() if k[1] == "epoch"} == epoch_lines
-    # shuffled: the same epochs (each reads all 7 batches), in another order, and exact resume in the middle of epoch 2
+    # shuffled: the same epochs (each reads all 4 batches), in another order, and exact resume in the middle of epoch 2
     args = lambda name: tiny_run_args(data, tmp_path / name, **SMALL_RUN) + ["--shuffle"]  # noqa: E731
     train_here(args("ref"))
     reference = read_log(tmp_path / "ref")
     assert {k: v for k, v in reference.items() if k[1] == "epoch"} == epoch_lines
     assert reference[(0, "val")] == in_order[(0, "val")] and reference[(0, "train")] != in_order[(0, "train")]
-    # the run from its step 10, SIGKILLed (the machine dies) in the middle of writing the step-20 checkpoint: the
-    # step-10 one is intact
-    kept = (copy_run(tmp_path / "ref", tmp_path / "log", 10) / "model_00010.pt").read_bytes()
-    stalled = StalledCheckpoint(tmp_path / "log", 20)
-    proc = run_cli_popen(args("log") + ["--resume"], tmp_path)
-    stalled.wait(proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
+    # the run from its step 6, SIGKILLed (the machine dies) in the middle of writing the step-10 checkpoint: the
+    # step-6 one is intact
+    kept = (copy_run(tmp_path / "ref", tmp_path / "log", 6) / "model_00006.pt").read_bytes()
+    stalled = StalledCheckpoint(tmp_path / "log", 10)
+    with in_the_background(run_cli_popen(args("log") + ["--resume"], tmp_path)) as proc:
+        stalled.wait(proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
     stalled.leave_half_written()
-    assert [s for s, _ in tg.list_checkpoints(tmp_path / "log")] == [10]
-    assert (tmp_path / "log" / "model_00010.pt").read_bytes() == kept
-    assert "model_00010.pt at step 10" in train_here(args("log") + ["--resume"])
-    assert_resumed_equal(reference, read_log(tmp_path / "log"), 10)
+    assert [s for s, _ in tg.list_checkpoints(tmp_path / "log")] == [6]
+    assert (tmp_path / "log" / "model_00006.pt").read_bytes() == kept
+    assert "model_00006.pt at step 6" in train_here(args("log") + ["--resume"])
+    assert_resumed_equal(reference, read_log(tmp_path / "log"), 6)
 
 
 def test_fsdp_without_torchrun_is_one_clear_line(tmp_path, shakespeare, capsys, monkeypatch):
@@ -1987,9 +2047,9 @@ MUON_RUN = dict(
 def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespeare, capsys):
     """--recipe fast (Muon, WSD): the loss drops; torchrun x2 = one process with twice the accumulation; resuming
     from the step-4 checkpoint reproduces steps 4..8 exactly; a resume with another optimizer is refused."""
-    ddp = torchrun(tiny_run_args(shakespeare, tmp_path / "ddp", **MUON_RUN), tmp_path)
-    train_here(tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN))  # while torchrun starts
-    wait_ok(ddp)
+    with in_the_background(torchrun(tiny_run_args(shakespeare, tmp_path / "ddp", **MUON_RUN), tmp_path)) as ddp:
+        train_here(tiny_run_args(shakespeare, tmp_path / "single", **MUON_RUN))  # while torchrun runs
+        wait_ok(ddp)
     ref, log_ddp = read_log(tmp_path / "single"), read_log(tmp_path / "ddp")
     # learns (the modern block's zero-initialized head and projections make its first steps slow)
     assert ref[(7, "train")] < ref[(0, "train")] - 1.0 and ref[(8, "val")] < ref[(0, "val")] - 1.0
@@ -2114,25 +2174,6 @@ def test_elastic_restarts_after_a_full_disk_and_a_sigkill_give_the_uninterrupted
 RESTART_RUN = dict(max_steps=6, checkpoint_every=3, val_every=3, total_batch_size=256)
 
 
-def run_until_sigusr1(argv, log_dir, after):
-    """Train in this process and send it SIGUSR1 once log.txt holds the line `after`; its stdout."""
-
-    def signal_later():
-        log = log_dir / "log.txt"
-        while not (log.exists() and after in log.read_text()):
-            time.sleep(0.002)
-        os.kill(os.getpid(), signal.SIGUSR1)
-
-    guard = signal.signal(signal.SIGUSR1, lambda *_: None)  # a signal that comes after the run cannot end pytest
-    sender = threading.Thread(target=signal_later, daemon=True)
-    sender.start()
-    try:
-        return train_here(argv)
-    finally:
-        sender.join(timeout=60)
-        signal.signal(signal.SIGUSR1, guard)
-
-
 def files_of(log_dir):
     return {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in log_dir.iterdir()}
 
@@ -2151,7 +2192,7 @@ def test_same_command_through_sigusr1_a_full_disk_and_completion(tmp_path, shake
     reference = read_log(tmp_path / "ref")
     log_dir = tmp_path / "log"
     args = tiny_run_args(shakespeare_file, log_dir, **RESTART_RUN) + ["--resume"]
-    out = run_until_sigusr1(args, log_dir, after="1 train")
+    out = run_until_signal(args, log_dir, "1 train", signal.SIGUSR1)
     assert "starting a new run" in out and "SIGUSR1: stopping after this step" in out, out
     [(stopped, path)] = tg.list_checkpoints(log_dir)
     assert 2 <= stopped < 6, out

@@ -367,9 +367,6 @@ def default_loss_chunk_size(device):
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
 def gpt2_tokenizer():
     """tiktoken's GPT-2 BPE, which it downloads on first use into its cache (TIKTOKEN_CACHE_DIR)."""
     try:
@@ -377,26 +374,6 @@ def gpt2_tokenizer():
     except OSError as e:  # requests' errors are OSErrors
         raise UsageError(f"cannot download the GPT-2 tokenizer ({type(e).__name__}); connect to the internet once "
                          "(tiktoken caches it), or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
-
-
-def check_hf_dir(path, accepted):
-    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another "
-                         "directory") from None
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise ValueError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging "
-                         "Face GPT-2 model")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
-        raise ValueError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there "
-                         "too")
 
 
 def save_gpt2_tokenizer(directory, model_max_length=1024):
@@ -567,7 +544,7 @@ class GPT(nn.Module):
         name_or_path = str(name_or_path)
         if name_or_path in MODEL_SIZES or os.path.isdir(name_or_path):
             if os.path.isdir(name_or_path):
-                check_hf_dir(name_or_path, accepted)
+                check_hf_dir(name_or_path, accepted)  # hook: input checks (a GPT-2 config and weights)
             return cls._from_hf(name_or_path)
         if os.path.isfile(name_or_path):
             # load_checkpoint (Checkpoints, below) checks that the weights fit the config
@@ -1659,6 +1636,62 @@ def run_evals(run, step, log):
     return val_loss
 
 
+def train_loop(run, start_step, val_loss):
+    """Steps start_step .. --max_steps, each with its due evaluations and checkpoint before its training step; stops
+    early, with a checkpoint, on a stop signal. val_loss: the latest, saved with the checkpoints."""
+    args, ctx = run.args, run.ctx
+    say = print if ctx.master else (lambda *a, **k: None)
+    log = functools.partial(log_line, ctx, run.log_file)
+    flops_per_step = flops_per_token(run.model.config, args.seq_len) * args.total_batch_size  # hook: hardware (MFU)
+    timer = StepTimer()  # hook: progress (the step lines' eta)
+    stop = StopSignal()
+    stop.install()
+    try:
+        evals_done_at = start_step if start_step else -1  # a checkpoint is written after its step's evaluations
+        for step in range(start_step, args.max_steps + 1):
+            last_step = step == args.max_steps
+            if step != evals_done_at:
+                now = run_evals(run, step, log)
+                val_loss = val_loss if now is None else now  # None: no val loss at this step
+
+            stopping = stop.agreed(ctx)
+            due = last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)
+            if step > start_step and due:
+                write_checkpoint(run, step, val_loss)
+                run.metrics.flush()  # hook: live metrics
+            if last_step or stopping:
+                break
+
+            t0 = time.time()
+            lr = set_lr(run.optimizer, step, args, run.lr_decay_steps)
+            epoch = run.train_loader.epoch
+            try:
+                loss, norm = train_step(run)
+            except TrainingDiverged as e:
+                raise TrainingDiverged(f"step {step}: {e}; stopping without a checkpoint. Lower --max_lr or resume "
+                                       f"from the last checkpoint in {args.log_dir}") from None
+            if ctx.device_type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.time() - t0
+            timer.add(dt)
+            mfu = f" | mfu {100 * flops_per_step / dt / run.peak_flops:.1f}%" if run.peak_flops else ""
+            say(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt "
+                f"{dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{mfu} | eta "
+                f"{timer.eta(args.max_steps - step - 1)}")
+            if run.train_loader.epoch != epoch:  # (rank 0's data) this step began a new pass over the train data
+                new_epoch = run.train_loader.epoch + 1
+                say(f"step {step}: epoch {new_epoch} of the train data begins; the data repeats from here")
+                log(f"{step} epoch {new_epoch}")
+            if step == start_step:  # the optimizer state exists after the first step
+                say(state_memory_line(run.model, run.optimizer, ctx))  # hook: FSDP (state bytes per rank)
+            log(f"{step} train {loss:.6f}\n{step} lr {lr:.6e}\n{step} norm {norm:.6f}")  # one write, one step
+            run.metrics.log_step(step, loss, norm, dt)  # hook: live metrics
+    finally:
+        stop.restore()
+        if run.metrics:
+            run.metrics.close()  # hook: live metrics
+
+
 def train(args, ctx):
     """The training run: a new one or a resumed one set up here (model, data, optimizer), then train_loop. The
     optional machinery is reached through the calls marked "hook:"."""
@@ -1729,62 +1762,6 @@ def train(args, ctx):
     if ctx.master:
         record_run(run, start_step)  # hook: progress (run.json; a note if the run will take days)
     train_loop(run, start_step, val_loss)
-
-
-def train_loop(run, start_step, val_loss):
-    """Steps start_step .. --max_steps, each with its due evaluations and checkpoint before its training step; stops
-    early, with a checkpoint, on a stop signal. val_loss: the latest, saved with the checkpoints."""
-    args, ctx = run.args, run.ctx
-    say = print if ctx.master else (lambda *a, **k: None)
-    log = functools.partial(log_line, ctx, run.log_file)
-    flops_per_step = flops_per_token(run.model.config, args.seq_len) * args.total_batch_size  # hook: hardware (MFU)
-    timer = StepTimer()  # hook: progress (the step lines' eta)
-    stop = StopSignal()
-    stop.install()
-    try:
-        evals_done_at = start_step if start_step else -1  # a checkpoint is written after its step's evaluations
-        for step in range(start_step, args.max_steps + 1):
-            last_step = step == args.max_steps
-            if step != evals_done_at:
-                now = run_evals(run, step, log)
-                val_loss = val_loss if now is None else now  # None: no val loss at this step
-
-            stopping = stop.agreed(ctx)
-            due = last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)
-            if step > start_step and due:
-                write_checkpoint(run, step, val_loss)
-                run.metrics.flush()  # hook: live metrics
-            if last_step or stopping:
-                break
-
-            t0 = time.time()
-            lr = set_lr(run.optimizer, step, args, run.lr_decay_steps)
-            epoch = run.train_loader.epoch
-            try:
-                loss, norm = train_step(run)
-            except TrainingDiverged as e:
-                raise TrainingDiverged(f"step {step}: {e}; stopping without a checkpoint. Lower --max_lr or resume "
-                                       f"from the last checkpoint in {args.log_dir}") from None
-            if ctx.device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.time() - t0
-            timer.add(dt)
-            mfu = f" | mfu {100 * flops_per_step / dt / run.peak_flops:.1f}%" if run.peak_flops else ""
-            say(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt "
-                f"{dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{mfu} | eta "
-                f"{timer.eta(args.max_steps - step - 1)}")
-            if run.train_loader.epoch != epoch:  # (rank 0's data) this step began a new pass over the train data
-                new_epoch = run.train_loader.epoch + 1
-                say(f"step {step}: epoch {new_epoch} of the train data begins; the data repeats from here")
-                log(f"{step} epoch {new_epoch}")
-            if step == start_step:  # the optimizer state exists after the first step
-                say(state_memory_line(run.model, run.optimizer, ctx))  # hook: FSDP (state bytes per rank)
-            log(f"{step} train {loss:.6f}\n{step} lr {lr:.6e}\n{step} norm {norm:.6f}")  # one write, one step
-            run.metrics.log_step(step, loss, norm, dt)  # hook: live metrics
-    finally:
-        stop.restore()
-        if run.metrics:
-            run.metrics.close()  # hook: live metrics
 
 
 # =============================================================================
@@ -1923,6 +1900,12 @@ def state_memory_line(model, optimizer, ctx):
     return "state per rank: " + " | ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in b.items()) + f" ({how})"
 
 
+def rekey_optimizer_state(state, key):
+    """An optimizer state_dict with each parameter's key k replaced by key[k] (names <-> param-group order)."""
+    groups = [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]
+    return {"state": {key[k]: s for k, s in state["state"].items()}, "param_groups": groups}
+
+
 def full_state_dicts(model, optimizer, ctx):
     """(model state_dict, optimizer state_dict) of the whole model on rank 0, (None, None) on the others.
     Under FSDP every rank must call it: the shards are gathered one tensor at a time and moved to CPU (cpu_offload),
@@ -1939,12 +1922,6 @@ def full_state_dicts(model, optimizer, ctx):
     # keyed by parameter name here; a plain optimizer numbers its parameters 0, 1, ... in param-group order
     index = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
     return model_state, rekey_optimizer_state(optim_state, index)
-
-
-def rekey_optimizer_state(state, key):
-    """An optimizer state_dict with each parameter's key k replaced by key[k] (names <-> param-group order)."""
-    groups = [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]
-    return {"state": {key[k]: s for k, s in state["state"].items()}, "param_groups": groups}
 
 
 def load_optimizer_state(model, optimizer, state):
@@ -2676,6 +2653,29 @@ def check_output_dir(path, flag):
         raise UsageError(f"{path}: {flag} must be a directory, but {where}; pass another {flag}")
     if not os.access(target, os.W_OK | os.X_OK):
         raise UsageError(f"{path}: {flag} is not writable ({target} is read-only for this user); pass another {flag}")
+
+
+HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def check_hf_dir(path, accepted):
+    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another "
+                         "directory") from None
+    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        raise ValueError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging "
+                         "Face GPT-2 model")
+    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
+        raise ValueError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there "
+                         "too")
 
 
 # the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory

@@ -1751,10 +1751,10 @@ def train(args, ctx):
     say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {run.accum_steps} "
         "accumulation steps")
     say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
-    # hook: hardware, for the MFU. The peak table holds tensor-core bf16/fp16 peaks (under FSDP, run.dtype is
-    # float32 and FSDP itself casts to bf16: the precision says which)
+    # the peak table holds tensor-core bf16/fp16 peaks (under FSDP, run.dtype is float32 and FSDP itself casts to
+    # bf16: the precision says which)
     on_tensor_cores = ctx.device_type == "cuda" and run.precision != "float32"
-    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if on_tensor_cores else None
+    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if on_tensor_cores else None  # hook: hardware
     run.peak_flops = peak * ctx.world_size if peak else None
     # hook: live metrics (--tensorboard, --wandb); a resumed run continues the checkpoint's curves
     run.metrics = Metrics(run, checkpoint, run.peak_flops)

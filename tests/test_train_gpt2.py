@@ -1,6 +1,7 @@
 """Tests of train_gpt2.py: the model against transformers' GPT-2, sampling, data, optimization, the training CLI
 (single process and torchrun), checkpoints and exact resume. All on CPU, offline."""
 
+import ast
 import contextlib
 import io
 import json
@@ -2218,3 +2219,31 @@ def test_same_command_through_sigusr1_a_full_disk_and_completion(tmp_path, shake
     out = train_here(args)
     assert "the run already reached --max_steps 6; nothing to do" in out and "step " not in out, out
     assert files_of(log_dir) == finished
+
+
+def test_train_gpt2_reads_top_to_bottom():
+    """The layout: each top-level definition uses only names defined above it, except the core's calls into the
+    optional machinery after the banner, each marked `hook:` (on its line or the two above); lines of at most 120
+    characters in every script."""
+    for script in ROOT.glob("*.py"):
+        long = [i for i, line in enumerate(script.read_text().splitlines(), 1) if len(line) > 120]
+        assert not long, f"{script.name}: lines {long} are longer than 120 characters"
+    lines = Path(tg.__file__).read_text().splitlines()
+    banner = next(i for i, line in enumerate(lines, 1) if line.startswith("# Optional machinery"))
+    tree = ast.parse("\n".join(lines))
+    defined = {}
+    for node in tree.body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node]
+        for t in targets:
+            defined.setdefault(getattr(t, "name", getattr(t, "id", None)), node.lineno)
+    ahead = []
+    for node in tree.body:
+        for sub in ast.walk(node) if isinstance(node, (ast.FunctionDef, ast.ClassDef)) else ():
+            where = defined.get(getattr(sub, "id", None), 0)
+            if where <= node.lineno or (node.name, sub.id) == ("GPT", "load_checkpoint"):  # .pt files: Checkpoints
+                continue
+            hook = node.lineno < banner < where and "hook:" in " ".join(lines[sub.lineno - 3 : sub.lineno])
+            if not hook:
+                ahead.append(f"{node.name} (line {node.lineno}) uses {sub.id} (line {where})")
+    assert not ahead, ahead
+

@@ -1757,7 +1757,7 @@ def train(args, ctx):
     peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if on_tensor_cores else None  # hook: hardware
     run.peak_flops = peak * ctx.world_size if peak else None
     # hook: live metrics (--tensorboard, --wandb); a resumed run continues the checkpoint's curves
-    run.metrics = Metrics(run, checkpoint, run.peak_flops)
+    run.metrics = Metrics(run, checkpoint)
     del checkpoint  # free its tensors
     if ctx.master:
         record_run(run, start_step)  # hook: progress (run.json; a note if the run will take days)
@@ -2353,16 +2353,16 @@ def open_wandb(args, config, run_id):
 
 class Metrics:
     """A run's metrics in TensorBoard and wandb, written by global rank 0. Without --tensorboard and --wandb, and
-    on the other ranks, every method does nothing. peak_flops: the summed peak FLOP/s of the GPUs (None: no MFU)."""
+    on the other ranks, every method does nothing. The MFU is against run.peak_flops (None: no MFU)."""
 
-    def __init__(self, run, checkpoint=None, peak_flops=None):
+    def __init__(self, run, checkpoint=None):
         args, ctx = run.args, run.ctx
         # what the steps' metrics need, not run itself: run holds this object, and a cycle would keep the model (and
         # DDP's gloo threads) alive after train() until the garbage collector runs
         self.optimizer, self.train_loader, self.log_file = run.optimizer, run.train_loader, run.log_file
         self.tokens_per_step = args.total_batch_size
         self.flops_per_step = flops_per_token(run.model.config, args.seq_len) * args.total_batch_size
-        self.peak_flops, self.cuda_device = peak_flops, ctx.device if ctx.device_type == "cuda" else None
+        self.peak_flops, self.cuda_device = run.peak_flops, ctx.device if ctx.device_type == "cuda" else None
         self.tb = self.wandb_run = None
         saved = checkpoint.get("metrics", {}) if checkpoint else {}
         self.wandb_id = saved.get("wandb_id")  # kept across resumes, also by runs without --wandb

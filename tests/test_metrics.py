@@ -200,14 +200,16 @@ def test_without_the_flags_nothing_is_imported_and_a_missing_package_is_one_line
 
 
 def test_mfu_where_there_is_a_peak_and_the_lr_of_muon_and_adamw(tmp_path, shakespeare):
-    """train() passes the GPUs' peak FLOP/s on CUDA only; given one, MFU is the model's FLOPs over the peak's."""
+    """train() sets the GPUs' peak FLOP/s (run.peak_flops) on CUDA only; given one, MFU is the model's FLOPs over
+    the peak's."""
     args = tg.parse_args(["--model", "d2", "--seq_len", "64", "--total_batch_size", "256", "--log_dir", str(tmp_path),
                           "--optimizer", "muon", "--muon_lr", "0.02", "--embed_lr", "0.005", "--tensorboard"])
     run = tg.Run(args, tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu"))
     run.model = tg.GPT(tg.model_config("d2"))
     run.optimizer = tg.make_optimizer(run.model, args, "cpu")
     run.train_loader = tg.DataLoaderLite(4, 64, split="train", data_root=str(shakespeare))
-    metrics = tg.Metrics(run, peak_flops=1e12)
+    run.peak_flops = 1e12
+    metrics = tg.Metrics(run)
     metrics.log_step(0, 10.0, 1.0, 0.5)
     metrics.close()
     tb, _ = tensorboard_events(tmp_path)

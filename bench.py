@@ -5,12 +5,16 @@ from other programs hits all alike. A mode is one function `bench_NAME(args)` in
 """
 
 import argparse
+import atexit
+import contextlib
 import copy
+import io
 import json
 import os
 import re
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,10 +27,13 @@ from importlib.util import find_spec
 import numpy as np
 import torch
 
-from train_gpt2 import (GPT, GPT2_VOCAB, DataLoaderLite, Run, UsageError, autocast_context, batch_size_arg,
-                        check_seq_len, choose_batch_size, compile_blocks, configure_optimizers, flops_per_token,
-                        gpu_peak_flops, model_config, model_errors_as_usage_errors, pick_device, positive_int,
-                        setup_device, setup_distributed, shard_model, state_bytes_per_rank, train_step, wrap_model)
+import checks
+import common
+import sharding
+import train_gpt2
+from checks import batch_size_arg, positive_int
+from common import GPT2_VOCAB, UsageError, autocast_context, pick_device
+from train_gpt2 import GPT, DataLoaderLite, model_config
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # dtype names in printed lines
@@ -108,15 +115,40 @@ def median(xs):
 
 def setup(args):
     """(DistContext, autocast dtype) with the device set up as train() sets it (TF32, CPU allocator, seed)."""
-    ctx = setup_distributed(args.device)
-    return ctx, setup_device(argparse.Namespace(dtype=args.dtype, seed=1337), ctx)
+    ctx = common.setup_distributed(args.device)
+    return ctx, common.setup_device(args.dtype, 1337, ctx)
 
 
-def fixed_batch(B, T, device):
-    """A loader for train_step that hands out the same random batch every time: the benchmark times the model."""
-    data = torch.randint(0, GPT2_VOCAB, (B, T + 1), generator=torch.Generator().manual_seed(0))
-    batch = data[:, :-1].contiguous().to(device), data[:, 1:].contiguous().to(device)
-    return argparse.Namespace(next_batch=lambda: batch)
+def train_flags(args, ctx, data, **changes):
+    """train_gpt2.py's flags for one micro-batch of args' shape a step, on `data` (a directory of shards): no
+    evaluations, no checkpoints; `changes` (flag=value) on top."""
+    flags = dict(data=data, model=args.model, vocab_size=args.vocab_size, batch_size=args.batch_size,
+                 seq_len=args.seq_len, total_batch_size=args.batch_size * args.seq_len * ctx.world_size,
+                 dtype=args.dtype, compile=args.compile, device=ctx.device, val_every=0, hellaswag_every=0,
+                 sample_every=0, loss_chunk_size=args.loss_chunk_size, max_steps=1, log_dir=data) | changes
+    argv = [f"--{k}" if v is True else f"--{k}={v}" for k, v in flags.items() if v is not None and v is not False]
+    return train_gpt2.parse_args(argv)
+
+
+def write_shards(root, shards, tokens):
+    """Paths of `shards` .npy train shards of random tokens in root (kept when already there at that size)."""
+    rng, paths = np.random.default_rng(0), []
+    for i in range(shards):
+        path = os.path.join(root, f"bench_train_{i:06d}.npy")
+        if not os.path.exists(path) or np.load(path, mmap_mode="r").shape != (tokens,):
+            np.save(path, rng.integers(0, GPT2_VOCAB, tokens, dtype=np.uint16))
+        paths.append(path)
+    return paths
+
+
+def random_shards(args, ctx):
+    """A directory (removed at exit) with a train shard of random tokens, 8 micro-batches of every rank: the
+    benchmark times the model, not the data."""
+    root = tempfile.mkdtemp(prefix="bench_data_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    batch_tokens = args.batch_size * args.seq_len * ctx.world_size if args.batch_size != "auto" else 2**19
+    write_shards(root, 1, 8 * batch_tokens + 1)
+    return root
 
 
 # -----------------------------------------------------------------------------
@@ -126,8 +158,11 @@ def fixed_batch(B, T, device):
 class HFLoss(torch.nn.Module):
     """transformers' GPT2LMHeadModel in config's shape (GPT-2's vocab, no dropout) behind our forward's signature."""
 
+    softcap = None  # GPT-2's head, as far as the loss path is concerned
+
     def __init__(self, config):
         super().__init__()
+        self.config = config
         from transformers import GPT2Config, GPT2LMHeadModel
 
         shape = dict(n_positions=config.block_size, n_embd=config.n_embd, n_layer=config.n_layer, n_head=config.n_head)
@@ -151,25 +186,19 @@ class Variant:
     losses: list = field(default_factory=list)
     peak_mem: int = 0  # the peak GPU memory of its steps so far
 
-    def build(self, config, ctx, loader):
-        torch.manual_seed(1337)
-        model = HFLoss(config) if self.hf else GPT(config)
-        self.flops_config = replace(config, vocab_size=GPT2_VOCAB) if self.hf else config
-        model.loss_chunk_size = self.loss_chunk_size
-        model.to(ctx.device)
-        if self.fsdp:
-            train_model, self.dtype = shard_model(model, ctx, self.dtype)
-            if self.compile:
-                compile_blocks(model)
-        else:
-            train_model = wrap_model(model, argparse.Namespace(compile=self.compile), ctx)
+    def build(self, args, ctx, data):
+        """The run train_gpt2.build_run builds from this variant's flags (the HF model given to it instead of ours)."""
+        dtype = str(self.dtype).replace("torch.", "")
+        flags = train_flags(args, ctx, data, dtype=dtype, compile=int(self.compile), fsdp=self.fsdp,
+                            loss_chunk_size=self.loss_chunk_size)
+        config = model_config(args.model, args.vocab_size)
+        torch.manual_seed(1337)  # the HF model is built before build_run seeds: the same init in every round
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
-        optimizer = configure_optimizers(model, 0.1, 6e-4, ctx.device_type)
-        for group in optimizer.param_groups if self.plain else []:
+        with contextlib.redirect_stdout(io.StringIO()):  # build_run's lines about the data: not the benchmark's
+            self.run, _ = train_gpt2.build_run(flags, ctx, model=HFLoss(config) if self.hf else None)
+        self.flops_config = replace(config, vocab_size=GPT2_VOCAB) if self.hf else config
+        for group in self.run.optimizer.param_groups if self.plain else []:
             group["fused"] = False
-        scaler = torch.amp.GradScaler(ctx.device_type, enabled=self.dtype == torch.float16)
-        self.run = Run(argparse.Namespace(grad_clip=1.0), ctx, self.dtype, train_model=train_model,
-                       optimizer=optimizer, scaler=scaler, train_loader=loader)
 
     def step(self):
         """The step's seconds; its loss goes to self.losses."""
@@ -177,7 +206,7 @@ class Variant:
         if ctx.device_type == "cuda":  # train() turns TF32 on; torch's default is off
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not self.plain
             torch.cuda.reset_peak_memory_stats(ctx.device)
-        dt, (loss, _) = timed(lambda: train_step(self.run), ctx.device_type)
+        dt, (loss, _) = timed(lambda: train_gpt2.train_step(self.run), ctx.device_type)
         self.losses.append(loss)
         if ctx.device_type == "cuda":
             self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated(ctx.device))
@@ -207,7 +236,7 @@ def train_variants(args, dtype):
 
 def mfu_text(v, flops, step_s, device, cpu_peaks):
     if device.startswith("cuda"):
-        peak, what = gpu_peak_flops(torch.cuda.get_device_name(device)), "datasheet bf16 peak"
+        peak, what = common.gpu_peak_flops(torch.cuda.get_device_name(device)), "datasheet bf16 peak"
     else:
         peak, what = median(cpu_peaks[v.dtype]), f"measured {SHORT[v.dtype]} matmul peak"
     return f"MFU {100 * flops / step_s / peak:.1f}% of {what} ({peak / 1e12:.3g} TFLOP/s)" if peak else "MFU n/a"
@@ -217,22 +246,23 @@ def bench_train(args):
     """training steps: tokens/s, MFU and peak memory; --compare hf or ladder"""
     t_start = time.time()
     ctx, dtype = setup(args)
-    config, T, B = model_config(args.model, args.vocab_size), args.seq_len, args.batch_size
-    probe = GPT(config).to(ctx.device)
-    if B == "auto":  # train()'s choice, as for gpt2's 0.5M-token batch
-        flags = argparse.Namespace(batch_size=B, seq_len=T, total_batch_size=2**19, compile=args.compile)
-        B = choose_batch_size(flags, probe, ctx, dtype)
-        print(f"--batch_size auto: micro-batch {B}")
-    print(f"bench train: --model {args.model} ({probe.num_params() / 1e6:.2f}M parameters), B={B}, T={T} "
+    T, data = args.seq_len, random_shards(args, ctx)
+    if args.batch_size == "auto":  # train()'s choice, as for gpt2's 0.5M-token batch
+        probe, _ = train_gpt2.build_run(train_flags(args, ctx, data, total_batch_size=2**19), ctx)
+        args.batch_size = probe.batch_size
+    else:
+        probe = argparse.Namespace(model=GPT(model_config(args.model, args.vocab_size)))
+    B = args.batch_size
+    print(f"bench train: --model {args.model} ({probe.model.num_params() / 1e6:.2f}M parameters), B={B}, T={T} "
           f"({B * T} tokens/step), device {ctx.device} ({device_description(ctx.device)}), torch {torch.__version__}")
     del probe
     if args.compare == "hf":
         import transformers
         print(f"transformers {transformers.__version__}: GPT2LMHeadModel with its default attention (sdpa), dropout "
               f"0, vocab {GPT2_VOCAB}, labels = inputs (it shifts them itself), use_cache=False")
-    variants, loader, cpu = train_variants(args, dtype), fixed_batch(B, T, ctx.device), ctx.device_type == "cpu"
+    variants, cpu = train_variants(args, dtype), ctx.device_type == "cpu"
     for v in variants:  # build and warm up: the first step compiles and allocates
-        v.build(config, ctx, loader)
+        v.build(args, ctx, data)
         first = [v.step() for _ in range(args.warmup)][0]
         print(f"  built and warmed up {v.name}: first step {first:.1f}s", flush=True)
     # on CPU the matmul peak is measured in every round, under the same load as the steps
@@ -247,7 +277,7 @@ def bench_train(args):
         print("CPU matmul peak (2048^3, best of 3 per round, median): "
               + ", ".join(f"{SHORT[d]} {median(results[d]) / 1e9:.0f} GFLOP/s" for d in peaks))
     for v in variants:
-        step_s, flops = median(results[v.name]), flops_per_token(v.flops_config, T) * B * T
+        step_s, flops = median(results[v.name]), common.flops_per_token(v.flops_config, T) * B * T
         mem = "" if cpu else f" | peak mem {gib(v.peak_mem)}"
         print(f"{v.name}\n    {B * T / step_s:9.1f} tok/s | {step_s * 1000:.1f} ms/step | {flops / step_s / 1e9:.1f} "
               f"GFLOP/s | {mfu_text(v, flops, step_s, ctx.device, results)}{mem} | loss {v.losses[-1]:.4f}")
@@ -278,10 +308,10 @@ def memory_worker(out):
     ctx, dtype = setup(args)
     base_rss, cuda = peak_rss_bytes(), ctx.device_type == "cuda"
     v = Variant("", dtype, bool(args.compile), loss_chunk_size=args.loss_chunk_size, fsdp=args.fsdp)
-    v.build(model_config(args.model, args.vocab_size), ctx, fixed_batch(args.batch_size, args.seq_len, ctx.device))
+    v.build(args, ctx, random_shards(args, ctx))
     before = torch.cuda.memory_allocated(ctx.device) if cuda else peak_rss_bytes()
     times = [v.step() for _ in range(args.steps)]
-    result = dict(state_bytes_per_rank(v.run.train_model, v.run.optimizer), cuda=cuda, base_rss=base_rss,
+    result = dict(sharding.state_bytes_per_rank(v.run.train_model, v.run.optimizer), cuda=cuda, base_rss=base_rss,
                   peak_rss=peak_rss_bytes(), before=before, peak=v.peak_mem if cuda else peak_rss_bytes(),
                   losses=v.losses, times=times, dtype=SHORT[dtype])
     with open(f"{out}.{ctx.rank}", "w") as f:
@@ -299,6 +329,30 @@ def fresh_processes(args, procs, **changes):
         launch = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}"] if procs > 1 else []
         run_checked([sys.executable, *launch, os.path.abspath(__file__), f"--_worker_out={out}"])
         return [json.load(open(f"{out}.{rank}")) for rank in range(procs)]
+
+
+def bench_memory_procs(args):
+    if args.device == "auto":  # one GPU per rank if there are enough, else CPU processes with gloo
+        args.device = "cuda" if torch.cuda.device_count() >= args.procs else "cpu"
+    variants = {"DDP": False, "FSDP": True} if args.fsdp else {"DDP": False}
+    results = interleaved({n: partial(fresh_processes, args, args.procs, fsdp=f) for n, f in variants.items()},
+                          args.repeats)
+    print(f"bench memory per rank: --model {args.model}, {args.procs} ranks on {args.device}, B={args.batch_size}, "
+          f"T={args.seq_len}, after {args.steps} training steps, --dtype {args.dtype}; median of {args.repeats} "
+          f"run(s) per variant, interleaved, max over ranks (RSS varies with the machine's load)")
+    rows = {}
+    for name, runs in results.items():
+        per_rank = lambda f, runs=runs: median([max(f(r) for r in ranks) for ranks in runs])  # noqa: E731
+        row = {k: per_rank(lambda r: r[k]) for k in ("parameters", "gradients", "optimizer")}
+        rows[name] = row | {"sharded total": sum(row.values()), "peak RSS": per_rank(lambda r: r["peak_rss"]),
+                            "RSS over start": per_rank(lambda r: r["peak_rss"] - r["base_rss"])}
+        if runs[0][0]["cuda"]:
+            rows[name]["peak CUDA"] = per_rank(lambda r: r["peak"])
+    print(f"{'MiB per rank':<12}" + "".join(f"{c:>16}" for c in rows["DDP"]))
+    for name, row in rows.items():
+        print(f"{name:<12}" + "".join(f"{v / 2**20:>16.1f}" for v in row.values()))
+    if args.fsdp:
+        print(f"{'FSDP / DDP':<12}" + "".join(f"{rows['FSDP'][c] / rows['DDP'][c]:>16.3f}" for c in rows["DDP"]))
 
 
 def bench_memory(args):
@@ -329,30 +383,6 @@ def bench_memory(args):
     print(f"peak memory with the chunked loss: {100 * (peak[1] / peak[0] - 1):+.1f}% (the steps' own memory above "
           f"the model: {100 * (own[1] / max(1, own[0]) - 1):+.1f}%); largest loss difference {diff:.2e}; "
           f"total time {time.time() - t_start:.1f}s")
-
-
-def bench_memory_procs(args):
-    if args.device == "auto":  # one GPU per rank if there are enough, else CPU processes with gloo
-        args.device = "cuda" if torch.cuda.device_count() >= args.procs else "cpu"
-    variants = {"DDP": False, "FSDP": True} if args.fsdp else {"DDP": False}
-    results = interleaved({n: partial(fresh_processes, args, args.procs, fsdp=f) for n, f in variants.items()},
-                          args.repeats)
-    print(f"bench memory per rank: --model {args.model}, {args.procs} ranks on {args.device}, B={args.batch_size}, "
-          f"T={args.seq_len}, after {args.steps} training steps, --dtype {args.dtype}; median of {args.repeats} "
-          f"run(s) per variant, interleaved, max over ranks (RSS varies with the machine's load)")
-    rows = {}
-    for name, runs in results.items():
-        per_rank = lambda f, runs=runs: median([max(f(r) for r in ranks) for ranks in runs])  # noqa: E731
-        row = {k: per_rank(lambda r: r[k]) for k in ("parameters", "gradients", "optimizer")}
-        rows[name] = row | {"sharded total": sum(row.values()), "peak RSS": per_rank(lambda r: r["peak_rss"]),
-                            "RSS over start": per_rank(lambda r: r["peak_rss"] - r["base_rss"])}
-        if runs[0][0]["cuda"]:
-            rows[name]["peak CUDA"] = per_rank(lambda r: r["peak"])
-    print(f"{'MiB per rank':<12}" + "".join(f"{c:>16}" for c in rows["DDP"]))
-    for name, row in rows.items():
-        print(f"{name:<12}" + "".join(f"{v / 2**20:>16.1f}" for v in row.values()))
-    if args.fsdp:
-        print(f"{'FSDP / DDP':<12}" + "".join(f"{rows['FSDP'][c] / rows['DDP'][c]:>16.3f}" for c in rows["DDP"]))
 
 
 # -----------------------------------------------------------------------------
@@ -424,17 +454,6 @@ def bench_sample(args):
 # Data loading: DataLoaderLite in order vs --shuffle, pages from the disk vs cached
 
 
-def write_shards(root, shards, tokens):
-    """Paths of `shards` .npy train shards of random tokens in root (kept when already there at that size)."""
-    rng, paths = np.random.default_rng(0), []
-    for i in range(shards):
-        path = os.path.join(root, f"bench_train_{i:06d}.npy")
-        if not os.path.exists(path) or np.load(path, mmap_mode="r").shape != (tokens,):
-            np.save(path, rng.integers(0, GPT2_VOCAB, tokens, dtype=np.uint16))
-        paths.append(path)
-    return paths
-
-
 def cold_then_warm(loader, paths, args):
     """(from the disk, from cached pages): mean seconds of next_batch over the same args.batches batches."""
     def mean_time():
@@ -467,8 +486,8 @@ def bench_data(args):
                    "--shuffle": DataLoaderLite(B, T, split="train", data_root=root, shuffle=True, seed=1337)}
         runs = interleaved({n: partial(cold_then_warm, lo, paths, args) for n, lo in loaders.items()}, args.repeats)
     times = {(name, cache): [r[i] for r in rs] for name, rs in runs.items() for i, cache in enumerate(("cold", "warm"))}
-    flops = flops_per_token(model_config(args.model, args.vocab_size), T) * B * T
-    h100 = flops / gpu_peak_flops("H100")  # the least a micro-step takes on an H100 SXM: 100% MFU at its bf16 peak
+    flops = common.flops_per_token(model_config(args.model, args.vocab_size), T) * B * T
+    h100 = flops / common.gpu_peak_flops("H100")  # the least a micro-step takes on an H100 SXM: 100% MFU, bf16 peak
     print(f"bench data: DataLoaderLite B={B}, T={T} ({B * T * 2 / 1024:g} KiB a batch) over {args.shards} shards of "
           f"{args.shard_tokens:,} tokens in {args.data_dir or 'a temporary directory'}; {args.repeats} interleaved "
           f"repeats of {args.batches} batches, {args.gap_ms:g} ms apart")
@@ -480,7 +499,7 @@ def bench_data(args):
         ratio = median(times[("--shuffle", cache)]) / median(times[("in order", cache)])
         print(f"--shuffle / in order, {cache}: {ratio:.2f}x")
     print(f"a --model {args.model} micro-step of {B} x {T} takes at least {h100 * 1000:.3g} ms on an H100 SXM: "
-          f"{flops / 1e12:.3g} TFLOP at its {gpu_peak_flops('H100') / 1e12:.0f} TFLOP/s bf16 datasheet peak")
+          f"{flops / 1e12:.3g} TFLOP at its {common.gpu_peak_flops('H100') / 1e12:.0f} TFLOP/s bf16 datasheet peak")
 
 
 # -----------------------------------------------------------------------------
@@ -551,6 +570,44 @@ def bench_recipe(args):
 MODES = dict(train=bench_train, memory=bench_memory, sample=bench_sample, data=bench_data, recipe=bench_recipe)
 
 
+def with_defaults(args):
+    """args with each mode's defaults filled in; UsageError for flags of another mode."""
+    on_gpu = pick_device(args.device).startswith("cuda")
+    # sampling compares the algorithm, not the model; recipes are short CPU runs
+    args.model = args.model or ("d4" if args.mode in ("sample", "recipe") else "gpt2")
+    with common.model_errors_as_usage_errors():  # an unknown --model fails here, before any work
+        config = model_config(args.model, args.vocab_size)
+    if args.mode == "recipe":  # a short CPU run of a small model
+        B, T = 16, 128
+    elif args.mode == "data":  # gpt2's micro-batch in train_gpt2.py
+        B, T = 64, 1024
+    elif args.procs > 1:  # the state bytes per rank are exact at any shape: a small one is enough
+        B, T = 2, 128
+    else:  # sample: 4 sequences, as train_gpt2.py --sample (--num_samples 4) and its in-training samples do
+        B, T = (16 if on_gpu and args.mode != "sample" else 4), (1024 if on_gpu else 256)
+    args.batch_size, args.seq_len = args.batch_size or B, args.seq_len or T
+    args.compile = int(args.mode == "train") if args.compile is None else args.compile
+    args.steps = args.steps or (2 if args.mode == "memory" else 5)
+    args.repeats = args.repeats or {"memory": 2, "data": 5, "recipe": 1}.get(args.mode, 3)
+    if args.mode in ("train", "memory"):
+        checks.check_seq_len(args.seq_len, config.block_size)
+    for wrong, message in [
+        (args.batch_size == "auto" and args.mode != "train", "--batch_size auto is for --mode train"),
+        (args.compare != "none" and args.mode != "train", "--compare is for --mode train"),
+        (args.compare == "hf" and not find_spec("transformers"), "--compare hf needs transformers: pip install "
+         "transformers"),
+        ((args.procs > 1 or args.fsdp) and args.mode != "memory", "--procs and --fsdp are for --mode memory"),
+        (args.fsdp and args.procs == 1, "--fsdp shards over processes: add --procs N (N >= 2)"),
+        (not set(filter(None, args.recipes.split(","))) <= set(BENCH_RECIPES), f"--recipes {args.recipes}: use names "
+         f"from {', '.join(BENCH_RECIPES)}, comma-separated (--variant NAME=FLAGS adds others)"),
+        (args.mode == "sample" and 8 + args.max_new_tokens > config.block_size, f"--max_new_tokens "
+         f"{args.max_new_tokens} plus the 8-token prompt is longer than block_size {config.block_size}"),
+    ]:
+        if wrong:
+            raise UsageError(message)
+    return args
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks for train_gpt2.py (examples: README.md, Performance).")
     modes = "; ".join(f"{name}: {' '.join(fn.__doc__.split())}" for name, fn in MODES.items())
@@ -594,44 +651,6 @@ def parse_args(argv=None):
     g.add_argument("--accum", type=positive_int, default=2, help="micro-batches per step (default: 2)")
     g.add_argument("--log_root", help="a log dir per recipe, for play.ipynb (default: a temporary dir)")
     return with_defaults(p.parse_args(argv))
-
-
-def with_defaults(args):
-    """args with each mode's defaults filled in; UsageError for flags of another mode."""
-    on_gpu = pick_device(args.device).startswith("cuda")
-    # sampling compares the algorithm, not the model; recipes are short CPU runs
-    args.model = args.model or ("d4" if args.mode in ("sample", "recipe") else "gpt2")
-    with model_errors_as_usage_errors():  # an unknown --model fails here, before any work
-        config = model_config(args.model, args.vocab_size)
-    if args.mode == "recipe":  # a short CPU run of a small model
-        B, T = 16, 128
-    elif args.mode == "data":  # gpt2's micro-batch in train_gpt2.py
-        B, T = 64, 1024
-    elif args.procs > 1:  # the state bytes per rank are exact at any shape: a small one is enough
-        B, T = 2, 128
-    else:  # sample: 4 sequences, as train_gpt2.py --sample (--num_samples 4) and its in-training samples do
-        B, T = (16 if on_gpu and args.mode != "sample" else 4), (1024 if on_gpu else 256)
-    args.batch_size, args.seq_len = args.batch_size or B, args.seq_len or T
-    args.compile = int(args.mode == "train") if args.compile is None else args.compile
-    args.steps = args.steps or (2 if args.mode == "memory" else 5)
-    args.repeats = args.repeats or {"memory": 2, "data": 5, "recipe": 1}.get(args.mode, 3)
-    if args.mode in ("train", "memory"):
-        check_seq_len(args.seq_len, config)
-    for wrong, message in [
-        (args.batch_size == "auto" and args.mode != "train", "--batch_size auto is for --mode train"),
-        (args.compare != "none" and args.mode != "train", "--compare is for --mode train"),
-        (args.compare == "hf" and not find_spec("transformers"), "--compare hf needs transformers: pip install "
-         "transformers"),
-        ((args.procs > 1 or args.fsdp) and args.mode != "memory", "--procs and --fsdp are for --mode memory"),
-        (args.fsdp and args.procs == 1, "--fsdp shards over processes: add --procs N (N >= 2)"),
-        (not set(filter(None, args.recipes.split(","))) <= set(BENCH_RECIPES), f"--recipes {args.recipes}: use names "
-         f"from {', '.join(BENCH_RECIPES)}, comma-separated (--variant NAME=FLAGS adds others)"),
-        (args.mode == "sample" and 8 + args.max_new_tokens > config.block_size, f"--max_new_tokens "
-         f"{args.max_new_tokens} plus the 8-token prompt is longer than block_size {config.block_size}"),
-    ]:
-        if wrong:
-            raise UsageError(message)
-    return args
 
 
 def main(argv=None):

@@ -142,6 +142,11 @@ def is_shard_file(name):
     return name.startswith(SHARD_PREFIX) and name.endswith(".npy")
 
 
+def save_manifest(out_dir, manifest):
+    data = (json.dumps(manifest, indent=1) + "\n").encode()
+    atomic_write(os.path.join(out_dir, MANIFEST), os.path.join(out_dir, TMP_MANIFEST), lambda f: f.write(data))
+
+
 class ShardWriter:
     """Cuts the token stream into shards; a background thread saves each shard, then the manifest."""
 
@@ -205,11 +210,6 @@ class ShardWriter:
     def close(self):
         self.wait()
         self.io.shutdown()
-
-
-def save_manifest(out_dir, manifest):
-    data = (json.dumps(manifest, indent=1) + "\n").encode()
-    atomic_write(os.path.join(out_dir, MANIFEST), os.path.join(out_dir, TMP_MANIFEST), lambda f: f.write(data))
 
 
 def open_out_dir(out_dir, settings):
@@ -376,16 +376,6 @@ def nominal_tokens(remote_name):
     return int(size) * 10**9 if remote_name.startswith("sample-") and size.isdigit() else None
 
 
-def text_tasks(ds, column, start_doc):
-    """(tasks, docs): the work from document start_doc on, BATCH_DOCS documents per task. A map-style dataset is
-    read by the workers (tasks are row ranges of docs, the text column alone); a streamed one by this process."""
-    import datasets
-    if isinstance(ds, datasets.Dataset):
-        docs = ds.select_columns([column])
-        return (range(i, min(i + BATCH_DOCS, len(ds))) for i in range(start_doc, len(ds), BATCH_DOCS)), docs
-    return streamed_texts(ds, column, start_doc), None
-
-
 def streamed_texts(ds, column, start_doc):
     if start_doc:
         ds = ds.skip(start_doc)
@@ -405,6 +395,16 @@ def streamed_texts(ds, column, start_doc):
             raise DataError(f"no column {column!r} in the data; columns: {', '.join(batch)} (see --text_column)")
         start_doc += len(batch[column])
         yield batch[column]
+
+
+def text_tasks(ds, column, start_doc):
+    """(tasks, docs): the work from document start_doc on, BATCH_DOCS documents per task. A map-style dataset is
+    read by the workers (tasks are row ranges of docs, the text column alone); a streamed one by this process."""
+    import datasets
+    if isinstance(ds, datasets.Dataset):
+        docs = ds.select_columns([column])
+        return (range(i, min(i + BATCH_DOCS, len(ds))) for i in range(start_doc, len(ds), BATCH_DOCS)), docs
+    return streamed_texts(ds, column, start_doc), None
 
 
 # -----------------------------------------------------------------------------

@@ -22,7 +22,6 @@ train_gpt2.py calls evaluate(model, device, ...) during training, split across t
 """
 import argparse
 import contextlib
-import functools
 import json
 import os
 import shutil
@@ -30,11 +29,13 @@ import tempfile
 import urllib.request
 from pathlib import Path
 
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import common
+from common import GPT2_VOCAB
 
 DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_{split}.jsonl"
 
@@ -107,6 +108,13 @@ def check_example(example, where):
         raise ValueError(f"{where}: 'label' must be 0, 1, 2 or 3, got {label!r}")
 
 
+def check_data_file(path):
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a HellaSwag jsonl file; pass the .jsonl file itself")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+
+
 def iterate_examples(split="val", data=None, cache_dir=None):
     """Yield the examples (dicts) of `data` (a local jsonl) or else of the downloaded split."""
     path = Path(data) if data is not None else download(split, cache_dir)
@@ -128,27 +136,6 @@ def iterate_examples(split="val", data=None, cache_dir=None):
         raise ValueError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
 
 
-def check_data_file(path):
-    if path.is_dir():
-        raise ValueError(f"{path}: a directory, not a HellaSwag jsonl file; pass the .jsonl file itself")
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-
-
-@functools.cache
-def _encoder():
-    return tiktoken.get_encoding("gpt2")
-
-
-def tokenizer():
-    """The GPT-2 tokenizer, or a ValueError to report in one line: offline without tiktoken's cache."""
-    try:
-        return _encoder()
-    except OSError as e:  # requests' errors are OSErrors
-        raise ValueError(f"cannot download the GPT-2 tokenizer ({type(e).__name__}); connect to the internet once "
-                         "(tiktoken caches it), or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
-
-
 def render_example(example):
     """
     Returns (data, tokens, mask, label):
@@ -156,7 +143,7 @@ def render_example(example):
       mask   (4, T) int64: 1 on the ending tokens (the ones we score), 0 on context and padding
       data: dict with label, ctx_tokens, ending_tokens (lists of ints)
     """
-    enc = _encoder()
+    enc = common.gpt2_tokenizer()
     ctx_tokens = enc.encode(example["ctx"])
     # GPT-2's BPE attaches the space to the word after it, so the space goes with the ending
     ending_tokens = [enc.encode(" " + ending) for ending in example["endings"]]
@@ -218,7 +205,7 @@ def score_rows(model, tokens, mask, autocast_dtype=None):
     positions[:, :-1] = scored
     with ctx:
         picked = model.logits_at(tokens, positions)
-    picked = picked[:, :_encoder().n_vocab].float()  # a padded vocab's extra ids are never real tokens
+    picked = picked[:, :GPT2_VOCAB].float()  # a padded vocab's extra ids are never real tokens
     losses = torch.zeros(targets.shape, dtype=torch.float32, device=tokens.device)
     losses[scored] = F.cross_entropy(picked, targets[scored], reduction="none")
     sum_loss = losses.sum(dim=1)  # a dense per-row sum: deterministic, unlike a scatter-add on GPU
@@ -315,19 +302,17 @@ def main(argv=None):
         check_split(args.split)
         # the data first: a bad file should fail before a big model loads
         path = Path(args.data) if args.data is not None else download(args.split, args.cache_dir)
-        tokenizer()
+        common.gpt2_tokenizer()  # offline without tiktoken's cache: a one-line error (a ValueError)
         n = len(load_examples(data=path, limit=args.limit))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if n == 0:
         raise SystemExit(f"error: {path} has no examples")
 
-    device = args.device
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    from train_gpt2 import GPT, tune_cpu_allocator  # train_gpt2 imports this module: import it only here
+    device = common.pick_device(args.device or "auto")
+    from train_gpt2 import GPT  # train_gpt2 imports this module: import it only here
     if torch.device(device).type == "cpu":
-        tune_cpu_allocator()  # reuse the big logits buffers instead of page-faulting them in every forward
+        common.tune_cpu_allocator()  # reuse the big logits buffers instead of page-faulting them in every forward
     try:
         model = GPT.from_pretrained(args.model)
     except (ValueError, OSError) as e:

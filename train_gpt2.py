@@ -1,70 +1,43 @@
 """
-Train GPT-2 (124M) from scratch, fine-tune it, sample from it, export it to Hugging Face.
+Train GPT-2 (124M) from scratch, fine-tune it, sample from it, export it to Hugging Face. Importing it runs nothing.
 
-One file, read top to bottom. Importing it runs nothing.
-
-    python train_gpt2.py --data input.txt --model d6 ...        # a small GPT on Tiny Shakespeare, CPU
+    python train_gpt2.py --recipe shakespeare                   # a small GPT on Tiny Shakespeare, CPU, minutes
     torchrun --standalone --nproc_per_node=8 train_gpt2.py      # the GPT-2 (124M) reproduction, 8 GPUs
     python train_gpt2.py --init_from gpt2 --sample "Hello, I'm a language model,"
 
-The seed's story (build-nanogpt's), each section using only what comes before it:
-    The model          GPTConfig and --model sizes; the blocks of GPT-2 and of the modern arch; the KV cache
-    The loss           cross-entropy over the lm_head in chunks, without the full logits
-    The model: GPT     init, forward, generate; Hugging Face import and export
-    The data           DataLoaderLite (train shards), ValSet (the val loss's tokens)
-    Optimization       the LR schedule, AdamW, Muon
-    Checkpoints        save, load, find, prune; older checkpoints upgraded
-    Training           train_step, evaluation, sampling, checkpointing, train()
-Optional machinery, after a banner; the core reaches it only through calls marked "hook:" (most of them in train()):
-    launch (devices, process groups), FSDP, batch-size probing and the loss path, hardware (dtype, GPU peak FLOPs),
-    progress (step N/M, ETA, run.json), live metrics (TensorBoard, wandb), input checks (flags, files, checkpoints,
-    resume), the command line.
+The seed's story (build-nanogpt's), read top to bottom, each section using only what comes before it: the model
+(GPTConfig, the blocks of GPT-2 and of the modern arch, the KV cache), the loss (cross-entropy over the lm_head in
+chunks), GPT (init, forward, generate, Hugging Face import and export), the data (DataLoaderLite, ValSet), the LR
+schedule and the optimizers (AdamW, Muon), checkpoints, the run and its training step, evaluation, the DDP loop and
+the command line. What runs around a run lives in sibling modules, called by name: common (errors, rank-0 print,
+device and precision, launch and collectives, stop signals), sharding (FSDP, --batch_size auto, the loss path),
+checkpoints (the files), checks (flags and input files) and metrics (progress, run.json, TensorBoard, wandb).
 """
 
 import argparse
-import contextlib
-import copy
-import ctypes
-import errno
 import functools
 import glob
-import importlib.util
-import json
 import math
 import os
 import re
-import signal
 import sys
 import time
-import urllib.request
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import checkpoints
+import checks
+import common
 import hellaswag
-
-GPT2_EOT = 50256
-GPT2_VOCAB = 50257  # real GPT-2 token ids are < 50257; ids above that only pad the embedding table
-
-
-class UsageError(ValueError):
-    """Bad input from the user: main() prints its one-line message instead of a traceback. (The model raises plain
-    ValueErrors; where the command line builds, loads or exports one, they become UsageErrors.)"""
-
-
-class TrainingDiverged(RuntimeError):
-    pass
-
-
-class CheckpointWriteFailed(RuntimeError):
-    """Rank 0 could not write a checkpoint: every rank stops at that step; rank 0 says why."""
+import metrics
+import sharding
+from common import GPT2_EOT, GPT2_VOCAB, CheckpointWriteFailed, TrainingDiverged, UsageError
 
 
 # -----------------------------------------------------------------------------
@@ -367,21 +340,12 @@ def default_loss_chunk_size(device):
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
 
-def gpt2_tokenizer():
-    """tiktoken's GPT-2 BPE, which it downloads on first use into its cache (TIKTOKEN_CACHE_DIR)."""
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except OSError as e:  # requests' errors are OSErrors
-        raise UsageError(f"cannot download the GPT-2 tokenizer ({type(e).__name__}); connect to the internet once "
-                         "(tiktoken caches it), or set TIKTOKEN_CACHE_DIR to a cache that has it") from None
-
-
 def save_gpt2_tokenizer(directory, model_max_length=1024):
     """tokenizer.json + tokenizer_config.json for GPT-2's BPE, converted from tiktoken's (no download)."""
     from transformers import GPT2TokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    enc = gpt2_tokenizer()
+    enc = common.gpt2_tokenizer()
     converter = TikTokenConverter(pattern=enc._pat_str, extra_special_tokens=enc._special_tokens)
     # the BPE ranks from memory, not from a file: tiktoken keeps a copy of every file it reads in its cache
     # (TIKTOKEN_CACHE_DIR), under a hash of the path, which a temporary file makes new each time
@@ -544,11 +508,11 @@ class GPT(nn.Module):
         name_or_path = str(name_or_path)
         if name_or_path in MODEL_SIZES or os.path.isdir(name_or_path):
             if os.path.isdir(name_or_path):
-                check_hf_dir(name_or_path, accepted)  # hook: input checks (a GPT-2 config and weights)
+                checks.check_hf_dir(name_or_path, accepted)
             return cls._from_hf(name_or_path)
         if os.path.isfile(name_or_path):
-            # load_checkpoint (Checkpoints, below) checks that the weights fit the config
-            checkpoint = load_checkpoint(name_or_path)
+            checkpoint = checkpoints.read(name_or_path)
+            checkpoints.check_model(checkpoint, name_or_path, GPTConfig, cls)  # the weights fit the config
             model = cls(GPTConfig(**checkpoint["config"]))
             model.load_state_dict(checkpoint["model"])
             return model
@@ -627,8 +591,8 @@ class GPT(nn.Module):
 @functools.lru_cache(maxsize=2)
 def tokenize_text_file(path):
     """A .txt file as GPT-2 tokens: the first 90% is the train split, the last 10% the val split."""
-    text = read_text_file(path)  # hook: input checks (UTF-8, not empty)
-    tokens = np.array(gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)
+    text = checks.read_text_file(path)
+    tokens = np.array(common.gpt2_tokenizer().encode_ordinary(text), dtype=np.uint16)
     n_val = len(tokens) // 10
     return {"train": tokens[: len(tokens) - n_val], "val": tokens[len(tokens) - n_val :]}
 
@@ -648,7 +612,7 @@ def find_shards(data_root, split):
     paths = sorted(glob.glob(os.path.join(data_root, f"*{split}*.npy")))
     if not paths:
         raise UsageError(f"no {split} shards (*{split}*.npy) in {data_root}: run `python fineweb.py` to make them")
-    return [check_shard(p) for p in paths]  # hook: input checks (memory-mapped, uint16 GPT-2 ids)
+    return [checks.check_shard(p) for p in paths]  # memory-mapped, after checking they hold GPT-2 tokens
 
 
 class DataLoaderLite:
@@ -1021,113 +985,24 @@ def set_lr(optimizer, step, args, decay_steps):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoints
-
-
-# A checkpoint is a dict of tensors, numbers, strings and lists only (no pickled classes), so that it loads with
-# torch.load(weights_only=True): a checkpoint from the internet cannot run code. It holds everything a run needs
-# to continue exactly: model, optimizer, config, flags, step, data positions of every rank and the RNG states.
-
-
-CHECKPOINT_RE = re.compile(r"model_(\d+)\.pt$")
-
-
-def upgrade_checkpoint(checkpoint):
-    """Fill in what older checkpoints lack, with what they meant: no config "arch" (before --arch): gpt2; no
-    "lr_decay_steps" (before --extend): their max_steps; no "precision": float16 if GradScaler was on (else it stays
-    unknown: bfloat16 or float32). (No "shard_tokens" in a loader state: the loader skips that check.)"""
-    if isinstance(checkpoint.get("config"), dict):
-        checkpoint["config"].setdefault("arch", "gpt2")
-    saved = checkpoint.get("args")
-    if isinstance(saved, dict):
-        if "max_steps" in saved:
-            saved.setdefault("lr_decay_steps", saved["max_steps"])
-        if "precision" not in saved and checkpoint.get("scaler"):
-            saved["precision"] = "float16"
-    return checkpoint
+# Checkpoints: everything a run needs to continue exactly (model, optimizer, config, flags, step, the data positions
+# and RNG states of every rank); checkpoints.py writes, finds and checks the files
 
 
 def load_checkpoint(path, resume=False):
-    """A checkpoint of ours, checked inside too (config, weights, and with resume the training state), so that a
-    foreign or damaged one is a one-line error here, not a traceback from load_state_dict later."""
-    if not os.path.isfile(path):
-        raise UsageError(f"{path}: no such file; check the path (checkpoints are {{log_dir}}/model_XXXXX.pt)")
-    try:
-        # memory-mapped: the pages of the file, shared by the ranks of a node and read only where used
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # not a zip, truncated, or holds pickled objects
-        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(checkpoint, dict) or not {"model", "config", "step"} <= checkpoint.keys():
-        raise UsageError(f"{path} is not a checkpoint written by train_gpt2.py (expected a dict with model, config and "
-                         "step)")
-    upgrade_checkpoint(checkpoint)
-    model = check_checkpoint_model(checkpoint, path)  # hook: input checks (config and weights fit)
+    """A checkpoint of ours, checked inside (config, weights, and with resume the training state), so that a foreign
+    or damaged one is a one-line error here, not a traceback from load_state_dict later."""
+    checkpoint = checkpoints.read(path)
+    model = checkpoints.check_model(checkpoint, path, GPTConfig, GPT)
     if resume:
-        check_checkpoint_state(checkpoint, path, model)  # hook: input checks (optimizer, data, RNG states)
+        checkpoints.check_training_state(checkpoint, path, model)
     return checkpoint
-
-
-def os_error_in(e):
-    """The OSError behind e, if any: torch.save reports a failed write as a RuntimeError whose __context__ is it."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
-
-
-def save_checkpoint(checkpoint, path):
-    """Write atomically: a crash mid-write leaves the previous checkpoints intact and no half-written model_*.pt;
-    a write that fails (disk full, file-size limit, I/O error) leaves no temporary file either."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except Exception as e:
-        if os_error_in(e) is not None:  # a failed write; an abort (second Ctrl-C) leaves it, as a killed writer would
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-        raise
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-
-
-def list_checkpoints(log_dir):
-    """(step, path) of the checkpoints in log_dir, newest first."""
-    found = []
-    for path in glob.glob(os.path.join(log_dir, "model_*.pt")):
-        m = CHECKPOINT_RE.search(os.path.basename(path))
-        if m:
-            found.append((int(m.group(1)), path))
-    return sorted(found, reverse=True)
-
-
-def prune_checkpoints(log_dir, keep):
-    """Keep the newest `keep` checkpoints, and any the user marked by creating model_XXXXX.pt.keep beside it.
-    Returns "path (reason)" for each one it could not delete."""
-    failed = []
-    for _, path in list_checkpoints(log_dir)[keep:]:
-        if not os.path.exists(path + ".keep"):
-            try:
-                os.remove(path)
-            except OSError as e:
-                failed.append(f"{path} ({e.strerror or e})")
-    return failed
 
 
 def find_resume_checkpoint(log_dir):
     """(path, checkpoint) of the newest checkpoint in log_dir that loads, damaged ones reported and skipped; or
     (None, None) when log_dir holds none: the first start of a job that every restart runs again as it is."""
-    found = list_checkpoints(log_dir)
+    found = checkpoints.list_checkpoints(log_dir)
     for _, path in found:
         try:
             return path, load_checkpoint(path, resume=True)
@@ -1156,212 +1031,50 @@ def set_rng_state(state, generator):
         torch.cuda.set_rng_state(state["cuda"])
 
 
-# the streams a step writes after training (its evaluations come before, and before its checkpoint)
-STEP_STREAMS = ("train", "lr", "norm", "epoch")
-
-
-def truncate_log(log_file, step):
-    """On resume: keep the log's lines from before the checkpoint's step and its evaluations at that step
-    (written before the checkpoint); drop what the interrupted run logged after it."""
-    if not os.path.exists(log_file):
-        return
-    with open(log_file) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        parts = line.split()
-        if len(parts) != 3 or not parts[0].isdigit():
-            continue
-        s, stream = int(parts[0]), parts[1]
-        if s < step or (s == step and stream not in STEP_STREAMS):
-            kept.append(line)
-    with open(log_file + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(log_file + ".tmp", log_file)
-
-
-def lr_decay_steps(args, checkpoint):
-    """Where the cosine ends: --max_steps, or for a resumed run the checkpoint's, which --extend keeps."""
-    return args.max_steps if checkpoint is None else checkpoint["args"]["lr_decay_steps"]
-
-
 # -----------------------------------------------------------------------------
-# Training
-
-
-def autocast_context(device_type, dtype):
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device_type, dtype=dtype)
-
-
-@dataclass
-class DistContext:
-    ddp: bool
-    rank: int
-    local_rank: int
-    world_size: int
-    device: str
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def device_type(self):  # cuda, cpu or mps: what autocast and the fused kernels ask for
-        return self.device.split(":")[0]
-
-
-def all_reduce_mean(value, ctx):
-    """The mean of a scalar tensor over ranks (gloo has no AVG, so SUM / world_size)."""
-    if ctx.ddp:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / ctx.world_size
-    return value
-
-
-def gather_objects(obj, ctx):
-    if not ctx.ddp:
-        return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def agreed(value, ctx, op):
-    """A number agreed over the ranks (op: MIN or MAX; a collective: every rank calls it); as is in one process."""
-    if not ctx.ddp:
-        return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=op)
-    return t.item()
-
-
-def any_rank(flag, ctx):
-    """True on every rank if flag is True on any."""
-    return bool(agreed(flag, ctx, dist.ReduceOp.MAX))
-
-
-class StopSignal:
-    """SIGTERM (what a cluster sends before preemption), SIGUSR1 (SLURM's --signal=USR1@120 before the time limit)
-    or Ctrl-C: finish the step, checkpoint, exit. A second Ctrl-C aborts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = {}
-
-    def install(self):
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def restore(self):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and writing a checkpoint", flush=True)
-
-    def agreed(self, ctx):
-        """True on every rank if any rank was signalled, so that all ranks stop at the same step."""
-        return any_rank(self.requested, ctx)
-
-
-# ---- model and optimizer state across ranks: a full copy on each (DDP) or shards (FSDP, below)
-
-
-def is_sharded(model):
-    return hasattr(model, "set_requires_gradient_sync")  # an FSDPModule; no import needed for the plain model
-
-
-def local_part(t):
-    """This rank's shard of a DTensor; a plain tensor as is."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
-def gradient_sync(train_model, sync):
-    """Context for one micro-step's backward: reduce gradients over ranks (sync) or only accumulate them locally.
-    DDP: no_sync(). FSDP: no reduce-scatter until the last micro-step; meanwhile each rank accumulates unsharded
-    gradients of the whole model (a full gradient's memory, traded for world_size times less traffic)."""
-    if is_sharded(train_model):
-        train_model.set_requires_gradient_sync(sync)
-        return contextlib.nullcontext()
-    return contextlib.nullcontext() if sync else train_model.no_sync()
-
-
-def params_finite(model, ctx):
-    """Whether all parameters are finite; under FSDP each rank checks its shards and all ranks agree."""
-    ok = torch.stack([local_part(p).isfinite().all() for p in model.parameters()]).all().float()
-    if is_sharded(model):
-        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item())
+# The run: what train() sets up once and its steps share
 
 
 @dataclass
 class Run:
-    """A training run's state besides its flags: what train() decides at start (checkpoints save it with the
-    flags, see flags()) and the objects its steps share. train() never writes into args."""
+    """A training run's state besides its flags (args, which nothing writes into). Checkpoints save the flags with
+    what the run decided itself (flags())."""
 
     args: argparse.Namespace
-    ctx: DistContext
-    dtype: torch.dtype = torch.float32  # the autocast dtype (float32 under FSDP, which casts the weights itself)
-    precision: str = "float32"  # the dtype the run trains in: a resumed run must train in the same
+    ctx: common.DistContext
+    precision: torch.dtype  # what the run trains in (float32, bfloat16 or float16); a resumed run keeps its own
     batch_size: int = None  # the micro-batch: --batch_size, what 'auto' chose, or the resumed run's
-    lr_decay_steps: int = None  # where the schedule ends: --max_steps, or a resumed run's (which --extend keeps)
-    accum_steps: int = 1
+    lr_decay_steps: int = None  # where the LR schedule ends: --max_steps, or a resumed run's (which --extend keeps)
     model: nn.Module = None  # the plain model: sampling, HellaSwag and checkpoints use it
-    train_model: nn.Module = None  # the one training runs: compiled, in DDP, or sharded (FSDP)
+    train_model: nn.Module = None  # what the training steps run: compiled, in DDP, or sharded (FSDP)
     optimizer: object = None
     scaler: torch.amp.GradScaler = None
     train_loader: object = None  # anything with next_batch(), state_dict() and load_state_dict()
     val_set: object = None
     sample_generator: torch.Generator = None
-    log_file: str = None
-    metrics: object = None  # TensorBoard and wandb (Metrics, in the optional machinery)
-    peak_flops: float = None  # the GPUs' summed tensor-core peak FLOP/s, for the MFU (None: not known)
+
+    @property
+    def autocast_dtype(self):  # FSDP casts the weights itself, and autocast on top would only cast them again
+        return torch.float32 if sharding.is_sharded(self.model) else self.precision
+
+    @property
+    def accum_steps(self):
+        return self.args.total_batch_size // (self.batch_size * self.args.seq_len * self.ctx.world_size)
+
+    @property
+    def log_file(self):
+        return os.path.join(self.args.log_dir, "log.txt")
 
     def flags(self):
         """The flags as checkpoints save them ("args"), with the run's precision, micro-batch and schedule end."""
-        decided = dict(precision=self.precision, batch_size=self.batch_size, lr_decay_steps=self.lr_decay_steps)
+        decided = dict(precision=str(self.precision).replace("torch.", ""), batch_size=self.batch_size,
+                       lr_decay_steps=self.lr_decay_steps)
         return {**vars(self.args), **decided}
 
 
-# ---- setup: each function below prepares one thing train() needs
-
-
-def grad_accum_steps(total_batch_size, B, T, world_size):
-    """Micro-steps per optimizer step: total_batch_size tokens in micro-batches of B x T on each rank."""
-    tokens_per_micro_step = B * T * world_size
-    if total_batch_size % tokens_per_micro_step:
-        raise UsageError(f"--total_batch_size {total_batch_size} is not a multiple of batch_size*seq_len*world_size = "
-                         f"{B}*{T}*{world_size} = {tokens_per_micro_step}")
-    return total_batch_size // tokens_per_micro_step
-
-
-def check_seq_len(T, config):
-    if T > config.block_size:
-        raise UsageError(f"--seq_len {T} is longer than the model's block_size {config.block_size}")
-
-
-@contextlib.contextmanager
-def model_errors_as_usage_errors():
-    """The model raises plain ValueErrors (an unknown --model, a bad --init_from, an arch that does not export):
-    around the calls that build, load or export it for the command line, they are the user's input errors."""
-    try:
-        yield
-    except UsageError:
-        raise
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-
-
-def new_model(run):
+def new_model(args):
     """The model of a new run: from scratch, or --init_from's weights."""
-    args = run.args
-    run.lr_decay_steps = lr_decay_steps(args, None)
-    with model_errors_as_usage_errors():
+    with common.model_errors_as_usage_errors():
         if args.init_from == "scratch":
             return GPT(model_config(args.model, args.vocab_size, arch=args.arch))
         model = GPT.from_pretrained(args.init_from)
@@ -1377,25 +1090,24 @@ def load_or_build_model(run):
     Sets the run's micro-batch (a resumed 'auto' run keeps its own) and where its schedule ends."""
     args = run.args
     if not args.resume:
-        if list_checkpoints(args.log_dir) and not args.overwrite:
+        if checkpoints.list_checkpoints(args.log_dir) and not args.overwrite:
             raise UsageError(f"{args.log_dir} holds checkpoints of an earlier run: pass --resume to continue it, "
                              "--overwrite to start over there, or choose another --log_dir")
-        return new_model(run), None
+        return new_model(args), None
     if args.resume == "auto":
         path, checkpoint = find_resume_checkpoint(args.log_dir)
         if checkpoint is None:  # so that the first start and every restart can be the same command
             if args.extend:
                 raise UsageError(f"--extend: {args.log_dir} holds no checkpoint to train on from; pass the run's "
                                  "--log_dir, or drop --extend to start a new run")
-            if run.ctx.master:
-                print(f"--resume: no checkpoint in {args.log_dir}, starting a new run there")
-            return new_model(run), None
+            common.print0(f"--resume: no checkpoint in {args.log_dir}, starting a new run there")
+            return new_model(args), None
     else:
         path, checkpoint = args.resume, load_checkpoint(args.resume, resume=True)
     if args.batch_size == "auto":  # the micro-batch the run chose
         run.batch_size = checkpoint["args"]["batch_size"]
-    check_resume_compatible(checkpoint, run.flags(), run.ctx.world_size)  # hook: input checks
-    run.lr_decay_steps = lr_decay_steps(args, checkpoint)
+    checkpoints.check_resume_compatible(checkpoint, run.flags(), run.ctx.world_size)
+    run.lr_decay_steps = checkpoint["args"]["lr_decay_steps"]  # --extend trains on at the end of the old schedule
     checkpoint["path"] = path
     with torch.device(run.ctx.device):  # built where it trains: no CPU copy of the model on each rank
         model = GPT(GPTConfig(**checkpoint["config"]))
@@ -1405,40 +1117,88 @@ def load_or_build_model(run):
 
 def make_loaders(args, ctx, B):
     """The train loader, and the val set (None when --val_every is 0); says how many epochs the run is."""
-    say = print if ctx.master else (lambda *a, **k: None)
     T = args.seq_len
     train_loader = DataLoaderLite(B, T, ctx.rank, ctx.world_size, "train", args.data, shuffle=args.shuffle,
                                   seed=args.seed)
     epoch_tokens = train_loader.epoch_tokens()
     epochs = args.max_steps * args.total_batch_size / epoch_tokens
-    say(f"train data: {epoch_tokens:,} tokens an epoch ({'shuffled' if args.shuffle else 'in order'}); "
-        f"{args.max_steps} steps x {args.total_batch_size:,} tokens = {epochs:.3g} epochs")
+    common.print0(f"train data: {epoch_tokens:,} tokens an epoch ({'shuffled' if args.shuffle else 'in order'}); "
+                  f"{args.max_steps} steps x {args.total_batch_size:,} tokens = {epochs:.3g} epochs")
     if epochs > 1:
-        say(f"warning: this run reads its train data {epochs:.3g} times over (log.txt marks each new epoch with `STEP "
-            "epoch N`)")
+        common.print0(f"warning: this run reads its train data {epochs:.3g} times over (log.txt marks each new epoch "
+                      "with `STEP epoch N`)")
     if not args.val_every:
         return train_loader, None
     val_tokens = args.val_tokens
     if args.val_steps is not None:
         val_tokens = args.val_steps * B * T * ctx.world_size
-        say(f"--val_steps is deprecated: --val_steps {args.val_steps} here means --val_tokens {val_tokens} "
-            f"({args.val_steps} x {B} x {T} x {ctx.world_size} ranks); use --val_tokens")
+        common.print0(f"--val_steps is deprecated: --val_steps {args.val_steps} here means --val_tokens {val_tokens} "
+                      f"({args.val_steps} x {B} x {T} x {ctx.world_size} ranks); use --val_tokens")
     val_set = ValSet(B, T, ctx.rank, ctx.world_size, args.data, val_tokens)
     if val_set.n_tokens != val_tokens:
-        say(f"note: --val_tokens {val_tokens} cut to {val_set.n_tokens}, whole windows of {T} that the val split "
-            f"({val_set.split_tokens:,} tokens) holds")
-    say(f"val loss: the mean over the first {val_set.n_tokens:,} tokens of the val split ({val_set.n_windows} windows "
-        f"of {T})")
+        common.print0(f"note: --val_tokens {val_tokens} cut to {val_set.n_tokens}, whole windows of {T} that the val "
+                      f"split ({val_set.split_tokens:,} tokens) holds")
+    common.print0(f"val loss: the mean over the first {val_set.n_tokens:,} tokens of the val split "
+                  f"({val_set.n_windows} windows of {T})")
     return train_loader, val_set
 
 
 def wrap_model(model, args, ctx):
     """The model that runs the training (and val) forward passes: compiled, and under torchrun wrapped in DDP,
-    which averages the gradients over ranks during backward. Everything else uses the plain model."""
+    which averages the gradients over ranks during backward. Under FSDP, the model is sharded in place and only its
+    blocks are compiled (each graph between two all-gathers). Everything else uses the plain model."""
+    if args.fsdp:
+        if args.compile:
+            sharding.compile_blocks(model)
+        return model
     wrapped = torch.compile(model) if args.compile else model
     if ctx.ddp:
         wrapped = DDP(wrapped, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
     return wrapped
+
+
+def build_run(args, ctx, model=None):
+    """A run set up from its flags, as train() and bench.py train: the model (new, or the checkpoint's to resume,
+    which is returned too; or `model`, bench.py's transformers GPT-2), placed on the device (sharded under FSDP),
+    the micro-batch, the loss path, the data, the optimizer and the loss scaler. None for a finished run."""
+    batch_size = None if args.batch_size == "auto" else args.batch_size
+    run = Run(args, ctx, common.setup_device(args.dtype, args.seed, ctx), batch_size, lr_decay_steps=args.max_steps)
+    checkpoint = None
+    if model is None:
+        model, checkpoint = load_or_build_model(run)
+    if checkpoint is not None and checkpoint["step"] >= args.max_steps:  # schedulers run finished jobs again
+        common.print0(f"{checkpoint['path']}: the run already reached --max_steps {args.max_steps}; nothing to do "
+                      "(--extend --max_steps N trains on)")
+        return None, None
+    T = args.seq_len
+    checks.check_seq_len(T, model.config.block_size)
+    run.model = model.to(ctx.device)
+    if args.fsdp:  # before --batch_size auto, which probes the shards
+        sharding.shard_model(model, ctx, run.precision)
+    fused_head = bool(args.compile) and not args.fsdp  # torch.compile sees the head and the loss together
+
+    def loss_chunk_size(B):  # the loss path of a micro-batch B, for training and for --batch_size auto's probes
+        if args.loss_chunk_size is not None:
+            return args.loss_chunk_size
+        full = sharding.full_logits_fit(model, ctx, B, T, fused_head)
+        return 0 if full else default_loss_chunk_size(torch.device(ctx.device_type))
+
+    if run.batch_size is None:
+        dtype = run.autocast_dtype
+        run.batch_size = sharding.choose_batch_size(model, ctx, dtype, T, args.total_batch_size, loss_chunk_size)
+        common.print0(f"--batch_size auto: micro-batch {run.batch_size}")
+    checks.check_batch(args.total_batch_size, run.batch_size, T, ctx.world_size)
+    model.loss_chunk_size = loss_chunk_size(run.batch_size)
+    run.train_loader, run.val_set = make_loaders(args, ctx, run.batch_size)
+    run.train_model = wrap_model(model, args, ctx)
+    # Newton-Schulz in bf16 only where the run's matmuls are bf16: emulated (a CPU without AVX512-BF16/AMX, an fp16
+    # GPU) it took 5.7 s of a 15 s step of the CPU quickstart, fp32 0.2 s
+    ns_dtype = torch.bfloat16 if run.precision == torch.bfloat16 else torch.float32
+    run.optimizer = make_optimizer(model, args, ctx.device_type, ns_dtype)
+    # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
+    run.scaler = torch.amp.GradScaler(ctx.device_type, enabled=run.precision == torch.float16)
+    run.sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
+    return run, checkpoint
 
 
 def start_or_resume(run, checkpoint):
@@ -1448,59 +1208,25 @@ def start_or_resume(run, checkpoint):
     if checkpoint is None:
         if ctx.master:
             # an old checkpoint left behind would be the one a later --resume picks: stop instead
-            failed = prune_checkpoints(args.log_dir, keep=0) if args.overwrite else []
+            failed = checkpoints.prune_checkpoints(args.log_dir, keep=0) if args.overwrite else []
             if failed:
                 raise UsageError(f"--overwrite: cannot delete {failed[0]}; delete it or use another --log_dir")
             open(run.log_file, "w").close()
         return 0, None
-    load_optimizer_state(run.model, run.optimizer, checkpoint["optimizer"])  # hook: FSDP (or a plain load)
+    sharding.load_optimizer_state(run.model, run.optimizer, checkpoint["optimizer"])
     run.scaler.load_state_dict(checkpoint.get("scaler", {}))
     run.train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
     set_rng_state(checkpoint["rng"][ctx.rank], run.sample_generator)
     if ctx.master:
-        truncate_log(run.log_file, checkpoint["step"])
+        checkpoints.truncate_log(run.log_file, checkpoint["step"])
         print(f"resuming from {checkpoint['path']} at step {checkpoint['step']}")
         if checkpoint["args"].get("data") != args.data:
             print(f"the data moved ({checkpoint['args'].get('data')} -> {args.data}); its shards are the checkpoint's")
     return checkpoint["step"], checkpoint.get("val_loss")
 
 
-# ---- evaluation and sampling
-
-
-@torch.no_grad()
-def evaluate_val(model, val_set, ctx, dtype):
-    """The mean loss per token over the val set: summed losses and token counts of all ranks, so that it does not
-    depend on the micro-batch or the number of ranks (each rank runs the same number of forward passes)."""
-    model.eval()
-    acc = torch.float32 if ctx.device_type == "mps" else torch.float64  # MPS has no float64
-    total = torch.zeros(2, dtype=acc, device=ctx.device)  # summed loss, tokens
-    for x, y, n in val_set.batches():
-        x, y = x.to(ctx.device), y.to(ctx.device)
-        with autocast_context(ctx.device_type, dtype):
-            _, loss = model(x, y)
-        if n:  # a micro-batch of padding only has a NaN mean (0/0)
-            total[0] += loss.detach().to(acc) * n
-            total[1] += n
-    if ctx.ddp:
-        dist.all_reduce(total, op=dist.ReduceOp.SUM)
-    return (total[0] / total[1]).item()
-
-
-@torch.no_grad()
-def sample(model, prompt, generator, dtype, num_samples=4, max_new_tokens=32, temperature=1.0, top_k=50):
-    """num_samples continuations of prompt, as text."""
-    enc = gpt2_tokenizer()
-    model.eval()
-    device = next(model.parameters()).device
-    tokens = enc.encode(prompt) or [GPT2_EOT]
-    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(num_samples, 1)
-    with autocast_context(device.type, dtype):
-        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
-    return [enc.decode(row.tolist()) for row in out]
-
-
-# ---- one optimization step
+# -----------------------------------------------------------------------------
+# The training step
 
 
 def train_step(run):
@@ -1515,16 +1241,15 @@ def train_step(run):
         x, y = run.train_loader.next_batch()
         x, y = x.to(ctx.device, non_blocking=True), y.to(ctx.device, non_blocking=True)
         # DDP all-reduces (FSDP reduce-scatters) gradients in backward; do it only once, after the last micro-step
-        sync = not ctx.ddp or micro_step == run.accum_steps - 1
-        with gradient_sync(train_model, sync):
-            with autocast_context(ctx.device_type, run.dtype):
+        with sharding.gradient_sync(train_model, sync=not ctx.ddp or micro_step == run.accum_steps - 1):
+            with common.autocast_context(ctx.device_type, run.autocast_dtype):
                 loss = train_model(x, y)[1]  # the full-logits path's logits: freed now, not kept through backward
             # each micro-batch's loss is a mean over its tokens; dividing by the number of micro-steps makes
             # the summed gradients those of the mean over the whole batch, not a sum of means
             loss = loss / run.accum_steps
             loss_accum += loss.detach()
             scaler.scale(loss).backward()
-    loss_accum = all_reduce_mean(loss_accum, ctx)
+    loss_accum = common.all_reduce_mean(loss_accum, ctx)
     scaler.unscale_(optimizer)
     grad_clip = run.args.grad_clip
     norm = torch.nn.utils.clip_grad_norm_(train_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -1537,128 +1262,117 @@ def train_step(run):
     return loss_value, norm_value
 
 
-# ---- the loop
+# -----------------------------------------------------------------------------
+# Evaluation: the val loss, HellaSwag, samples
 
 
-def log_line(ctx, log_file, line):
-    if ctx.master:
-        with open(log_file, "a") as f:
-            f.write(line + "\n")
+@torch.no_grad()
+def evaluate_val(model, val_set, ctx, dtype):
+    """The mean loss per token over the val set: summed losses and token counts of all ranks, so that it does not
+    depend on the micro-batch or the number of ranks (each rank runs the same number of forward passes)."""
+    model.eval()
+    acc = torch.float32 if ctx.device_type == "mps" else torch.float64  # MPS has no float64
+    total = torch.zeros(2, dtype=acc, device=ctx.device)  # summed loss, tokens
+    for x, y, n in val_set.batches():
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        with common.autocast_context(ctx.device_type, dtype):
+            _, loss = model(x, y)
+        if n:  # a micro-batch of padding only has a NaN mean (0/0)
+            total[0] += loss.detach().to(acc) * n
+            total[1] += n
+    if ctx.ddp:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return (total[0] / total[1]).item()
 
 
-WRITE_FIXES = {
-    errno.ENOSPC: "make room on that disk", errno.EDQUOT: "make room in your disk quota",
-    errno.EFBIG: "raise the file-size limit (ulimit -f)", errno.EACCES: "make the directory writable",
-    errno.EPERM: "make the directory writable", errno.EROFS: "use a writable --log_dir",
-}
+@torch.no_grad()
+def sample(model, prompt, generator, dtype, num_samples=4, max_new_tokens=32, temperature=1.0, top_k=50):
+    """num_samples continuations of prompt, as text."""
+    enc = common.gpt2_tokenizer()
+    model.eval()
+    device = next(model.parameters()).device
+    tokens = enc.encode(prompt) or [GPT2_EOT]
+    idx = torch.tensor(tokens, dtype=torch.long, device=device).repeat(num_samples, 1)
+    with common.autocast_context(device.type, dtype):
+        out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=generator)
+    return [enc.decode(row.tolist()) for row in out]
 
 
-def try_save_checkpoint(checkpoint, path, step):
-    """None, or the one-line error for a checkpoint that could not be written (disk full, file-size limit, I/O
-    error, permissions); the previous checkpoints are left as they are."""
-    try:
-        save_checkpoint(checkpoint, path)
-    except (OSError, RuntimeError) as e:
-        cause = os_error_in(e)
-        if cause is None:
-            raise
-        fix = WRITE_FIXES.get(cause.errno, "check that disk")
-        done = list_checkpoints(os.path.dirname(path))
-        since = f"the last checkpoint, {os.path.basename(done[0][1])}" if done else "the start (no checkpoint yet)"
-        return (f"{path}: cannot write the checkpoint of step {step} ({cause.strerror or cause}); {fix}, then run "
-                f"the same command with --resume: it continues from {since}")
-    return None
-
-
-def write_checkpoint(run, step, val_loss):
-    """Called on every rank (the data positions and RNG states of all ranks are gathered); rank 0 writes."""
-    model, ctx, log_dir = run.model, run.ctx, run.args.log_dir
-    if not params_finite(model, ctx):
-        raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower "
-                               f"--max_lr or resume from the last checkpoint in {log_dir}")
-    loader_states = gather_objects(run.train_loader.state_dict(), ctx)
-    rng_states = gather_objects(get_rng_state(run.sample_generator), ctx)
-    model_state, optimizer_state = full_state_dicts(model, run.optimizer, ctx)  # hook: FSDP (gathered on rank 0)
-    error = None
-    if ctx.master:
-        checkpoint = {
-            "model": model_state,
-            "optimizer": optimizer_state,
-            "scaler": run.scaler.state_dict(),
-            "config": asdict(model.config),
-            "args": run.flags(),
-            "step": step,
-            "val_loss": val_loss,
-            "world_size": ctx.world_size,
-            "train_loader": loader_states,
-            "rng": rng_states,
-            "metrics": run.metrics.state(),  # hook: live metrics (the wandb run to continue)
-        }
-        path = os.path.join(log_dir, f"model_{step:05d}.pt")
-        error = try_save_checkpoint(checkpoint, path, step)
-        if error is None:
-            print(f"saved {path}")
-            for failed in prune_checkpoints(log_dir, run.args.keep_checkpoints):  # the new one is safe: go on
-                print(f"warning: cannot delete the old checkpoint {failed}; delete it by hand")
-    # also the barrier after the write: nobody moves on before the file is complete, or waits for a rank 0 that stopped
-    if any_rank(error is not None, ctx):
-        raise CheckpointWriteFailed(error or "rank 0 could not write a checkpoint")
-
-
-def run_evals(run, step, log):
+def run_evals(run, step, tracker):
     """The evaluations due at this step: val loss (returned, else None), HellaSwag, samples."""
     args, ctx, model, last_step = run.args, run.ctx, run.model, step == run.args.max_steps
-    say = print if ctx.master else (lambda *a, **k: None)
     val_loss = None
     if args.val_every and (step % args.val_every == 0 or last_step):
-        val_loss = evaluate_val(run.train_model, run.val_set, ctx, run.dtype)
-        say(f"validation loss: {val_loss:.4f}")
-        log(f"{step} val {val_loss:.4f}")
-        run.metrics.log_eval(step, "val", val_loss)  # hook: live metrics
+        val_loss = evaluate_val(run.train_model, run.val_set, ctx, run.autocast_dtype)
+        common.print0(f"validation loss: {val_loss:.4f}")
+        tracker.log_eval(step, "val", val_loss)
     if args.hellaswag_every and (step % args.hellaswag_every == 0 or last_step):
         model.eval()
         # under FSDP each forward needs every rank: all ranks score all examples, in step
         rank, world_size = (0, 1) if args.fsdp else (ctx.rank, ctx.world_size)
+        dtype = run.autocast_dtype
         n_correct, n_correct_norm, n_total = hellaswag.evaluate(
             model, ctx.device, data=args.hellaswag_data, rank=rank, world_size=world_size,
-            autocast_dtype=None if run.dtype == torch.float32 else run.dtype,
+            autocast_dtype=None if dtype == torch.float32 else dtype,
         )
-        say(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
-        log(f"{step} hella {n_correct_norm / n_total:.4f}")
-        run.metrics.log_eval(step, "hella", n_correct_norm / n_total)  # hook: live metrics
+        common.print0(f"HellaSwag accuracy: {n_correct_norm}/{n_total}={n_correct_norm / n_total:.4f}")
+        tracker.log_eval(step, "hella", n_correct_norm / n_total)
     # under FSDP every rank runs the sampling forward passes (each all-gathers the weights); rank 0 prints
     due = args.sample_every and ((step > 0 and step % args.sample_every == 0) or last_step)
     if (ctx.master or args.fsdp) and due:
-        texts = sample(model, args.sample_prompt, run.sample_generator, run.dtype)
+        texts = sample(model, args.sample_prompt, run.sample_generator, run.autocast_dtype)
         for i, text in enumerate(texts):
-            say(f"sample {i}: {text}")
-        run.metrics.log_text(step, "samples", texts)  # hook: live metrics
+            common.print0(f"sample {i}: {text}")
+        tracker.log_text(step, "samples", texts)
     return val_loss
 
 
-def train_loop(run, start_step, val_loss):
+# -----------------------------------------------------------------------------
+# The DDP loop
+
+
+def save_checkpoint(run, step, val_loss, tracker):
+    """Called on every rank (the data positions and RNG states of all ranks are gathered, FSDP's shards too); rank 0
+    writes. Every rank stops (CheckpointWriteFailed) if the write failed, or if the weights are not finite."""
+    model, ctx, log_dir = run.model, run.ctx, run.args.log_dir
+    if not sharding.params_finite(model, ctx):
+        raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower "
+                               f"--max_lr or resume from the last checkpoint in {log_dir}")
+    loader_states = common.gather_objects(run.train_loader.state_dict(), ctx)
+    rng_states = common.gather_objects(get_rng_state(run.sample_generator), ctx)
+    model_state, optimizer_state = sharding.full_state_dicts(model, run.optimizer, ctx)  # on rank 0
+    error = None
+    if ctx.master:
+        checkpoint = dict(model=model_state, optimizer=optimizer_state, scaler=run.scaler.state_dict(),
+                          config=asdict(model.config), args=run.flags(), step=step, val_loss=val_loss,
+                          world_size=ctx.world_size, train_loader=loader_states, rng=rng_states,
+                          metrics=tracker.state())
+        error = checkpoints.write(checkpoint, log_dir, step, run.args.keep_checkpoints)
+    # also the barrier after the write: nobody moves on before the file is complete, or waits for a rank 0 that stopped
+    if common.any_rank(error is not None, ctx):
+        raise CheckpointWriteFailed(error or "rank 0 could not write a checkpoint")
+
+
+def train_loop(run, start_step, val_loss, tracker):
     """Steps start_step .. --max_steps, each with its due evaluations and checkpoint before its training step; stops
     early, with a checkpoint, on a stop signal. val_loss: the latest, saved with the checkpoints."""
     args, ctx = run.args, run.ctx
-    say = print if ctx.master else (lambda *a, **k: None)
-    log = functools.partial(log_line, ctx, run.log_file)
-    flops_per_step = flops_per_token(run.model.config, args.seq_len) * args.total_batch_size  # hook: hardware (MFU)
-    timer = StepTimer()  # hook: progress (the step lines' eta)
-    stop = StopSignal()
+    timer = metrics.StepTimer()
+    stop = common.StopSignal()
     stop.install()
     try:
         evals_done_at = start_step if start_step else -1  # a checkpoint is written after its step's evaluations
         for step in range(start_step, args.max_steps + 1):
             last_step = step == args.max_steps
             if step != evals_done_at:
-                now = run_evals(run, step, log)
+                now = run_evals(run, step, tracker)
                 val_loss = val_loss if now is None else now  # None: no val loss at this step
 
             stopping = stop.agreed(ctx)
             due = last_step or stopping or (args.checkpoint_every and step % args.checkpoint_every == 0)
             if step > start_step and due:
-                write_checkpoint(run, step, val_loss)
-                run.metrics.flush()  # hook: live metrics
+                save_checkpoint(run, step, val_loss, tracker)
+                tracker.flush()
             if last_step or stopping:
                 break
 
@@ -1674,1077 +1388,52 @@ def train_loop(run, start_step, val_loss):
                 torch.cuda.synchronize()
             dt = time.time() - t0
             timer.add(dt)
-            mfu = f" | mfu {100 * flops_per_step / dt / run.peak_flops:.1f}%" if run.peak_flops else ""
-            say(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt "
-                f"{dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{mfu} | eta "
-                f"{timer.eta(args.max_steps - step - 1)}")
+            common.print0(f"step {step:5d}/{args.max_steps} | loss {loss:.6f} | lr {lr:.4e} | norm {norm:.4f} | dt "
+                          f"{dt * 1000:.1f}ms | tok/sec {args.total_batch_size / dt:.0f}{tracker.mfu_text(dt)} | eta "
+                          f"{timer.eta(args.max_steps - step - 1)}")
             if run.train_loader.epoch != epoch:  # (rank 0's data) this step began a new pass over the train data
-                new_epoch = run.train_loader.epoch + 1
-                say(f"step {step}: epoch {new_epoch} of the train data begins; the data repeats from here")
-                log(f"{step} epoch {new_epoch}")
+                tracker.new_epoch(step, run.train_loader.epoch + 1)
             if step == start_step:  # the optimizer state exists after the first step
-                say(state_memory_line(run.model, run.optimizer, ctx))  # hook: FSDP (state bytes per rank)
-            log(f"{step} train {loss:.6f}\n{step} lr {lr:.6e}\n{step} norm {norm:.6f}")  # one write, one step
-            run.metrics.log_step(step, loss, norm, dt)  # hook: live metrics
+                common.print0(sharding.state_memory_line(run.model, run.optimizer, ctx))
+            tracker.log_step(step, loss, lr, norm, dt)
     finally:
         stop.restore()
-        if run.metrics:
-            run.metrics.close()  # hook: live metrics
+        tracker.close()
 
 
 def train(args, ctx):
-    """The training run: a new one or a resumed one set up here (model, data, optimizer), then train_loop. The
-    optional machinery is reached through the calls marked "hook:"."""
-    say = print if ctx.master else (lambda *a, **k: None)
-    run = Run(args, ctx, batch_size=None if args.batch_size == "auto" else args.batch_size)
-    run.dtype = setup_device(args, ctx)  # hook: hardware (dtype for the device, TF32, CPU allocator, seeds)
-    run.precision = str(run.dtype).replace("torch.", "")
+    """The training run: a new one or a resumed one, set up by build_run, then train_loop."""
     if args.data.endswith(".txt"):
         if ctx.master:
-            ensure_text_data(args.data)  # hook: input checks (downloads Tiny Shakespeare on first use)
+            checks.ensure_text_data(args.data)  # downloads Tiny Shakespeare on first use
         if ctx.ddp:
             dist.barrier()
     if args.sample_every or args.hellaswag_every:
-        gpt2_tokenizer()  # offline without tiktoken's cache: one line now, not a traceback at the first sample
+        common.gpt2_tokenizer()  # offline without tiktoken's cache: one line now, not a traceback at the first sample
     os.makedirs(args.log_dir, exist_ok=True)
-    model, checkpoint = load_or_build_model(run)
-    if checkpoint is not None and checkpoint["step"] >= args.max_steps:  # schedulers run finished jobs again
-        say(f"{checkpoint['path']}: the run already reached --max_steps {args.max_steps}; nothing to do "
-            "(--extend --max_steps N trains on)")
+    run, checkpoint = build_run(args, ctx)
+    if run is None:
         return
-    config = model.config
-    check_seq_len(args.seq_len, config)
-    run.model = model.to(ctx.device)
-    if args.fsdp:  # hook: FSDP, before --batch_size auto, which probes the shards. run.dtype is float32 then: FSDP
-        run.train_model, run.dtype = shard_model(model, ctx, run.dtype)  # casts to bf16 itself
-    if run.batch_size is None:
-        run.batch_size = choose_batch_size(args, model, ctx, run.dtype)  # hook: batch-size probing
-        say(f"--batch_size auto: micro-batch {run.batch_size}")
-    B, T = run.batch_size, args.seq_len
-    run.accum_steps = grad_accum_steps(args.total_batch_size, B, T, ctx.world_size)
-    model.loss_chunk_size = training_loss_chunk_size(model, ctx, B, T, head_is_fused(args, model))  # hook: loss path
-    run.train_loader, run.val_set = make_loaders(args, ctx, B)
     if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
         try:
             hellaswag.load_examples(data=args.hellaswag_data)
         except (OSError, ValueError) as e:
             raise UsageError(f"--hellaswag_data: {e}") from None
-
-    if args.fsdp:
-        if args.compile:
-            compile_blocks(model)  # hook: FSDP
-    else:
-        run.train_model = wrap_model(model, args, ctx)
-    # Newton-Schulz in bf16 only where the run's matmuls are bf16: emulated (a CPU without AVX512-BF16/AMX, an fp16
-    # GPU) it took 5.7 s of a 15 s step of the CPU quickstart, fp32 0.2 s
-    ns_dtype = torch.bfloat16 if run.precision == "bfloat16" else torch.float32
-    run.optimizer = make_optimizer(model, args, ctx.device_type, ns_dtype)
-    # fp16 overflows where bf16 does not: scale the loss up so small gradients survive, and skip steps that overflow
-    run.scaler = torch.amp.GradScaler(ctx.device_type, enabled=run.dtype == torch.float16)
-    run.sample_generator = torch.Generator(device=ctx.device).manual_seed(42 + ctx.rank)
-    run.log_file = os.path.join(args.log_dir, "log.txt")
     start_step, val_loss = start_or_resume(run, checkpoint)
-
-    say(f"model: {config} | {model.num_params() / 1e6:.2f}M parameters")
-    say(f"device {ctx.device} x {ctx.world_size} | dtype {run.precision} | compile "
-        f"{bool(args.compile)}{' | FSDP' if args.fsdp else ''}")
-    say(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x {run.accum_steps} "
-        "accumulation steps")
-    say(f"loss: {f'chunks of {model.loss_chunk_size} positions' if model.loss_chunk_size else 'full logits'}")
-    # the peak table holds tensor-core bf16/fp16 peaks (under FSDP, run.dtype is float32 and FSDP itself casts to
-    # bf16: the precision says which)
-    on_tensor_cores = ctx.device_type == "cuda" and run.precision != "float32"
-    peak = gpu_peak_flops(torch.cuda.get_device_name(ctx.device)) if on_tensor_cores else None  # hook: hardware
-    run.peak_flops = peak * ctx.world_size if peak else None
-    # hook: live metrics (--tensorboard, --wandb); a resumed run continues the checkpoint's curves
-    run.metrics = Metrics(run, checkpoint)
+    model, B, T = run.model, run.batch_size, args.seq_len
+    common.print0(f"model: {model.config} | {model.num_params() / 1e6:.2f}M parameters")
+    common.print0(f"device {ctx.device} x {ctx.world_size} | dtype {run.flags()['precision']} | compile "
+                  f"{bool(args.compile)}{' | FSDP' if args.fsdp else ''}")
+    common.print0(f"total batch {args.total_batch_size} tokens = {B} x {T} x {ctx.world_size} ranks x "
+                  f"{run.accum_steps} accumulation steps")
+    chunk = model.loss_chunk_size
+    common.print0(f"loss: {f'chunks of {chunk} positions' if chunk else 'full logits'}")
+    # TensorBoard, wandb, the MFU and log.txt's lines; a resumed run continues the checkpoint's curves
+    tracker = metrics.Metrics(run, checkpoint)
     del checkpoint  # free its tensors
     if ctx.master:
-        record_run(run, start_step)  # hook: progress (run.json; a note if the run will take days)
-    train_loop(run, start_step, val_loss)
-
-
-# =============================================================================
-# Optional machinery. Everything above is the seed's training run; what follows is reached from it only through
-# the calls marked "hook:" (and from the command line).
-# =============================================================================
-
-
-# -----------------------------------------------------------------------------
-# Launch: the device, and one process per GPU under torchrun, srun or mpirun
-
-
-def pick_device(requested="auto"):
-    if requested != "auto":
-        return requested
-    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-
-
-def local_rank_from_env(rank):
-    """The GPU of this process on its node (RANK is global across nodes): LOCAL_RANK from torchrun, else the local
-    rank Slurm or MPI set (srun, mpirun), else RANK modulo the GPUs of a node (ranks numbered node by node)."""
-    for name in ("LOCAL_RANK", "SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"):
-        if name in os.environ:
-            return int(os.environ[name])
-    return rank % max(1, torch.cuda.device_count())
-
-
-def restart_safe_group(rank, world_size):
-    """init_process_group's store under torchrun. torchrun --max-restarts gives every attempt the same rendezvous
-    store: a restarted group would read the dead one's addresses (a hang, or "Connection refused"), so the keys of
-    each attempt get a prefix of their own. Without torchrun (srun, mpirun): {}, env:// as usual."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None:
-        return {}
-    store, _, _ = next(dist.rendezvous("env://"))
-    return dict(store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank, world_size=world_size)
-
-
-def setup_distributed(requested_device):
-    """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
-    device = pick_device(requested_device)
-    if not ("RANK" in os.environ and "WORLD_SIZE" in os.environ):
-        if device.startswith("cuda:"):  # else seeding, synchronize, the dtype's capability query act on GPU 0
-            torch.cuda.set_device(device)
-        return DistContext(False, 0, 0, 1, device)
-    # Import dynamo before the process group exists. Imported afterwards (DDP and torch.compile import it), it keeps
-    # a reference to the group, so destroy_process_group cannot join gloo's worker threads; one that frees its last
-    # tensor after Python has begun shutting down aborts the process ("terminate called without an active exception").
-    from torch import _dynamo  # noqa: F401 (binds no local `torch`, which the lines above use)
-
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = local_rank_from_env(rank)
-    group = restart_safe_group(rank, world_size)
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl", device_id=torch.device(device), **group)
-    else:
-        dist.init_process_group(backend="gloo", **group)
-    return DistContext(True, rank, local_rank, world_size, device)
-
-
-# -----------------------------------------------------------------------------
-# FSDP2: parameters, gradients and optimizer state sharded over the ranks (--fsdp)
-#
-# DDP keeps everything on every GPU: 4 bytes of weights, 4 of gradients and 8 of AdamW moments per parameter. FSDP2
-# (torch.distributed.fsdp.fully_shard) keeps 1/world_size of each; a block's weights are all-gathered just before
-# its forward and backward, and its gradients reduce-scattered after. Parameters become DTensors, with the names of
-# the plain model, so the fused AdamW, clip_grad_norm_ (a global norm over all shards) and the checkpoint format
-# stay those of a single process: a checkpoint moves between one process, DDP and FSDP.
-
-
-def fsdp_api():
-    """FSDP2's API: public in torch.distributed.fsdp since torch 2.6 (2.4 and 2.5 keep it in a private module)."""
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-    except ImportError:
-        raise UsageError(f"--fsdp needs torch >= 2.6 (FSDP2 in torch.distributed.fsdp), this is torch "
-                         f"{torch.__version__}: upgrade torch (pip install -U torch) or drop --fsdp") from None
-    return MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-
-def shard_model(model, ctx, dtype):
-    """(train_model, autocast dtype). Each Block is one FSDP group, the root holds the rest: wte and lm_head are
-    one tied parameter, and both modules live in the root, so the tie survives sharding. The root is sharded in
-    place, so `model` and train_model are the same module (its forward all-gathers: every rank must call it).
-    Not compiled yet: compile_blocks, once --batch_size auto has probed the sharded model."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method = fsdp_api()
-    if dtype == torch.float16:
-        raise UsageError("--fsdp runs in bfloat16 or float32 (float16 would need a sharded gradient scaler): use "
-                         "--dtype bfloat16 or float32")
-    mesh = init_device_mesh(ctx.device_type, (ctx.world_size,))
-    # bf16: FSDP casts the gathered weights to bf16 for compute, keeps the fp32 master shards, and reduces gradients
-    # in fp32. Autocast on top would only re-cast the same weights, so it is switched off (LayerNorm runs in bf16).
-    # Inputs are not cast: a block's come from the bf16 root already, and the rotary cos/sin tables (--arch modern)
-    # stay float32 as under DDP's autocast
-    param_dtype = None if dtype == torch.float32 else dtype
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    for block in model.transformer.h:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    # sampling and HellaSwag call these instead of forward(): they must gather the root's weights too
-    register_fsdp_forward_method(model, "generate")
-    register_fsdp_forward_method(model, "logits_at")
-    if ctx.master:
-        name = str(dtype).replace("torch.", "")
-        compute = name if dtype == torch.float32 else f"{name} (FSDP casts the weights; no autocast)"
-        print(f"FSDP: {len(model.transformer.h)} blocks + root sharded over {ctx.world_size} ranks | compute {compute} "
-              "| gradients reduced in float32")
-    return model, torch.float32
-
-
-def compile_blocks(model):
-    """In place (names unchanged): under FSDP each compiled graph sits between two all-gathers."""
-    for block in model.transformer.h:
-        block.compile()
-
-
-def state_bytes_per_rank(model, optimizer):
-    """Bytes this rank holds of parameters, gradients and optimizer state (its shards under FSDP)."""
-    params = list(model.parameters())
-    opt_tensors = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return {
-        "parameters": sum(local_part(p).nbytes for p in params),
-        "gradients": sum(local_part(p.grad).nbytes for p in params if p.grad is not None),
-        "optimizer": sum(local_part(v).nbytes for v in opt_tensors),
-    }
-
-
-def state_memory_line(model, optimizer, ctx):
-    b = state_bytes_per_rank(model, optimizer)
-    how = "a full copy" + (" on every rank" if ctx.ddp else "")
-    how = f"FSDP, 1/{ctx.world_size} each" if is_sharded(model) else how
-    return "state per rank: " + " | ".join(f"{k} {v / 2**20:.3f} MiB" for k, v in b.items()) + f" ({how})"
-
-
-def rekey_optimizer_state(state, key):
-    """An optimizer state_dict with each parameter's key k replaced by key[k] (names <-> param-group order)."""
-    groups = [{**g, "params": [key[k] for k in g["params"]]} for g in state["param_groups"]]
-    return {"state": {key[k]: s for k, s in state["state"].items()}, "param_groups": groups}
-
-
-def full_state_dicts(model, optimizer, ctx):
-    """(model state_dict, optimizer state_dict) of the whole model on rank 0, (None, None) on the others.
-    Under FSDP every rank must call it: the shards are gathered one tensor at a time and moved to CPU (cpu_offload),
-    so no GPU ever holds the whole optimizer state. The optimizer's is converted to a plain AdamW's format."""
-    if not is_sharded(model):
-        return (model.state_dict(), optimizer.state_dict()) if ctx.master else (None, None)
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=options)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=options)
-    if not ctx.master:
-        return None, None
-    # keyed by parameter name here; a plain optimizer numbers its parameters 0, 1, ... in param-group order
-    index = {name: i for i, name in enumerate(n for g in optim_state["param_groups"] for n in g["params"])}
-    return model_state, rekey_optimizer_state(optim_state, index)
-
-
-def load_optimizer_state(model, optimizer, state):
-    """Load a plain AdamW state_dict (from any of single process, DDP, FSDP) into the optimizer; under FSDP each
-    rank keeps its shards of the full tensors (every rank has read the checkpoint)."""
-    if not is_sharded(model):
-        if next(model.parameters()).device.type == "cpu":
-            # AdamW keeps the very tensors it is given on the CPU: copies, not pages of the memory-mapped checkpoint
-            # (whose mapping would then hold the file, even once pruned, for the whole run)
-            state = copy.deepcopy(state)
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    name_of = {id(p): name for name, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    named = rekey_optimizer_state(state, names)
-    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
-
-
-# -----------------------------------------------------------------------------
-# --batch_size auto and the loss path on GPUs: what the memory allows
-
-# the float32 logits may take this share of the free GPU memory before the loss is computed in chunks
-FULL_LOGITS_MEMORY_FRACTION = 0.25
-# eager (uncompiled root: --compile 0, or FSDP, which compiles the blocks), the soft-capped head of --arch modern
-# saves three float32 (B, T, vocab) tensors for backward (tanh's output and two of cross-entropy's; counted with
-# saved_tensors_hooks) and makes a gradient of that size: four, not one. Compiled, it is fused like GPT-2's head
-EAGER_SOFTCAP_LOGITS_COPIES = 4
-
-
-def head_is_fused(args, model):
-    """Whether torch.compile sees the head and the loss together: a compiled root (FSDP compiles only the blocks)."""
-    return bool(args.compile) and not is_sharded(model)
-
-
-def training_loss_chunk_size(model, ctx, B, T, fused_head=True):
-    """The loss path of a training micro-batch B x T: 0 (full logits and F.cross_entropy, build-nanogpt's path, which
-    torch.compile fuses) on CUDA when its float32 logits (and their copies) take at most FULL_LOGITS_MEMORY_FRACTION
-    of the free memory; else chunks. CPUs always chunk: measured faster there and 54% lighter (bench.py --mode
-    memory)."""
-    if ctx.device_type == "cuda":
-        copies = 1 if fused_head or model.softcap is None else EAGER_SOFTCAP_LOGITS_COPIES
-        logits_bytes = copies * B * T * model.config.vocab_size * 4
-        if logits_bytes <= torch.cuda.mem_get_info(ctx.device)[0] * FULL_LOGITS_MEMORY_FRACTION:
-            return 0
-    return default_loss_chunk_size(torch.device(ctx.device_type))
-
-
-def find_batch_size(fits, largest):
-    """The largest divisor B of largest for which fits(B) is True, by bisection (fits must be monotone in B).
-    With largest = total_batch_size // (T * world_size) every divisor is a micro-batch the total batch allows."""
-    candidates = [b for b in range(1, largest + 1) if largest % b == 0]
-    if fits(candidates[-1]):
-        return candidates[-1]
-    lo, hi = -1, len(candidates) - 1  # candidates[lo] fits (-1: none known), candidates[hi] does not
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(candidates[mid]) else (lo, mid)
-    if lo < 0:
-        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory; use a smaller --model or "
-                         "--seq_len")
-    return candidates[lo]
-
-
-def grow_batch_size(candidates, peak, budget):
-    """The largest of the ascending candidates b with peak(b) <= budget(b), trying them in order and stopping at
-    the first that fails or that the line through the last two peaks measured (from peak(0)) puts over budget.
-    0 if none fits."""
-    points, best = [(0, peak(0))], 0
-    for b in candidates:
-        if len(points) > 1:
-            (b0, m0), (b1, m1) = points[-2:]
-            if m1 + (m1 - m0) * (b - b1) / (b1 - b0) > budget(b):
-                break
-        m = peak(b)
-        if m > budget(b):
-            break
-        best = b
-        points.append((b, m))
-    return best
-
-
-def cuda_probe_peak(model, B, T, device, dtype):
-    """Peak bytes allocated during a forward and backward of micro-batch B (the model's own included); inf if it
-    runs out of memory."""
-    x = torch.randint(0, GPT2_VOCAB, (B, T), device=device)
-    torch.cuda.reset_peak_memory_stats(device)
-    try:
-        with autocast_context(device.split(":")[0], dtype):
-            _, loss = model(x, x)
-        loss.backward()
-        return torch.cuda.max_memory_allocated(device)
-    except torch.cuda.OutOfMemoryError:
-        if is_sharded(model) and hasattr(model, "reset_iter_state"):  # FSDP stopped mid-forward or -backward
-            model.reset_iter_state()
-        return math.inf
-    finally:
-        model.zero_grad(set_to_none=True)
-        loss = None
-        torch.cuda.empty_cache()
-
-
-# share of the GPU memory a probed step may peak at: the rest is for what the uncompiled probe does not show
-# (compile's workspace, the allocator's fragmentation, the val and HellaSwag passes)
-BATCH_PROBE_MEMORY_FRACTION = 0.85
-
-
-def training_state_bytes(num_params, ddp, fsdp_shards=0, accumulating=False):
-    """GPU bytes training holds that a forward+backward probe does not allocate: AdamW's two float32 moments per
-    parameter, and under DDP its float32 gradient buckets. Under FSDP (fsdp_shards ranks) the moments are sharded,
-    and FSDP accumulates float32 gradients of the whole model between micro-steps."""
-    if fsdp_shards:
-        return num_params * 8 // fsdp_shards + (num_params * 4 if accumulating else 0)
-    return num_params * (8 + (4 if ddp else 0))
-
-
-def cuda_usable_bytes(ctx):
-    """The GPU memory this process may use: what the other processes on this GPU leave us."""
-    torch.cuda.empty_cache()
-    return torch.cuda.mem_get_info(ctx.device)[0] + torch.cuda.memory_reserved(ctx.device)
-
-
-def agree_batch_size(find, ctx):
-    """find() on this rank, then the smallest B over the ranks. A rank where nothing fits (find raises) still joins
-    the all-reduce, so that every rank stops with the error instead of waiting for it until the NCCL timeout."""
-    try:
-        B, error = find(), None
-    except UsageError as e:
-        B, error = 0, e
-    B = int(agreed(B, ctx, dist.ReduceOp.MIN))
-    if B == 0:
-        raise error or UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory on another rank; "
-                                  "use a smaller --model or --seq_len")
-    return B
-
-
-def fsdp_batch_size(model, ctx, dtype, T, largest, fused_head=True):
-    """--batch_size auto under FSDP, probing the sharded model. Its forward and backward are collectives: every rank
-    runs the same probes (the smallest budget and the largest peak over ranks decide), and none that is expected
-    to run out of memory, since one rank failing would leave the others waiting in an all-gather. So micro-batches
-    go from small to large, each probed only if the line through the last two peaks keeps it within budget."""
-    usable = agreed(cuda_usable_bytes(ctx), ctx, dist.ReduceOp.MIN)
-    n = model.num_params()
-
-    def budget(b):  # the optimizer's shards, and the unsharded gradients accumulated when b needs micro-steps
-        return int(usable * BATCH_PROBE_MEMORY_FRACTION) - training_state_bytes(n, ctx.ddp, ctx.world_size, b < largest)
-
-    def peak(b):
-        if b == 0:  # the shards alone
-            return agreed(torch.cuda.memory_allocated(ctx.device), ctx, dist.ReduceOp.MAX)
-        model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused_head)
-        return agreed(cuda_probe_peak(model, b, T, ctx.device, dtype), ctx, dist.ReduceOp.MAX)
-
-    B = grow_batch_size([b for b in range(1, largest + 1) if largest % b == 0], peak, budget)
-    model.loss_chunk_size = None
-    if not B:
-        raise UsageError("--batch_size auto: not even a micro-batch of 1 fits in memory under FSDP; "
-                         "use more GPUs, a smaller --model or --seq_len")
-    return B
-
-
-def choose_batch_size(args, model, ctx, dtype):
-    """--batch_size, or for 'auto' the largest micro-batch that fits and divides the total batch (the same on
-    every rank). Under FSDP `model` is the sharded model."""
-    if args.batch_size != "auto":
-        return args.batch_size
-    T = args.seq_len
-    if args.total_batch_size % (T * ctx.world_size):
-        raise UsageError(f"--total_batch_size {args.total_batch_size} is not a multiple of seq_len*world_size = "
-                         f"{T}*{ctx.world_size}, so no micro-batch adds up to it")
-    largest = args.total_batch_size // (T * ctx.world_size)
-    fused = head_is_fused(args, model)
-    if ctx.device_type == "cuda" and is_sharded(model):
-        return agree_batch_size(lambda: fsdp_batch_size(model, ctx, dtype, T, largest, fused), ctx)
-    if ctx.device_type == "cuda":
-        share = int(cuda_usable_bytes(ctx) * BATCH_PROBE_MEMORY_FRACTION)
-        budget = share - training_state_bytes(model.num_params(), ctx.ddp)  # what a probed step may peak at
-
-        def fits(b):
-            model.loss_chunk_size = training_loss_chunk_size(model, ctx, b, T, fused)  # the path training will use
-            return cuda_probe_peak(model, b, T, ctx.device, dtype) <= budget
-
-        B = agree_batch_size(lambda: find_batch_size(fits, largest), ctx)
-        model.loss_chunk_size = None
-        return B
-    # no reliable out-of-memory signal off CUDA: the OS kills the process instead. ~6 GB for gpt2 at T=1024
-    return agree_batch_size(lambda: find_batch_size(lambda b: b * T <= 8192, largest), ctx)
-
-
-# -----------------------------------------------------------------------------
-# Hardware: precision, FLOPs, memory allocator
-
-
-def cpu_has_native_bf16():
-    # AVX512-BF16 or AMX: bf16 matmuls at twice the fp32 rate or more; elsewhere bf16 is emulated and slow
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and not {"avx512_bf16", "amx_bf16"}.isdisjoint(flags)
-    except (OSError, AttributeError, RuntimeError):
-        return False
-
-
-def pick_dtype(requested, device_type):
-    """The autocast dtype. bf16 has float32's exponent range, so unlike fp16 it needs no loss scaling;
-    fp16 is for GPUs without bf16 (V100, T4)."""
-    if requested != "auto":
-        return getattr(torch, requested)
-    if device_type == "cuda":
-        # bf16 tensor cores start with Ampere (compute capability 8.0). torch.cuda.is_bf16_supported() also says yes
-        # on V100/T4 (sm70/sm75), where bf16 is emulated: slow, and the MFU would be against the wrong peak
-        return torch.bfloat16 if torch.cuda.get_device_capability() >= (8, 0) else torch.float16
-    if device_type == "cpu" and cpu_has_native_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
-# dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
-GPU_PEAK_FLOPS = [
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),  # H100: SXM
-    ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
-    ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("A6000", 155e12),
-    ("V100", 125e12), ("T4", 65e12),  # fp16 (no bf16 tensor cores)
-]
-
-
-def gpu_peak_flops(device_name):
-    return next((flops for key, flops in GPU_PEAK_FLOPS if key in device_name), None)
-
-
-def flops_per_token(config, T):
-    """Training FLOPs per token: 6 per parameter (forward 2, backward 4) plus attention's QK^T and AV
-    (PaLM paper, appendix B). The embeddings do no matmul, so they are left out; the modern block has the same
-    matmuls (its norms, rotary and soft-cap are elementwise, negligible): one formula for both archs."""
-    # lm_head (one matmul, tied with wte or not), then per layer attention 4 C^2 and MLP 8 C^2
-    N = config.vocab_size * config.n_embd + config.n_layer * 12 * config.n_embd**2
-    return 6 * N + 12 * config.n_layer * config.n_embd * T
-
-
-def tune_cpu_allocator():
-    """Keep big buffers (activations, logits) on glibc's heap: by default blocks over 32 MB are mmapped and
-    unmapped on free, and every step paid page faults for hundreds of MB, ~30% of a CPU step's time."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (macOS, Windows, musl)
-        return
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-    libc.mallopt(M_MMAP_MAX, 0)
-    libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1)  # an int: the largest it takes
-
-
-def setup_device(args, ctx):
-    """The autocast dtype, with the device's fast math switched on and the seeds set."""
-    dtype = pick_dtype(args.dtype, ctx.device_type)
-    if dtype == torch.float16 and ctx.device_type != "cuda":
-        raise UsageError("--dtype float16 needs a CUDA GPU (it is for GPUs without bf16); use --dtype bfloat16 or "
-                         "float32")
-    if ctx.device_type == "cuda":
-        # TF32 tensor cores for the float32 matmuls that autocast leaves (10-bit mantissa, plenty for training)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.cuda.manual_seed(args.seed)
-    if ctx.device_type == "cpu":
-        tune_cpu_allocator()
-    torch.manual_seed(args.seed)
-    return dtype
-
-
-# -----------------------------------------------------------------------------
-# Progress: step N/M with the time left, a note at start for a run that will take days, and run.json (what the run
-# trains on, which play.ipynb reads beside log.txt)
-
-
-def format_duration(seconds):
-    """'45s', '12m05s', '3h20m', '2d04h': two units at most."""
-    s = int(round(seconds))
-    for unit, size, sub, sub_size in (("d", 86400, "h", 3600), ("h", 3600, "m", 60), ("m", 60, "s", 1)):
-        if s >= size:
-            return f"{s // size}{unit}{s % size // sub_size:02d}{sub}"
-    return f"{s}s"
-
-
-class StepTimer:
-    """The mean time of this process's steps, leaving out its first `skip` (compilation, allocator warm-up); the
-    evaluations between steps are not timed."""
-
-    def __init__(self, skip=2):
-        self.skip, self.seen, self.total, self.counted = skip, 0, 0.0, 0
-
-    def add(self, dt):
-        self.seen += 1
-        if self.seen > self.skip:
-            self.total += dt
-            self.counted += 1
-
-    def eta(self, steps_left):
-        """The time the steps left take at the mean so far ('-' before any step counted), for the step line."""
-        return format_duration(self.total / self.counted * steps_left) if self.counted else "-"
-
-
-def matmul_rate(device, dtype):
-    """FLOP/s of a square matmul in dtype on device, the best of 3 after a warm-up: this machine's speed now. Large
-    enough to keep a GPU busy, small enough to cost a CPU milliseconds; torch.ones leaves the seeded RNG alone."""
-    n = 512 if str(device) == "cpu" else 4096
-    a = torch.ones(n, n, device=device, dtype=dtype)
-    times = []
-    for _ in range(4):
-        t0 = time.perf_counter()
-        (a @ a)[0, 0].item()  # .item() waits for a GPU to finish
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / min(times[1:])
-
-
-def long_run_note(run, config, steps):
-    """One line for a run that will take more than a day, else None: its FLOPs at half the matmul rate measured on
-    the device (training reaches about half of it: 66% MFU on a CPU in bench.py, 40-60% on GPUs). The step lines'
-    eta, from the steps' own times, then takes over."""
-    args = run.args
-    flops = flops_per_token(config, args.seq_len) * args.total_batch_size * steps
-    rate = matmul_rate(run.ctx.device, getattr(torch, run.precision)) * run.ctx.world_size
-    seconds = flops / (0.5 * rate)
-    if seconds < 86400:
-        return None
-    return (f"note: this run will take about {format_duration(seconds)}: {steps} steps of {args.total_batch_size:,} "
-            f"tokens at half the {rate / 1e9:,.0f} GFLOP/s that {run.precision} matmuls reach on {run.ctx.device} x "
-            f"{run.ctx.world_size} (the step lines' eta will be closer). A first run on a CPU: README's quickstart, "
-            "`python train_gpt2.py --recipe shakespeare`, a small GPT on Tiny Shakespeare in minutes")
-
-
-def data_kind(data):
-    """What --data holds, for run.json: text, fineweb-edu (also shards named as build-nanogpt's fineweb.py names
-    them), local files (fineweb.py --local_files), another hub dataset's name, or shards (of unknown origin)."""
-    if data.endswith(".txt"):
-        return "text"
-    try:
-        with open(os.path.join(data, "manifest.json")) as f:  # fineweb.py's record of what it tokenized
-            settings = json.load(f)["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return "fineweb-edu" if glob.glob(os.path.join(data, "edufineweb_*.npy")) else "shards"
-    dataset = settings.get("dataset") or "local files"
-    return "fineweb-edu" if dataset == "HuggingFaceFW/fineweb-edu" else dataset
-
-
-def run_record(args, config, params):
-    """What the run trains on and with, for play.ipynb (which draws the GPT-2 baselines only where they apply)."""
-    return dict(
-        data=args.data, data_kind=data_kind(args.data), init_from=args.init_from,
-        model=args.model if args.init_from == "scratch" else args.init_from, arch=config.arch,
-        n_layer=config.n_layer, n_head=config.n_head, n_embd=config.n_embd, vocab_size=config.vocab_size,
-        params=params, recipe=args.recipe, optimizer=args.optimizer, max_steps=args.max_steps,
-        total_batch_size=args.total_batch_size, seq_len=args.seq_len,
-    )
-
-
-def write_run_record(log_dir, record):
-    """run.json beside log.txt (rewritten by a resumed run): log.txt keeps its `STEP STREAM VALUE` lines only."""
-    with open(os.path.join(log_dir, "run.json"), "w") as f:
-        json.dump(record, f, indent=1)
-        f.write("\n")
-
-
-def record_run(run, start_step):
-    write_run_record(run.args.log_dir, run_record(run.args, run.model.config, run.model.num_params()))
-    note = long_run_note(run, run.model.config, run.args.max_steps - start_step)
-    if note:
-        print(note)
-
-
-# -----------------------------------------------------------------------------
-# Live metrics: TensorBoard (--tensorboard) and Weights & Biases (--wandb)
-#
-# Both off by default; global rank 0 writes, and each package is imported only when its flag asks for it. Step N's
-# values are log.txt's step N: the evaluations at N score the model after N steps, the train loss is step N's batch.
-# A resumed run continues the same curves. TensorBoard: its writer hides every event at or after the checkpoint's
-# step (purge_step), and the resumed run logs them again, the checkpoint step's evaluations included (from log.txt
-# and the checkpoint). wandb: the checkpoint keeps the run's id and the resumed run continues that run; the steps
-# the server already holds (the interrupted run's after its checkpoint, the same values: resume is exact) are not
-# sent again.
-
-EVAL_TAGS = {"val": "val/loss", "hella": "hellaswag/acc_norm"}  # log.txt stream: metric
-
-
-def check_metrics_packages(args):
-    """--tensorboard and --wandb need their package where the metrics are written (global rank 0)."""
-    if os.environ.get("RANK", "0") != "0":
-        return
-    for package in ("tensorboard", "wandb"):  # each flag is named after the package it needs
-        if getattr(args, package) is not None and importlib.util.find_spec(package) is None:
-            raise UsageError(f"--{package}: the {package} package is not installed; pip install {package}")
-
-
-def lr_group_names(optimizer):
-    """A name per param group: adamw0 (matrices and embeddings), adamw1 (biases, gains), muon0 (Muon's matrices)."""
-    inner = getattr(optimizer, "optimizers", [optimizer])  # MultiOptimizer: AdamW and Muon
-    return [f"{type(opt).__name__.lower()}{i}" for opt in inner for i in range(len(opt.param_groups))]
-
-
-def run_config(run):
-    """The flags and the model config, as the run's hparams / config (numbers, strings and booleans)."""
-    flat = {**run.flags(), **{f"model.{k}": v for k, v in asdict(run.model.config).items()}}
-    return {k: v if v is None or isinstance(v, (bool, int, float, str)) else str(v) for k, v in flat.items()}
-
-
-def open_tensorboard(log_dir, start_step, config):
-    from torch.utils.tensorboard import SummaryWriter
-    from torch.utils.tensorboard.summary import hparams
-
-    # purge_step: an earlier run's events in log_dir at or after start_step are hidden (0: a run started over)
-    writer = SummaryWriter(log_dir, purge_step=start_step)
-    experiment, session_start, _ = hparams(config, {tag: None for tag in ("train/loss", *EVAL_TAGS.values())})
-    writer.file_writer.add_summary(experiment, start_step)
-    writer.file_writer.add_summary(session_start, start_step)
-    return writer
-
-
-def open_wandb(args, config, run_id):
-    import wandb
-
-    directory = None if "WANDB_DIR" in os.environ else args.log_dir
-    try:  # no login, no network, a project name wandb refuses: one line now, not a traceback
-        return wandb.init(project=args.wandb, name=args.wandb_run, id=run_id, resume="allow", config=config,
-                          dir=directory)
-    except Exception as e:
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"--wandb {args.wandb}: wandb could not start the run ({why}); run `wandb login`, or set "
-                         "WANDB_MODE=offline") from None
-
-
-class Metrics:
-    """A run's metrics in TensorBoard and wandb, written by global rank 0. Without --tensorboard and --wandb, and
-    on the other ranks, every method does nothing. The MFU is against run.peak_flops (None: no MFU)."""
-
-    def __init__(self, run, checkpoint=None):
-        args, ctx = run.args, run.ctx
-        # what the steps' metrics need, not run itself: run holds this object, and a cycle would keep the model (and
-        # DDP's gloo threads) alive after train() until the garbage collector runs
-        self.optimizer, self.train_loader, self.log_file = run.optimizer, run.train_loader, run.log_file
-        self.tokens_per_step = args.total_batch_size
-        self.flops_per_step = flops_per_token(run.model.config, args.seq_len) * args.total_batch_size
-        self.peak_flops, self.cuda_device = run.peak_flops, ctx.device if ctx.device_type == "cuda" else None
-        self.tb = self.wandb_run = None
-        saved = checkpoint.get("metrics", {}) if checkpoint else {}
-        self.wandb_id = saved.get("wandb_id")  # kept across resumes, also by runs without --wandb
-        self.last_texts = None  # [step, name, texts] of the latest samples, for the checkpoint of their step
-        self.first_wandb_step = 0  # steps below it are in the wandb run already
-        if not ctx.master or (args.tensorboard is None and args.wandb is None):
-            return
-        start_step = checkpoint["step"] if checkpoint else 0
-        config = run_config(run)
-        if args.tensorboard is not None:
-            self.tb = open_tensorboard(args.tensorboard or args.log_dir, start_step, config)
-        if args.wandb is not None:
-            self.wandb_run = open_wandb(args, config, self.wandb_id)
-            self.wandb_id, self.first_wandb_step = self.wandb_run.id, self.wandb_run.starting_step
-        if start_step:
-            self.replay(start_step, saved.get("last_texts"))
-
-    def replay(self, step, last_texts):
-        """A resumed run: log the checkpoint step's evaluations again (TensorBoard dropped them with the step's
-        other events): the values from log.txt, the samples from the checkpoint."""
-        if os.path.exists(self.log_file):
-            with open(self.log_file) as f:
-                for line in f:
-                    s, stream, value = line.split()
-                    if int(s) == step and stream in EVAL_TAGS:
-                        self.log_eval(step, stream, float(value))
-        if last_texts and last_texts[0] == step:
-            self.log_text(*last_texts)
-
-    def log(self, step, values):
-        if self.tb:
-            for tag, value in values.items():
-                self.tb.add_scalar(tag, value, step)
-        if self.wandb_run and step >= self.first_wandb_step:
-            self.wandb_run.log(values, step=step)
-
-    def log_step(self, step, loss, norm, dt):
-        """After training step `step`: its loss, learning rates, gradient norm, speed, tokens seen and epoch."""
-        if not (self.tb or self.wandb_run):
-            return
-        tokens = self.tokens_per_step
-        values = {"train/loss": loss, "train/grad_norm": norm, "train/tokens": (step + 1) * tokens,
-                  "train/epoch": self.train_loader.epoch + 1, "perf/step_time_ms": 1000 * dt,
-                  "perf/tokens_per_s": tokens / dt}
-        for name, group in zip(lr_group_names(self.optimizer), self.optimizer.param_groups):
-            values[f"lr/{name}"] = group["lr"]
-        if self.peak_flops:
-            values["perf/mfu_percent"] = 100 * self.flops_per_step / dt / self.peak_flops
-        if self.cuda_device:
-            values["memory/peak_gib"] = torch.cuda.max_memory_allocated(self.cuda_device) / 2**30
-        self.log(step, values)
-
-    def log_eval(self, step, stream, value):
-        """An evaluation, by its log.txt stream (val, hella)."""
-        self.log(step, {EVAL_TAGS[stream]: value})
-
-    def log_text(self, step, name, texts):
-        if not (self.tb or self.wandb_run):
-            return
-        self.last_texts = [step, name, list(texts)]
-        if self.tb:
-            self.tb.add_text(name, "\n\n".join(f"    {text}" for text in texts), step)  # indented: shown verbatim
-        if self.wandb_run and step >= self.first_wandb_step:
-            import wandb
-
-            self.wandb_run.log({name: wandb.Table(columns=["i", "text"], data=list(enumerate(texts)))}, step=step)
-
-    def state(self):
-        """What a checkpoint keeps: the wandb run to continue, the samples to show again at its step."""
-        return {k: v for k, v in [("wandb_id", self.wandb_id), ("last_texts", self.last_texts)] if v is not None}
-
-    def flush(self):
-        """At checkpoints, so that a kill loses at most what follows the checkpoint (TensorBoard writes every 120 s
-        otherwise; wandb streams online, and writes an offline run out when it finishes)."""
-        if self.tb:
-            self.tb.flush()
-
-    def close(self):
-        if self.tb:
-            self.tb.close()
-        if self.wandb_run:
-            self.wandb_run.finish(exit_code=1 if sys.exc_info()[0] else 0)  # called in a finally: an error under way?
-
-
-# -----------------------------------------------------------------------------
-# Input checks: flags and files, before any work starts
-
-
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-
-
-def ensure_text_data(path):
-    """--data input.txt is Tiny Shakespeare: download it on first use."""
-    if os.path.exists(path) or os.path.basename(path) != "input.txt":
-        return
-    print(f"downloading Tiny Shakespeare to {path}")
-    try:
-        with urllib.request.urlopen(SHAKESPEARE_URL, timeout=60) as r:
-            data = r.read()
-    except OSError as e:
-        raise UsageError(f"could not download Tiny Shakespeare from {SHAKESPEARE_URL} ({e}); download it yourself to "
-                         f"{path}, or `git checkout input.txt` in the repository") from None
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot write the download there ({e.strerror or e}); pass --data with a writable "
-                         "path") from None
-
-
-def read_text_file(path):
-    """The text of a --data .txt file, or a UsageError that says what is wrong with it."""
-    if os.path.isdir(path):
-        raise UsageError(f"{path}: a directory, not a text file; pass a .txt file, or a directory of shards without "
-                         "the .txt name")
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError as e:
-        raise UsageError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert it to "
-                         "UTF-8 (e.g. iconv -t utf-8)") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check the path and its permissions") from None
-    if not text.strip():
-        raise UsageError(f"{path}: the file is empty; pass a text file with something to train on")
-    return text
-
-
-def check_shard(path, vocab_size=GPT2_VOCAB):
-    """Memory-map a token shard after checking it is what fineweb.py writes: a 1-D uint16 .npy of token ids below
-    vocab_size. The id check is one vectorized max over the shard, read once (measured: see README)."""
-    fix = "remake the shards with `python fineweb.py`, or move this file out of the --data directory"
-    try:
-        with open(path, "rb") as f:
-            magic = f.read(6)
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read it ({e.strerror or e}); check its permissions") from None
-    if magic != b"\x93NUMPY":  # np.load would try it as a pickle and talk about allow_pickle
-        raise UsageError(f"{path}: not a .npy file (no .npy header); {fix}")
-    try:
-        # a memory map reads only the pages a batch touches, instead of copying a 200 MB shard at each switch
-        tokens = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:  # not .npy, truncated, object arrays (pickles), unreadable
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UsageError(f"{path}: not a token shard ({reason}); {fix}") from None
-    if not isinstance(tokens, np.ndarray):  # np.load opens a .npz archive as a dict-like
-        raise UsageError(f"{path}: an .npz archive, not a .npy token shard; {fix}")
-    if tokens.dtype != np.uint16 or tokens.ndim != 1:
-        raise UsageError(f"{path}: a {tokens.ndim}-D {tokens.dtype} array, not the 1-D uint16 tokens of a shard; {fix}")
-    if tokens.size == 0:
-        raise UsageError(f"{path}: the shard holds no tokens; {fix}")
-    top = int(tokens.max())
-    if top >= vocab_size:
-        raise UsageError(f"{path}: holds token id {top}, outside GPT-2's vocabulary of {vocab_size} (not GPT-2 "
-                         f"tokens?); {fix}")
-    return tokens
-
-
-def check_checkpoint_model(checkpoint, path):
-    """The config must be a GPTConfig and the weights exactly the tensors of that model; returns the model built
-    on the meta device (shapes only, no memory)."""
-    fix = "pass a checkpoint written by train_gpt2.py"
-    config, sd = checkpoint["config"], checkpoint["model"]
-    fields = set(GPTConfig.__dataclass_fields__)
-    if not isinstance(config, dict) or set(config) != fields:
-        raise UsageError(f"{path}: its config is not a GPT config (expected the keys {', '.join(sorted(fields))}); "
-                         f"{fix}")
-    positive = all(type(v) is int and v > 0 for k, v in config.items() if k != "arch")  # bools are not sizes
-    if not positive or config["n_embd"] % config["n_head"]:
-        raise UsageError(f"{path}: its config {config} is not a valid GPT config (positive whole numbers, n_embd "
-                         f"divisible by n_head); {fix}")
-    if config["arch"] not in ARCHS:
-        raise UsageError(f"{path}: its config has arch {config['arch']!r}, not one of {', '.join(ARCHS)}; {fix}")
-    try:
-        with torch.device("meta"):
-            model = GPT(GPTConfig(**config))
-    except ValueError as e:  # e.g. an odd head size for the modern arch
-        raise UsageError(f"{path}: {e}; {fix}") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UsageError(f"{path}: its model entry is not a dict of tensors; {fix}")
-    try:
-        with warnings.catch_warnings():  # on the meta device it checks the keys and the shapes and copies nothing
-            warnings.filterwarnings("ignore", message=".*to a meta parameter")
-            model.load_state_dict(sd)
-    except RuntimeError as e:
-        # load_state_dict's error lists the missing keys, the unexpected ones and each wrong shape, a line each
-        problems = [line.strip()[:200] for line in str(e).splitlines()[1:]]
-        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise UsageError(f"{path}: its weights do not fit its config: {' '.join(problems[:3])}{more}; {fix}") from None
-    return model
-
-
-def check_checkpoint_state(checkpoint, path, model):
-    """--resume also needs the training state: flags, data positions, RNG states and an optimizer for this model."""
-    fix = "resume from another checkpoint, or start a new run from its weights with --init_from"
-    need = {"optimizer": dict, "args": dict, "train_loader": list, "rng": list}
-    bad = [k for k, kind in need.items() if not isinstance(checkpoint.get(k), kind)]
-    if bad:
-        raise UsageError(f"{path}: holds weights but no training state to resume ({', '.join(bad)} missing or "
-                         f"damaged); {fix}")
-    ranks = checkpoint.get("world_size", 1)
-    per_rank = len(checkpoint["train_loader"]) == ranks and len(checkpoint["rng"]) == ranks
-    if not per_rank or "batch_size" not in checkpoint["args"]:
-        raise UsageError(f"{path}: its data positions or RNG states do not match its world size {ranks}; {fix}")
-    opt = checkpoint["optimizer"]
-    parts = opt["optimizers"] if "optimizers" in opt else [opt]  # --optimizer muon: AdamW's and Muon's
-    try:
-        n_opt = sum(len(g["params"]) for part in parts for g in part["param_groups"])
-        # each parameter's first moment (AdamW) or momentum (Muon) has its shape
-        state_shapes = sorted(tuple(s["exp_avg" if "exp_avg" in s else "momentum_buffer"].shape)
-                              for part in parts for s in part["state"].values())
-    except (KeyError, TypeError, AttributeError):
-        raise UsageError(f"{path}: its optimizer state is damaged; {fix}") from None
-    params = list(model.parameters())
-    param_shapes = sorted(tuple(p.shape) for p in params)
-    fits = n_opt == len(params) and (not state_shapes or state_shapes == param_shapes)
-    if not fits:
-        raise UsageError(f"{path}: its optimizer state does not fit its model ({n_opt} tensors for {len(params)} "
-                         f"parameters); {fix}")
-
-
-# flags that decide the model and which tokens each step sees: a run can only resume with the same ones
-# --data may change (the loader checks that the shards are the same); these change the run itself
-RESUME_MUST_MATCH = ("model", "arch", "vocab_size", "init_from", "batch_size", "seq_len", "total_batch_size", "seed",
-                     "shuffle", "optimizer", "schedule")
-
-
-# flags of the optimization itself: the LR a step gets and how its update is made. Resuming with other values
-# would silently move the run to another schedule (a finished 19073-step run resumed with --max_steps 40000
-# would jump from min_lr back to 6x min_lr), so they must match; --extend alone changes --max_steps
-RESUME_SCHEDULE = ("max_steps", "warmup_steps", "max_lr", "min_lr", "weight_decay", "grad_clip", "decay_frac",
-                   "embed_lr", "muon_lr", "muon_momentum", "muon_weight_decay")
-
-
-def check_resume_compatible(checkpoint, flags, world_size):
-    """flags: this run's, as its checkpoints save them (Run.flags(): the command line and the run's precision and
-    micro-batch). The schedule and the precision must be the checkpoint's too."""
-    saved = checkpoint.get("args", {})
-    extend = flags.get("extend", False)
-
-    def differ(names):
-        return [f"--{k} {saved[k]} -> {flags[k]}" for k in names if k in saved and saved[k] != flags[k]]
-
-    diffs = differ(RESUME_MUST_MATCH)
-    if checkpoint.get("world_size", world_size) != world_size:
-        diffs.append(f"world size {checkpoint['world_size']} -> {world_size} (it changes each rank's data)")
-    diffs += differ(k for k in RESUME_SCHEDULE if not (k == "max_steps" and extend))
-    if extend and flags["max_steps"] < checkpoint["step"]:
-        diffs.append(f"--max_steps {flags['max_steps']} is before the checkpoint's step {checkpoint['step']}")
-    before, now = saved.get("precision"), flags.get("precision")
-    if now and before != now and (before is not None or now == "float16"):
-        before = before or "bfloat16 or float32"
-        diffs.append(f"precision {before} -> {now} (--dtype {flags['dtype']}; pass --dtype {before})")
-    if diffs:
-        raise UsageError(f"cannot resume: this run differs from the checkpoint in {'; '.join(diffs)}; use the "
-                         "checkpoint's settings (the eval, logging and checkpoint flags may change; --extend to train "
-                         "to another --max_steps), or --init_from CKPT to start a new run from its weights")
-
-
-def positive_int(value):
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError("must be >= 1")
-    return n
-
-
-def batch_size_arg(value):
-    if value == "auto":
-        return value
-    try:
-        return positive_int(value)
-    except argparse.ArgumentTypeError as e:
-        raise argparse.ArgumentTypeError(f"{e}; use a whole number >= 1 or 'auto'") from None
-
-
-def check_output_dir(path, flag):
-    """A directory the program will write: it must be a directory (or creatable as one) that we can write."""
-    target = os.path.abspath(path)
-    while not os.path.exists(target):  # the nearest part of the path that exists
-        target = os.path.dirname(target)
-    if not os.path.isdir(target):
-        where = "it is a file" if target == os.path.abspath(path) else f"{target} is a file"
-        raise UsageError(f"{path}: {flag} must be a directory, but {where}; pass another {flag}")
-    if not os.access(target, os.W_OK | os.X_OK):
-        raise UsageError(f"{path}: {flag} is not writable ({target} is read-only for this user); pass another {flag}")
-
-
-HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
-
-
-def check_hf_dir(path, accepted):
-    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
-    config_path = os.path.join(path, "config.json")
-    if not os.path.isfile(config_path):
-        raise ValueError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
-    try:
-        with open(config_path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another "
-                         "directory") from None
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise ValueError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging "
-                         "Face GPT-2 model")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
-        raise ValueError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there "
-                         "too")
-
-
-# the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
-EXPORT_FILES = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-                "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja"}
-
-
-def check_export_dir(path):
-    """--export writes a Hugging Face directory: refuse to mix it into, or overwrite, a directory of other files."""
-    check_output_dir(path, "--export")
-    if os.path.isdir(path):
-        others = sorted(set(os.listdir(path)) - EXPORT_FILES)
-        if others:
-            raise UsageError(f"{path}: --export directory already holds other files ({', '.join(others[:3])}); pass a "
-                             "new or empty directory")
-
-
-# the numeric flags' ranges, checked in this order: flag -> (the range in words, the check); None (unset) passes
-FLAG_RANGES = {
-    **dict.fromkeys(["seq_len", "total_batch_size", "val_tokens", "keep_checkpoints", "num_samples", "val_steps"],
-                    (">= 1", lambda v: v >= 1)),
-    **dict.fromkeys(["max_steps", "warmup_steps", "val_every", "hellaswag_every", "sample_every", "checkpoint_every",
-                     "max_new_tokens"], (">= 0", lambda v: v >= 0)),
-    "decay_frac": ("between 0 and 1", lambda v: 0 <= v <= 1),
-    **dict.fromkeys(["muon_lr", "max_lr", "embed_lr"], ("> 0", lambda v: v > 0)),
-    "muon_momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
-}
-
-
-def check_args(args):
-    """Mistakes that need no data or model to find, caught before any work starts."""
-    for name, (allowed, ok) in FLAG_RANGES.items():
-        value = getattr(args, name)
-        if value is not None and not ok(value):
-            deprecated = " (and it is deprecated: use --val_tokens)" if name == "val_steps" else ""
-            raise UsageError(f"--{name} must be {allowed}, got {value}{deprecated}")
-    if args.vocab_size < GPT2_VOCAB:
-        raise UsageError(f"--vocab_size {args.vocab_size} is smaller than the GPT-2 tokenizer's {GPT2_VOCAB} tokens")
-    if args.init_from == "scratch":
-        with model_errors_as_usage_errors():  # an unknown --model
-            config = model_config(args.model, args.vocab_size)
-        check_seq_len(args.seq_len, config)
-    if args.batch_size != "auto":
-        grad_accum_steps(args.total_batch_size, args.batch_size, args.seq_len, 1)  # the world size is checked later
-    if args.extend and not args.resume:
-        raise UsageError("--extend continues a run: pass it with --resume")
-    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    if args.fsdp and not under_torchrun and args.sample is None and not args.export:
-        raise UsageError("--fsdp shards the model over the processes of a torchrun launch: run `torchrun --standalone "
-                         "--nproc_per_node=N train_gpt2.py --fsdp ...`, or drop --fsdp")
-    if args.fsdp:
-        fsdp_api()  # an old torch: said now, not after the model is built
-    if args.fsdp and args.optimizer == "muon":  # Newton-Schulz needs each whole matrix; FSDP leaves a rank a slice
-        raise UsageError("--optimizer muon does not run under --fsdp yet (it orthogonalizes whole matrices, FSDP "
-                         "shards them): use DDP (drop --fsdp) or --optimizer adamw")
-    if (args.sample is not None or args.export) and args.init_from == "scratch":
-        raise UsageError("--sample and --export need a trained model: pass --init_from (gpt2, a Hugging Face "
-                         "directory, or log/model_XXXXX.pt)")
-    if args.export:
-        check_export_dir(args.export)
-    elif args.sample is None:  # training writes log.txt and checkpoints
-        check_output_dir(args.log_dir, "--log_dir")
-        if args.tensorboard:
-            check_output_dir(args.tensorboard, "--tensorboard")
-        check_metrics_packages(args)
-
-
-# -----------------------------------------------------------------------------
-# Command line
+        metrics.record_run(run, start_step)  # run.json; a note if the run will take days
+    train_loop(run, start_step, val_loss, tracker)
 
 
 # --recipe presets: flag values, best at small scale on CPU (bench.py --mode recipe; README "Faster than the seed")
@@ -2782,7 +1471,7 @@ def parse_args(argv=None):
     g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face "
                    "directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
     g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
-    g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the "
+    g.add_argument("--batch_size", type=checks.batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the "
                    "largest that fits in GPU memory (with AdamW's state and a margin) and divides the total batch")
     g.add_argument("--seq_len", type=int, default=1024, help="sequence length T")
     g.add_argument("--total_batch_size", type=int, default=524288, help="tokens per optimizer step (2**19, ~0.5M as in "
@@ -2797,6 +1486,8 @@ def parse_args(argv=None):
     g.add_argument("--weight_decay", type=float, default=0.1, help="on 2-D parameters (matmul weights, embeddings) "
                    "only")
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
+    g.add_argument("--loss_chunk_size", type=int, default=None, help="positions per chunk of the training loss, 0 = "
+                   "full logits (default: full logits on a GPU where they fit, else chunks of 4096; CPU: 1024)")
     g = p.add_argument_group("faster recipes (README: Faster than the seed)")
     fast = ", ".join(f"--{k} {v}" for k, v in RECIPE_PRESETS["fast"].items())
     g.add_argument("--recipe", default="gpt2", choices=sorted(RECIPE_PRESETS),
@@ -2866,7 +1557,7 @@ def parse_args(argv=None):
 
 
 def sample_or_export(args):
-    with model_errors_as_usage_errors():
+    with common.model_errors_as_usage_errors():
         model = GPT.from_pretrained(args.init_from)
         if args.export:
             model.save_pretrained(args.export)
@@ -2875,10 +1566,10 @@ def sample_or_export(args):
               "AutoTokenizer .from_pretrained)")
     if args.sample is None:
         return
-    device = pick_device(args.device)
+    device = common.pick_device(args.device)
     model.to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    dtype = pick_dtype(args.dtype, device.split(":")[0])
+    dtype = common.pick_dtype(args.dtype, device.split(":")[0])
     texts = sample(model, args.sample, generator, dtype, args.num_samples, args.max_new_tokens, args.temperature,
                    args.top_k or None)
     for text in texts:
@@ -2889,10 +1580,12 @@ def main(argv=None):
     args = parse_args(argv)
     ctx = None
     try:
-        check_args(args)
+        with common.model_errors_as_usage_errors():  # an unknown --model
+            block_size = model_config(args.model).block_size if args.init_from == "scratch" else None
+        checks.check_args(args, block_size)
         if args.sample is not None or args.export:
             return sample_or_export(args)
-        ctx = setup_distributed(args.device)
+        ctx = common.setup_distributed(args.device)
         train(args, ctx)
     except (UsageError, TrainingDiverged, CheckpointWriteFailed) as e:
         if not isinstance(e, CheckpointWriteFailed) or ctx.master:  # a failed write: one line; other ranks only stop
@@ -2903,25 +1596,5 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def exit_without_teardown(code):
-    """End a torchrun worker without Python's interpreter teardown. Gloo's worker threads can outlive the destroyed
-    process group; one that frees its last tensor while the interpreter shuts down aborts the process ("terminate
-    called without an active exception", SIGABRT), which turns a finished run into a failed one (seen in CI under
-    FSDP). Everything the run writes is closed and synced before main() returns."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    if "RANK" not in os.environ:
-        main()
-    else:
-        try:
-            main()
-        except SystemExit as e:  # the one-line errors: their exit code, without the teardown either
-            if not isinstance(e.code, int):
-                raise
-            exit_without_teardown(e.code)
-        exit_without_teardown(0)
-
+    common.run_script(main)

@@ -17,7 +17,10 @@ import weakref
 import pytest
 import torch
 
+import checkpoints
+import common
 import hellaswag
+import sharding
 import train_gpt2 as tg
 from conftest import ROOT, run_env
 from test_metrics import tensorboard_events
@@ -55,7 +58,7 @@ def loss_and_grads(model, params, x, dtype):
     """The loss (float) and all gradients (one flat float32 vector) of a forward+backward under autocast dtype."""
     for p in params:
         p.grad = None
-    with tg.autocast_context("cuda", dtype):
+    with common.autocast_context("cuda", dtype):
         _, loss = model(x, x)
     loss.backward()
     return loss.item(), torch.cat([p.grad.float().flatten() for p in params])
@@ -151,7 +154,7 @@ def probe_peak(model, params, x, dtype):
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    with tg.autocast_context("cuda", dtype):
+    with common.autocast_context("cuda", dtype):
         _, loss = model(x, x)
     loss.backward()
     torch.cuda.synchronize()
@@ -178,8 +181,8 @@ def test_compiled_chunked_loss_peak_memory_is_at_most_the_eager_probes(dtype):
 @needs_cuda
 def test_fp16_grad_scaler_skips_an_overflowing_step_and_lowers_the_scale():
     model = tiny_model()
-    run = tg.Run(argparse.Namespace(grad_clip=1.0), tg.DistContext(False, 0, 0, 1, "cuda"), dtype=torch.float16,
-                 train_model=model, optimizer=tg.configure_optimizers(model, 0.1, 1e-3, "cuda"),
+    args = argparse.Namespace(grad_clip=1.0, total_batch_size=4 * 64, seq_len=64)
+    run = tg.Run(args, common.DistContext(False, 0, 0, 1, "cuda"), torch.float16, batch_size=4, train_model=model, optimizer=tg.configure_optimizers(model, 0.1, 1e-3, "cuda"),
                  scaler=torch.amp.GradScaler("cuda", init_scale=2.0**40),  # loss x 2^40 overflows fp16's 65504
                  train_loader=tg.DataLoaderLite(4, 64, data_root=str(ROOT / "input.txt")))
     scaler = run.scaler
@@ -241,7 +244,7 @@ def test_batch_size_auto_trains_without_oom_under_compile(tmp_path, gpu_with_12_
     B = int(re.search(r"--batch_size auto: micro-batch (\d+)", out).group(1))
     assert 1 <= B < 128, out[-3000:]
     assert len(train_losses(tmp_path / "log")) == 3
-    peak = tg.gpu_peak_flops(torch.cuda.get_device_name())
+    peak = common.gpu_peak_flops(torch.cuda.get_device_name())
     if peak:
         mfu = float(re.search(r"step +2\b.* mfu ([0-9.]+)%", out).group(1))
         assert 0 < mfu < 100, out[-3000:]
@@ -250,10 +253,10 @@ def test_batch_size_auto_trains_without_oom_under_compile(tmp_path, gpu_with_12_
 @needs_cuda
 def test_peak_flops_table_knows_this_gpu():
     name = torch.cuda.get_device_name()
-    if tg.gpu_peak_flops(name) is None:
+    if common.gpu_peak_flops(name) is None:
         pytest.skip(f"{name} is not in GPU_PEAK_FLOPS (train_gpt2.py): add its dense bf16 peak to get an MFU")
     # datasheet bf16/fp16 dense peaks: tens to about a thousand TFLOP/s
-    assert 2e13 <= tg.gpu_peak_flops(name) <= 2.5e15
+    assert 2e13 <= common.gpu_peak_flops(name) <= 2.5e15
 
 
 @needs_cuda
@@ -262,7 +265,7 @@ def test_live_metrics_log_peak_memory_and_mfu(tmp_path):
     tg.main(run_args(tmp_path / "log", max_steps=2, dtype="bfloat16") + ["--tensorboard"])
     tb, _ = tensorboard_events(tmp_path / "log")
     assert sorted(tb["memory/peak_gib"]) == [0, 1] and all(0 < float(v) < 200 for v in tb["memory/peak_gib"].values())
-    if tg.gpu_peak_flops(torch.cuda.get_device_name()) is not None:
+    if common.gpu_peak_flops(torch.cuda.get_device_name()) is not None:
         assert sorted(tb["perf/mfu_percent"]) == [0, 1]
         assert all(0 < float(v) < 100 for v in tb["perf/mfu_percent"].values())
     else:
@@ -291,7 +294,7 @@ def test_kv_cache_sampling_equals_no_cache(dtype, tol):
     ties within tol (bf16 rounds cached and full attention differently)."""
     model = tiny_model().eval()
     prompt = tokens(2, 8)
-    with torch.no_grad(), tg.autocast_context("cuda", dtype):
+    with torch.no_grad(), common.autocast_context("cuda", dtype):
         out = model.generate(prompt, 24, temperature=0)
         logits = model(out)[0].float()[:, :, : tg.GPT2_VOCAB]
     for t in range(8, out.size(1)):
@@ -405,14 +408,14 @@ def test_fsdp_batch_size_auto_sizes_the_sharded_model_and_probes_nothing_that_ov
         assert peak <= 40 * GiB, f"probed B={B}, which runs out of memory"
         return peak
 
-    monkeypatch.setattr(tg, "cuda_probe_peak", probe)
-    ctx = tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=8, device="cuda:0")
-    assert tg.fsdp_batch_size(model, ctx, torch.float32, 1024, 64) == 8
+    monkeypatch.setattr(sharding, "cuda_probe_peak", probe)
+    ctx = common.DistContext(ddp=False, rank=0, local_rank=0, world_size=8, device="cuda:0")
+    assert sharding.fsdp_batch_size(model, ctx, torch.float32, 1024, 64, lambda b: 4096) == 8
     assert probed == [1, 2, 4, 8]  # 16 was predicted not to fit: not probed
     n = model.num_params()
     # AdamW's moments are sharded; FSDP accumulates unsharded float32 gradients between micro-steps
-    assert tg.training_state_bytes(n, ddp=True, fsdp_shards=8, accumulating=True) == n + 4 * n
-    assert tg.training_state_bytes(n, ddp=True, fsdp_shards=8, accumulating=False) == n
+    assert sharding.training_state_bytes(n, ddp=True, fsdp_shards=8, accumulating=True) == n + 4 * n
+    assert sharding.training_state_bytes(n, ddp=True, fsdp_shards=8, accumulating=False) == n
 
 
 def test_fp16_chunked_loss_under_compile_keeps_no_chunk_of_logits():
@@ -449,7 +452,7 @@ def test_single_process_on_cuda_n_sets_that_device(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     chosen = []
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
-    ctx = tg.setup_distributed("cuda:1")
+    ctx = common.setup_distributed("cuda:1")
     assert ctx.device == "cuda:1" and chosen == ["cuda:1"]
 
 
@@ -471,7 +474,7 @@ def test_ranks_without_local_rank_take_their_gpu_on_the_node(monkeypatch, env, d
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: groups.append(kw))
-    ctx = tg.setup_distributed("cuda")
+    ctx = common.setup_distributed("cuda")
     assert ctx.device == device and chosen == [device] and groups[0]["device_id"] == torch.device(device)
     assert ctx.rank == 3 and ctx.world_size == 4
 
@@ -496,14 +499,14 @@ def test_checkpoints_load_memory_mapped(tmp_path):
     optimizer.step()
     path = tmp_path / "model_00000.pt"
     state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": tg.asdict(model.config)}
-    tg.save_checkpoint({**state, "step": 0}, str(path))
+    checkpoints.write_atomically({**state, "step": 0}, str(path))
     checkpoint = tg.load_checkpoint(str(path))
     assert mapped_file(checkpoint["model"]["lm_head.weight"].data_ptr()) == str(path)
     loaded = tg.GPT.from_pretrained(str(path))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
     # on a CPU AdamW would keep the tensors it is given: its state must not stay pages of the file
     resumed = tg.configure_optimizers(loaded, 0.1, 1e-3, "cpu")
-    tg.load_optimizer_state(loaded, resumed, checkpoint["optimizer"])
+    sharding.load_optimizer_state(loaded, resumed, checkpoint["optimizer"])
     moments = [v for s in resumed.state.values() for v in s.values() if v.dim()]
     assert moments and not any(mapped_file(v.data_ptr()) == str(path) for v in moments)
 
@@ -529,15 +532,15 @@ def test_fsdp_needs_a_torch_with_fsdp2_in_torch_distributed_fsdp(monkeypatch, ca
     assert e.value.code == 2 and err.startswith("error: --fsdp needs torch") and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("arch, fused, expected", [("gpt2", False, 0), ("modern", True, 0), ("modern", False, 4096)])
+@pytest.mark.parametrize("arch, fused, expected", [("gpt2", False, True), ("modern", True, True), ("modern", False, False)])
 def test_full_logits_budget_counts_the_eager_soft_caps_copies(monkeypatch, arch, fused, expected):
     """gpt2 at B=64, T=1024: 13.2 GB of float32 logits fit a quarter of 79 GB free. The modern head's soft-cap,
     eager (--compile 0, or under FSDP, whose root is not compiled), keeps several such tensors: chunks then."""
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (79 * 2**30, 80 * 2**30))
     model = tg.GPT(tg.model_config("d1", block_size=64, arch=arch))
-    ctx = tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cuda:0")
-    assert tg.training_loss_chunk_size(model, ctx, 64, 1024, fused_head=fused) == expected
-    assert tg.training_loss_chunk_size(model, ctx, 8, 1024, fused_head=fused) == 0
+    ctx = common.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cuda:0")
+    assert sharding.full_logits_fit(model, ctx, 64, 1024, fused_head=fused) == expected
+    assert sharding.full_logits_fit(model, ctx, 8, 1024, fused_head=fused)
 
 
 def test_train_step_lets_the_logits_go_before_backward(tmp_path, shakespeare_file):
@@ -562,8 +565,9 @@ def test_train_step_lets_the_logits_go_before_backward(tmp_path, shakespeare_fil
     text.write_text(shakespeare_file.read_text()[:20000])
     loader = tg.DataLoaderLite(2, 32, data_root=str(text))
     loader.shards = [s % 512 for s in loader.shards]  # the tiny vocab
-    ctx = tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
-    tg.train_step(tg.Run(argparse.Namespace(grad_clip=1.0), ctx, accum_steps=2, train_model=watch, train_loader=loader,
+    ctx = common.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    args = argparse.Namespace(grad_clip=1.0, total_batch_size=2 * 2 * 32, seq_len=32)  # 2 micro-steps of 2 x 32
+    tg.train_step(tg.Run(args, ctx, torch.float32, batch_size=2, train_model=watch, train_loader=loader,
                          optimizer=tg.configure_optimizers(model, 0.1, 1e-3, "cpu"),
                          scaler=torch.amp.GradScaler("cpu", enabled=False)))
     assert watch.alive_in_backward == [False, False]
@@ -572,6 +576,8 @@ def test_train_step_lets_the_logits_go_before_backward(tmp_path, shakespeare_fil
 FSDP_WORKER = """
 import os, sys
 import torch
+import common
+import sharding
 import train_gpt2 as tg
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -584,7 +590,7 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-ctx = tg.setup_distributed("cpu")
+ctx = common.setup_distributed("cpu")
 out = open(sys.argv[1] + str(ctx.rank), "w")
 # --fsdp --arch modern in bf16: the rotary tables stay float32, as under DDP's autocast
 torch.manual_seed(0)
@@ -603,7 +609,8 @@ with torch.no_grad():
 cos_dtypes = []
 apply_rotary = tg.apply_rotary
 tg.apply_rotary = lambda t, cos, sin: cos_dtypes.append(cos.dtype) or apply_rotary(t, cos, sin)
-fsdp, _ = tg.shard_model(model, ctx, torch.bfloat16)
+sharding.shard_model(model, ctx, torch.bfloat16)
+fsdp = model
 _, loss = fsdp(x, x)
 loss.backward()
 out.write(f"rotary {sorted(set(map(str, cos_dtypes)))} loss {loss.item():.6f} plain {plain_loss:.6f}\\n")
@@ -614,7 +621,7 @@ out.write(f"clip dispatches {count.ops} parameters {len(list(fsdp.parameters()))
 # --batch_size auto: rank 1 finds nothing fits; both ranks stop with the error, none waits in the all-reduce
 for fits in (lambda b: ctx.rank == 0, lambda b: b <= 4 - 2 * ctx.rank):
     try:
-        out.write(f"batch size {tg.agree_batch_size(lambda: tg.find_batch_size(fits, 8), ctx)}\\n")
+        out.write(f"batch size {sharding.agree_batch_size(lambda: sharding.find_batch_size(fits, 8), ctx)}\\n")
     except tg.UsageError as e:
         out.write(f"UsageError {e}\\n")
 out.close()

@@ -8,6 +8,8 @@ import sys
 import pytest
 import torch
 
+import common
+import metrics
 import train_gpt2 as tg
 
 torch.set_num_threads(1)  # as in test_train_gpt2.py: small ops, which a second OpenMP thread slows down
@@ -204,16 +206,16 @@ def test_mfu_where_there_is_a_peak_and_the_lr_of_muon_and_adamw(tmp_path, shakes
     the peak's."""
     args = tg.parse_args(["--model", "d2", "--seq_len", "64", "--total_batch_size", "256", "--log_dir", str(tmp_path),
                           "--optimizer", "muon", "--muon_lr", "0.02", "--embed_lr", "0.005", "--tensorboard"])
-    run = tg.Run(args, tg.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu"))
+    run = tg.Run(args, common.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu"), torch.float32)
     run.model = tg.GPT(tg.model_config("d2"))
     run.optimizer = tg.make_optimizer(run.model, args, "cpu")
     run.train_loader = tg.DataLoaderLite(4, 64, split="train", data_root=str(shakespeare))
-    run.peak_flops = 1e12
-    metrics = tg.Metrics(run)
-    metrics.log_step(0, 10.0, 1.0, 0.5)
-    metrics.close()
+    tracker = metrics.Metrics(run)
+    tracker.peak_flops = 1e12
+    tracker.log_step(0, 10.0, 6e-4, 1.0, 0.5)
+    tracker.close()
     tb, _ = tensorboard_events(tmp_path)
-    flops = tg.flops_per_token(run.model.config, 64) * 256
+    flops = common.flops_per_token(run.model.config, 64) * 256
     assert float(tb["perf/mfu_percent"][0]) == pytest.approx(100 * flops / 0.5 / 1e12, rel=1e-6)
     lrs = {tag: float(v[0]) for tag, v in tb.items() if tag.startswith("lr/")}  # the groups' peaks (no schedule yet)
     assert lrs == pytest.approx({"lr/adamw0": 0.005, "lr/adamw1": 6e-4, "lr/muon0": 0.02})

@@ -10,6 +10,7 @@ from matplotlib.colors import to_rgb
 from matplotlib.image import imread
 from nbclient import NotebookClient
 
+import metrics
 import train_gpt2 as tg
 from conftest import ROOT
 
@@ -76,7 +77,7 @@ def write_run(log_dir, argv, params, steps, lr_norm=False, hella=False):
     log_dir.mkdir()
     args = tg.parse_args(argv + ["--log_dir", str(log_dir)])
     config = tg.model_config(args.model, args.vocab_size, arch=args.arch)
-    tg.write_run_record(str(log_dir), tg.run_record(args, config, params))
+    metrics.write_run_record(str(log_dir), metrics.run_record(args, config, params))
     lines = []
     for s in range(steps):
         lines.append(f"{s} train {7 * np.exp(-s / 30) + 4:.6f}")

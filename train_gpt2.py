@@ -366,6 +366,60 @@ def default_loss_chunk_size(device):
 # Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
+# --arch modern is transformers' NanoChat (new in 5.0): our weights -> theirs ({} is the layer). c_attn, one
+# (3C, C) matrix, is their q_proj, k_proj and v_proj stacked; their norms have no weights either
+NANOCHAT_WEIGHTS = {
+    "transformer.wte.weight": ["model.embed_tokens.weight"],
+    "transformer.h.{}.attn.c_attn.weight": [f"model.layers.{{}}.self_attn.{x}_proj.weight" for x in "qkv"],
+    "transformer.h.{}.attn.c_proj.weight": ["model.layers.{}.self_attn.o_proj.weight"],
+    "transformer.h.{}.mlp.c_fc.weight": ["model.layers.{}.mlp.fc1.weight"],
+    "transformer.h.{}.mlp.c_proj.weight": ["model.layers.{}.mlp.fc2.weight"],
+    "lm_head.weight": ["lm_head.weight"],
+}
+NANOCHAT_TRANSFORMERS = "5.0"
+
+
+def nanochat_classes():
+    """(NanoChatConfig, NanoChatForCausalLM), or a ValueError naming the transformers release that has them."""
+    import transformers
+
+    try:
+        from transformers import NanoChatConfig, NanoChatForCausalLM
+    except ImportError:
+        raise ValueError(f"--arch modern models are Hugging Face NanoChat models, which need transformers >= "
+                         f"{NANOCHAT_TRANSFORMERS} (installed: {transformers.__version__}): pip install -U "
+                         f"'transformers>={NANOCHAT_TRANSFORMERS}'") from None
+    return NanoChatConfig, NanoChatForCausalLM
+
+
+def nanochat_config(c):
+    """NanoChatConfig's arguments for our config c (--arch modern); a padded vocab is cut to GPT-2's tokens."""
+    return dict(
+        vocab_size=min(c.vocab_size, GPT2_VOCAB), hidden_size=c.n_embd, intermediate_size=4 * c.n_embd,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+        max_position_embeddings=c.block_size, hidden_act="relu2", attention_bias=False,
+        # nn.RMSNorm and F.rms_norm default to the dtype's eps: float32's, as we compute them
+        rms_norm_eps=torch.finfo(torch.float32).eps, rope_parameters=dict(rope_type="default", rope_theta=ROTARY_BASE),
+        final_logit_softcapping=LOGIT_SOFTCAP, tie_word_embeddings=False,
+        bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, pad_token_id=None,  # no pad row: the embedding trains whole
+    )
+
+
+def flip_rotary(c_attn, n_head):
+    """c_attn's weight with the second half of every q and k head negated: NanoChat's rotate_half turns each pair
+    the other way from apply_rotary; with x2 negated its rotation is ours with the second half negated, in q and k
+    alike, so every q.k (and the QK-norm) is unchanged. Its own inverse: it converts both ways."""
+    w = c_attn.reshape(3, n_head, 2, -1, c_attn.size(-1)).clone()
+    w[:2, :, 1] *= -1
+    return w.view_as(c_attn)
+
+
+def nanochat_names(n_layer):
+    """(our weight's name, their names) for every weight."""
+    for ours, theirs in NANOCHAT_WEIGHTS.items():
+        for i in range(n_layer) if "{}" in ours else [None]:
+            yield ours.format(i), [t.format(i) for t in theirs]
+
 
 def gpt2_tokenizer():
     """tiktoken's GPT-2 BPE, which it downloads on first use into its cache (TIKTOKEN_CACHE_DIR)."""
@@ -535,16 +589,19 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path):
-        """A hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local Hugging Face GPT-2 directory, or a
-        checkpoint .pt written by this script."""
+        """A hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local Hugging Face GPT-2 directory or NanoChat
+        one (--arch modern), or a checkpoint .pt written by this script."""
         accepted = (
             f"expected one of {', '.join(MODEL_SIZES)} (downloaded from the Hugging Face hub), a directory with a "
-            "Hugging Face GPT-2 checkpoint (config.json + weights), or a .pt checkpoint written by train_gpt2.py"
+            "Hugging Face GPT-2 or NanoChat checkpoint (config.json + weights), or a .pt checkpoint written by "
+            "train_gpt2.py"
         )
         name_or_path = str(name_or_path)
         if name_or_path in MODEL_SIZES or os.path.isdir(name_or_path):
             if os.path.isdir(name_or_path):
-                check_hf_dir(name_or_path, accepted)  # hook: input checks (a GPT-2 config and weights)
+                # hook: input checks (a GPT-2 or NanoChat config and weights)
+                if check_hf_dir(name_or_path, accepted) == "nanochat":
+                    return cls._from_nanochat(name_or_path)
             return cls._from_hf(name_or_path)
         if os.path.isfile(name_or_path):
             # load_checkpoint (Checkpoints, below) checks that the weights fit the config
@@ -586,15 +643,52 @@ class GPT(nn.Module):
                 v.copy_(src)
         return model
 
+    @classmethod
+    def _from_nanochat(cls, path):
+        """An --arch modern GPT from a NanoChat directory whose architecture is ours (check_nanochat_config)."""
+        NanoChatConfig, NanoChatForCausalLM = nanochat_classes()
+
+        def unloadable(e):  # a config transformers refuses, damaged weights, tensors of the wrong shape, ...
+            msg = (str(e).strip().splitlines() or [""])[0]
+            return ValueError(f"{path}: could not load it as NanoChat with transformers ({type(e).__name__}: {msg}); "
+                              "pass a Hugging Face NanoChat model")
+
+        try:
+            c = NanoChatConfig.from_pretrained(path)
+        except Exception as e:
+            raise unloadable(e) from None
+        config = GPTConfig(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
+                           n_head=c.num_attention_heads, n_embd=c.hidden_size, arch="modern")
+        check_nanochat_config(path, c, nanochat_config(config))  # hook: input checks (an architecture we have)
+        try:
+            hf, info = NanoChatForCausalLM.from_pretrained(path, config=c, output_loading_info=True)
+        except Exception as e:
+            raise unloadable(e) from None
+        if info.get("missing_keys"):  # filled with random weights: not the model the user meant
+            missing = sorted(info["missing_keys"])
+            raise ValueError(f"{path}: its weights lack {len(missing)} of NanoChat's tensors "
+                             f"({', '.join(missing[:3])}...); pass a complete Hugging Face NanoChat model")
+        model = cls(config)
+        sd_hf = hf.state_dict()  # a tied lm_head (tie_word_embeddings) is there too, as a copy of the embedding
+        sd = {ours: torch.cat([sd_hf[t] for t in theirs]) for ours, theirs in nanochat_names(config.n_layer)}
+        for k in sd:
+            if k.endswith("c_attn.weight"):
+                sd[k] = flip_rotary(sd[k], config.n_head)
+        model.load_state_dict(sd)
+        return model
+
     def save_pretrained(self, directory, tokenizer=True):
-        """Write a Hugging Face GPT-2 directory (config.json + model.safetensors) that
-        transformers.GPT2LMHeadModel.from_pretrained loads. A padded vocab is cut back to the 50257 real tokens.
+        """Write a Hugging Face directory (config.json + model.safetensors) that AutoModelForCausalLM.from_pretrained
+        loads: GPT-2 (GPT2LMHeadModel) or, for --arch modern, NanoChat (NanoChatForCausalLM, transformers >= 5.0).
+        A padded vocab is cut back to the 50257 real tokens (the soft-cap is per logit: the rest are unchanged).
         tokenizer: also write GPT-2's tokenizer, so pipeline() and lm-eval-harness need nothing else."""
         c = self.config
-        if c.arch != "gpt2":
-            raise ValueError(f"cannot export an --arch {c.arch} model: Hugging Face's GPT-2 has no rotary embeddings, "
-                "RMSNorm, ReLU^2 or logit soft-cap; only --arch gpt2 models export (use the .pt checkpoint with "
-                             "train_gpt2.py --sample and hellaswag.py)")
+        if c.arch == "modern":
+            hf = self._to_nanochat()
+            hf.save_pretrained(directory)
+            if tokenizer:
+                save_gpt2_tokenizer(directory, model_max_length=c.block_size)
+            return
         from transformers import GPT2Config, GPT2LMHeadModel
 
         vocab = min(c.vocab_size, GPT2_VOCAB)
@@ -618,6 +712,20 @@ class GPT(nn.Module):
         hf.save_pretrained(directory)
         if tokenizer:
             save_gpt2_tokenizer(directory, model_max_length=c.block_size)
+
+    def _to_nanochat(self):
+        NanoChatConfig, NanoChatForCausalLM = nanochat_classes()
+        c = self.config
+        ours = {k: v.detach().float().cpu() for k, v in self.state_dict().items()}
+        sd = {}
+        for name, theirs in nanochat_names(c.n_layer):
+            v = ours[name][:GPT2_VOCAB] if name in ("transformer.wte.weight", "lm_head.weight") else ours[name]
+            if name.endswith("c_attn.weight"):
+                v = flip_rotary(v, c.n_head)
+            sd.update({t: part.contiguous() for t, part in zip(theirs, v.chunk(len(theirs)))})
+        hf = NanoChatForCausalLM(NanoChatConfig(**nanochat_config(c)))
+        hf.load_state_dict(sd)  # strict: every weight of theirs is one of ours
+        return hf
 
 
 # -----------------------------------------------------------------------------
@@ -2659,7 +2767,8 @@ HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mode
 
 
 def check_hf_dir(path, accepted):
-    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
+    """A local Hugging Face directory must hold a GPT-2 or NanoChat config and weights; found here, not deep in
+    transformers. Returns its model_type."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
@@ -2669,13 +2778,46 @@ def check_hf_dir(path, accepted):
     except (OSError, ValueError) as e:
         raise ValueError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another "
                          "directory") from None
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise ValueError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging "
-                         "Face GPT-2 model")
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in ("gpt2", "nanochat"):
+        raise ValueError(f"{path}: a {kind!r} model, not GPT-2 or NanoChat (config.json model_type must be 'gpt2' or "
+                         "'nanochat'); pass a Hugging Face GPT-2 model, or a NanoChat one of --arch modern")
     if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
         raise ValueError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there "
                          "too")
+    return kind
+
+
+# what a NanoChat config must say to be an --arch modern model: field -> what our block has
+NANOCHAT_FIXED = {
+    "num_key_value_heads": "as many key/value heads as query heads (no grouped-query attention)",
+    "head_dim": "heads of hidden_size / num_attention_heads",
+    "intermediate_size": "an MLP 4 x hidden_size wide",
+    "hidden_act": "ReLU^2",
+    "attention_bias": "no biases",
+    "rms_norm_eps": "RMSNorm with float32's eps",
+    "rope_parameters": f"plain rotary embeddings of base {ROTARY_BASE}",
+    "final_logit_softcapping": f"logits soft-capped at {LOGIT_SOFTCAP}",
+}
+
+
+def check_nanochat_config(path, config, ours):
+    """A NanoChat config (transformers' NanoChatConfig) that --arch modern can hold: GPT-2's vocab and our block
+    (ours: nanochat_config of the same sizes); otherwise a ValueError naming the field that differs."""
+    if config.vocab_size not in (GPT2_VOCAB, 50304):
+        raise ValueError(f"{path}: a NanoChat model with vocab_size {config.vocab_size}; train_gpt2.py's models use "
+                         f"GPT-2's tokenizer ({GPT2_VOCAB} tokens, or 50304 padded): this one has another tokenizer")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"{path}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                         f"{config.num_attention_heads}")
+    ours = {**ours, "head_dim": config.hidden_size // config.num_attention_heads}
+    for field, what in NANOCHAT_FIXED.items():
+        theirs = getattr(config, field, None)
+        if field == "head_dim" and theirs is None:  # not set: hidden_size / num_attention_heads
+            continue
+        if theirs != ours[field]:
+            raise ValueError(f"{path}: a NanoChat model with {field}={theirs!r}, which --arch modern cannot hold (it "
+                             f"has {what}: {field}={ours[field]!r})")
 
 
 # the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory
@@ -2775,12 +2917,13 @@ def parse_args(argv=None):
                    "64*N, N heads (d12 = gpt2)")
     g.add_argument("--arch", default="gpt2", choices=list(ARCHS), help="gpt2: OpenAI's GPT-2 block; modern: rotary "
                    "embeddings, RMSNorm, QK-norm, ReLU^2, no biases, zero-init projections, untied zero-init "
-                   "lm_head, logits soft-capped at 15 (not exportable to Hugging Face)")
+                   "lm_head, logits soft-capped at 15 (exports to Hugging Face as NanoChat, transformers >= 5.0)")
     g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul "
                    "kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to "
                    "ignore them")
     g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face "
-                   "directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
+                   "directory (GPT-2, or NanoChat: --arch modern), or a checkpoint .pt: start from its weights "
+                   "(fine-tuning), with a new optimizer")
     g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
     g.add_argument("--batch_size", type=batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the "
                    "largest that fits in GPU memory (with AdamW's state and a margin) and divides the total batch")
@@ -2858,8 +3001,8 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (1 = greedy, 0 = all)")
-    g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face GPT-2 "
-                   "directory and exit")
+    g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face "
+                   "directory (GPT-2; --arch modern: NanoChat) with GPT-2's tokenizer, and exit")
     # parsed again with the preset as the defaults: flags given explicitly win over it
     p.set_defaults(**RECIPE_PRESETS[p.parse_args(argv).recipe])
     return p.parse_args(argv)
@@ -2871,8 +3014,9 @@ def sample_or_export(args):
         if args.export:
             model.save_pretrained(args.export)
     if args.export:
-        print(f"wrote a Hugging Face GPT-2 model and tokenizer to {args.export} (load them with GPT2LMHeadModel and "
-              "AutoTokenizer .from_pretrained)")
+        kind = "NanoChat" if model.config.arch == "modern" else "GPT-2"
+        print(f"wrote a Hugging Face {kind} model and tokenizer to {args.export} (load them with "
+              "AutoModelForCausalLM and AutoTokenizer .from_pretrained)")
     if args.sample is None:
         return
     device = pick_device(args.device)

@@ -661,13 +661,15 @@ class GPT(nn.Module):
                            n_head=c.num_attention_heads, n_embd=c.hidden_size, arch="modern")
         check_nanochat_config(path, c, nanochat_config(config))  # hook: input checks (an architecture we have)
         try:
-            hf, info = NanoChatForCausalLM.from_pretrained(path, config=c, output_loading_info=True)
+            hf, info = NanoChatForCausalLM.from_pretrained(path, config=c, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)  # said below, in one line
         except Exception as e:
             raise unloadable(e) from None
-        if info.get("missing_keys"):  # filled with random weights: not the model the user meant
-            missing = sorted(info["missing_keys"])
-            raise ValueError(f"{path}: its weights lack {len(missing)} of NanoChat's tensors "
-                             f"({', '.join(missing[:3])}...); pass a complete Hugging Face NanoChat model")
+        # weights missing from the file or of another shape: transformers fills them with random ones and warns
+        bad = sorted(set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())})
+        if bad:
+            raise ValueError(f"{path}: its weights lack {len(bad)} of NanoChat's tensors or have another shape "
+                             f"({', '.join(bad[:3])}); pass a complete Hugging Face NanoChat model of that config")
         model = cls(config)
         sd_hf = hf.state_dict()  # a tied lm_head (tie_word_embeddings) is there too, as a copy of the embedding
         sd = {ours: torch.cat([sd_hf[t] for t in theirs]) for ours, theirs in nanochat_names(config.n_layer)}

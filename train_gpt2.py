@@ -406,9 +406,10 @@ def nanochat_config(c):
 
 
 def flip_rotary(c_attn, n_head):
-    """c_attn's weight with the second half of every q and k head negated: NanoChat's rotate_half turns each pair
-    the other way from apply_rotary; with x2 negated its rotation is ours with the second half negated, in q and k
-    alike, so every q.k (and the QK-norm) is unchanged. Its own inverse: it converts both ways."""
+    """c_attn's weight with the second half of every q and k head negated. NanoChat's rotate_half is [x2, -x1],
+    apply_rotary's [-x2, x1]: they turn each pair opposite ways. Given (x1, -x2), NanoChat's rotation is ours with
+    the second half negated, in q and k alike, so every q.k is unchanged (so is the QK-norm: it ignores signs).
+    Its own inverse: it converts both ways."""
     w = c_attn.reshape(3, n_head, 2, -1, c_attn.size(-1)).clone()
     w[:2, :, 1] *= -1
     return w.view_as(c_attn)
@@ -716,6 +717,7 @@ class GPT(nn.Module):
             save_gpt2_tokenizer(directory, model_max_length=c.block_size)
 
     def _to_nanochat(self):
+        """transformers' NanoChatForCausalLM with this --arch modern model's weights (float32, vocab cut to GPT-2's)."""
         NanoChatConfig, NanoChatForCausalLM = nanochat_classes()
         c = self.config
         ours = {k: v.detach().float().cpu() for k, v in self.state_dict().items()}

@@ -131,7 +131,8 @@ HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_mode
 
 
 def check_hf_dir(path, accepted):
-    """A local Hugging Face directory must hold a GPT-2 config and weights; found here, not deep in transformers."""
+    """A local Hugging Face directory must hold a GPT-2 or NanoChat config and weights; found here, not deep in
+    transformers. Returns its model_type."""
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{path}: no config.json, so it is not a Hugging Face model directory; {accepted}")
@@ -141,13 +142,14 @@ def check_hf_dir(path, accepted):
     except (OSError, ValueError) as e:
         raise ValueError(f"{config_path}: not a readable JSON config ({e}); re-export the model or pass another "
                          "directory") from None
-    if not isinstance(config, dict) or config.get("model_type") != "gpt2":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise ValueError(f"{path}: a {kind!r} model, not GPT-2 (config.json model_type must be 'gpt2'); pass a Hugging "
-                         "Face GPT-2 model")
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if kind not in ("gpt2", "nanochat"):
+        raise ValueError(f"{path}: a {kind!r} model, not GPT-2 or NanoChat (config.json model_type must be 'gpt2' or "
+                         "'nanochat'); pass a Hugging Face GPT-2 model, or a NanoChat one of --arch modern")
     if not any(os.path.isfile(os.path.join(path, name)) for name in HF_WEIGHTS):
         raise ValueError(f"{path}: no weights ({' or '.join(HF_WEIGHTS[::2])}); copy the model's weights file there "
                          "too")
+    return kind
 
 
 # the files GPT.save_pretrained writes: --export may replace these, and nothing else, in an existing directory

@@ -1,5 +1,6 @@
 """
-HellaSwag evaluation for GPT-2 style models: hub models, local Hugging Face dirs, our checkpoints.
+HellaSwag evaluation for GPT-2 style models: hub models, local Hugging Face dirs (GPT-2, or NanoChat as
+train_gpt2.py --arch modern exports), our checkpoints.
 
 https://github.com/rowanz/hellaswag
 Each example is a context and 4 possible endings; one is right. We score "completion style", as the
@@ -279,7 +280,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="HellaSwag accuracy of a GPT-2 model (completion style).")
     parser.add_argument("-m", "--model", default="gpt2",
                         help="hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local Hugging Face GPT-2 "
-                             "directory, or a train_gpt2.py checkpoint .pt")
+                             "directory or NanoChat one (--arch modern's export), or a train_gpt2.py checkpoint .pt")
     parser.add_argument("-d", "--device", default=None, help="cuda, cpu or mps (default: the best available)")
     parser.add_argument("--split", default="val", help="val or train (test has no labels)")
     parser.add_argument("--data", default=None, help="a local jsonl in HellaSwag's format (default: download --split)")

@@ -35,6 +35,7 @@ import checkpoints
 import checks
 import common
 import hellaswag
+import hf_nanochat
 import metrics
 import sharding
 from common import GPT2_EOT, GPT2_VOCAB, CheckpointWriteFailed, TrainingDiverged, UsageError
@@ -339,7 +340,6 @@ def default_loss_chunk_size(device):
 # Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
 CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
-
 def save_gpt2_tokenizer(directory, model_max_length=1024):
     """tokenizer.json + tokenizer_config.json for GPT-2's BPE, converted from tiktoken's (no download)."""
     from transformers import GPT2TokenizerFast
@@ -499,16 +499,18 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path):
-        """A hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local Hugging Face GPT-2 directory, or a
-        checkpoint .pt written by this script."""
+        """A hub name (gpt2, gpt2-medium, gpt2-large, gpt2-xl), a local Hugging Face GPT-2 directory or NanoChat
+        one (--arch modern), or a checkpoint .pt written by this script."""
         accepted = (
             f"expected one of {', '.join(MODEL_SIZES)} (downloaded from the Hugging Face hub), a directory with a "
-            "Hugging Face GPT-2 checkpoint (config.json + weights), or a .pt checkpoint written by train_gpt2.py"
+            "Hugging Face GPT-2 or NanoChat checkpoint (config.json + weights), or a .pt checkpoint written by "
+            "train_gpt2.py"
         )
         name_or_path = str(name_or_path)
         if name_or_path in MODEL_SIZES or os.path.isdir(name_or_path):
             if os.path.isdir(name_or_path):
-                checks.check_hf_dir(name_or_path, accepted)
+                if checks.check_hf_dir(name_or_path, accepted) == "nanochat":
+                    return cls._from_nanochat(name_or_path)
             return cls._from_hf(name_or_path)
         if os.path.isfile(name_or_path):
             checkpoint = checkpoints.read(name_or_path)
@@ -550,15 +552,25 @@ class GPT(nn.Module):
                 v.copy_(src)
         return model
 
+    @classmethod
+    def _from_nanochat(cls, path):
+        """An --arch modern GPT from a NanoChat directory whose architecture is ours (hf_nanochat checks it)."""
+        sizes, sd = hf_nanochat.load(path, ROTARY_BASE, LOGIT_SOFTCAP)
+        model = cls(GPTConfig(**sizes, arch="modern"))
+        model.load_state_dict(sd)
+        return model
+
     def save_pretrained(self, directory, tokenizer=True):
-        """Write a Hugging Face GPT-2 directory (config.json + model.safetensors) that
-        transformers.GPT2LMHeadModel.from_pretrained loads. A padded vocab is cut back to the 50257 real tokens.
+        """Write a Hugging Face directory (config.json + model.safetensors) that AutoModelForCausalLM.from_pretrained
+        loads: GPT-2 (GPT2LMHeadModel) or, for --arch modern, NanoChat (NanoChatForCausalLM, transformers >= 5.0).
+        A padded vocab is cut back to the 50257 real tokens (the soft-cap is per logit: the rest are unchanged).
         tokenizer: also write GPT-2's tokenizer, so pipeline() and lm-eval-harness need nothing else."""
         c = self.config
-        if c.arch != "gpt2":
-            raise ValueError(f"cannot export an --arch {c.arch} model: Hugging Face's GPT-2 has no rotary embeddings, "
-                "RMSNorm, ReLU^2 or logit soft-cap; only --arch gpt2 models export (use the .pt checkpoint with "
-                             "train_gpt2.py --sample and hellaswag.py)")
+        if c.arch == "modern":
+            hf_nanochat.export(self.state_dict(), c, ROTARY_BASE, LOGIT_SOFTCAP).save_pretrained(directory)
+            if tokenizer:
+                save_gpt2_tokenizer(directory, model_max_length=c.block_size)
+            return
         from transformers import GPT2Config, GPT2LMHeadModel
 
         vocab = min(c.vocab_size, GPT2_VOCAB)
@@ -1464,12 +1476,13 @@ def parse_args(argv=None):
                    "64*N, N heads (d12 = gpt2)")
     g.add_argument("--arch", default="gpt2", choices=list(ARCHS), help="gpt2: OpenAI's GPT-2 block; modern: rotary "
                    "embeddings, RMSNorm, QK-norm, ReLU^2, no biases, zero-init projections, untied zero-init "
-                   "lm_head, logits soft-capped at 15 (not exportable to Hugging Face)")
+                   "lm_head, logits soft-capped at 15 (exports to Hugging Face as NanoChat, transformers >= 5.0)")
     g.add_argument("--vocab_size", type=int, default=50304, help="50257 padded up to a multiple of 128: GPU matmul "
                    "kernels run faster on round sizes; the extra ids never occur in the data, so the model learns to "
                    "ignore them")
     g.add_argument("--init_from", default="scratch", help="scratch, a hub name (gpt2, ...), a local Hugging Face "
-                   "directory, or a checkpoint .pt: start from its weights (fine-tuning), with a new optimizer")
+                   "directory (GPT-2, or NanoChat: --arch modern), or a checkpoint .pt: start from its weights "
+                   "(fine-tuning), with a new optimizer")
     g = p.add_argument_group("optimization (GPT-3 paper, 125M column)")
     g.add_argument("--batch_size", type=checks.batch_size_arg, default=64, help="micro-batch B per GPU, or 'auto': the "
                    "largest that fits in GPU memory (with AdamW's state and a margin) and divides the total batch")
@@ -1549,8 +1562,8 @@ def parse_args(argv=None):
     g.add_argument("--max_new_tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens (1 = greedy, 0 = all)")
-    g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face GPT-2 "
-                   "directory and exit")
+    g.add_argument("--export", default=None, metavar="DIR", help="write the --init_from model as a Hugging Face "
+                   "directory (GPT-2; --arch modern: NanoChat) with GPT-2's tokenizer, and exit")
     # parsed again with the preset as the defaults: flags given explicitly win over it
     p.set_defaults(**RECIPE_PRESETS[p.parse_args(argv).recipe])
     return p.parse_args(argv)
@@ -1562,8 +1575,9 @@ def sample_or_export(args):
         if args.export:
             model.save_pretrained(args.export)
     if args.export:
-        print(f"wrote a Hugging Face GPT-2 model and tokenizer to {args.export} (load them with GPT2LMHeadModel and "
-              "AutoTokenizer .from_pretrained)")
+        kind = "NanoChat" if model.config.arch == "modern" else "GPT-2"
+        print(f"wrote a Hugging Face {kind} model and tokenizer to {args.export} (load them with "
+              "AutoModelForCausalLM and AutoTokenizer .from_pretrained)")
     if args.sample is None:
         return
     device = common.pick_device(args.device)

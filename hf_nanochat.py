@@ -1,0 +1,151 @@
+"""
+--arch modern as transformers' NanoChat (NanoChatForCausalLM, model_type "nanochat", transformers >= 5.0): the
+config and the weights mapped both ways, and the NanoChat configs our modern block can hold. NanoChat is that block:
+weightless RMSNorm after the embedding, before attention and MLP and at the end; rotary embeddings with weightless
+per-head QK-norm; bias-free q/k/v/o and fc1 -> relu2 -> fc2; an untied lm_head; tanh logit soft-capping.
+train_gpt2.py's GPT.save_pretrained and GPT.from_pretrained call these; this module never imports it.
+"""
+
+import types
+
+import torch
+
+from common import GPT2_EOT, GPT2_VOCAB
+
+TRANSFORMERS = "5.0"  # the first transformers release with NanoChat
+
+# our weights -> theirs ({} is the layer). c_attn, one (3C, C) matrix, is their q_proj, k_proj and v_proj stacked;
+# the norms have no weights on either side
+WEIGHTS = {
+    "transformer.wte.weight": ["model.embed_tokens.weight"],
+    "transformer.h.{}.attn.c_attn.weight": [f"model.layers.{{}}.self_attn.{x}_proj.weight" for x in "qkv"],
+    "transformer.h.{}.attn.c_proj.weight": ["model.layers.{}.self_attn.o_proj.weight"],
+    "transformer.h.{}.mlp.c_fc.weight": ["model.layers.{}.mlp.fc1.weight"],
+    "transformer.h.{}.mlp.c_proj.weight": ["model.layers.{}.mlp.fc2.weight"],
+    "lm_head.weight": ["lm_head.weight"],
+}
+
+# what a NanoChat config must say to be an --arch modern model: field -> what our block has
+FIXED = {
+    "num_key_value_heads": "as many key/value heads as query heads (no grouped-query attention)",
+    "head_dim": "heads of hidden_size / num_attention_heads",
+    "intermediate_size": "an MLP 4 x hidden_size wide",
+    "hidden_act": "ReLU^2",
+    "attention_bias": "no biases",
+    "rms_norm_eps": "RMSNorm with float32's eps",
+    "rope_parameters": "plain rotary embeddings of our base",
+    "final_logit_softcapping": "logits soft-capped as ours are",
+}
+
+
+def classes():
+    """(NanoChatConfig, NanoChatForCausalLM), or a ValueError naming the transformers release that has them."""
+    import transformers
+
+    try:
+        from transformers import NanoChatConfig, NanoChatForCausalLM
+    except ImportError:
+        raise ValueError(f"--arch modern models are Hugging Face NanoChat models, which need transformers >= "
+                         f"{TRANSFORMERS} (installed: {transformers.__version__}): pip install -U "
+                         f"'transformers>={TRANSFORMERS}'") from None
+    return NanoChatConfig, NanoChatForCausalLM
+
+
+def hf_config(c, rotary_base, softcap):
+    """NanoChatConfig's arguments for our config c (its sizes); a padded vocab is cut to GPT-2's tokens."""
+    return dict(
+        vocab_size=min(c.vocab_size, GPT2_VOCAB), hidden_size=c.n_embd, intermediate_size=4 * c.n_embd,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_head,
+        max_position_embeddings=c.block_size, hidden_act="relu2", attention_bias=False,
+        # nn.RMSNorm and F.rms_norm default to the dtype's eps: float32's, as we compute them
+        rms_norm_eps=torch.finfo(torch.float32).eps, rope_parameters=dict(rope_type="default", rope_theta=rotary_base),
+        final_logit_softcapping=softcap, tie_word_embeddings=False,
+        bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, pad_token_id=None,  # no pad row: the embedding trains whole
+    )
+
+
+def flip_rotary(c_attn, n_head):
+    """c_attn's weight with the second half of every q and k head negated. NanoChat's rotate_half is [x2, -x1],
+    our apply_rotary's [-x2, x1]: they turn each pair opposite ways. Given (x1, -x2), NanoChat's rotation is ours
+    with the second half negated, in q and k alike, so every q.k is unchanged (so is the QK-norm: it ignores signs).
+    Its own inverse: it converts both ways."""
+    w = c_attn.reshape(3, n_head, 2, -1, c_attn.size(-1)).clone()
+    w[:2, :, 1] *= -1
+    return w.view_as(c_attn)
+
+
+def names(n_layer):
+    """(our weight's name, their names) for every weight."""
+    for ours, theirs in WEIGHTS.items():
+        for i in range(n_layer) if "{}" in ours else [None]:
+            yield ours.format(i), [t.format(i) for t in theirs]
+
+
+def check_config(path, config, ours):
+    """A NanoChat config (transformers' NanoChatConfig) that --arch modern can hold: GPT-2's vocab and our block
+    (ours: hf_config of the same sizes); otherwise a ValueError naming the field that differs."""
+    if config.vocab_size not in (GPT2_VOCAB, 50304):  # 50304: train_gpt2.py's padded --vocab_size
+        raise ValueError(f"{path}: a NanoChat model with vocab_size {config.vocab_size}; train_gpt2.py's models use "
+                         f"GPT-2's tokenizer ({GPT2_VOCAB} tokens, or 50304 padded): this one has another tokenizer")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(f"{path}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                         f"{config.num_attention_heads}")
+    ours = {**ours, "head_dim": config.hidden_size // config.num_attention_heads}
+    for field, what in FIXED.items():
+        theirs = getattr(config, field, None)
+        if field == "head_dim" and theirs is None:  # not set: hidden_size / num_attention_heads
+            continue
+        if theirs != ours[field]:
+            raise ValueError(f"{path}: a NanoChat model with {field}={theirs!r}, which --arch modern cannot hold (it "
+                             f"has {what}: {field}={ours[field]!r})")
+
+
+def export(state_dict, c, rotary_base, softcap):
+    """transformers' NanoChatForCausalLM holding the weights of our --arch modern model of config c (float32, the
+    vocab cut to GPT-2's)."""
+    NanoChatConfig, NanoChatForCausalLM = classes()
+    ours = {k: v.detach().float().cpu() for k, v in state_dict.items()}
+    sd = {}
+    for name, theirs in names(c.n_layer):
+        v = ours[name][:GPT2_VOCAB] if name in ("transformer.wte.weight", "lm_head.weight") else ours[name]
+        if name.endswith("c_attn.weight"):
+            v = flip_rotary(v, c.n_head)
+        sd.update({t: part.contiguous() for t, part in zip(theirs, v.chunk(len(theirs)))})
+    hf = NanoChatForCausalLM(NanoChatConfig(**hf_config(c, rotary_base, softcap)))
+    hf.load_state_dict(sd)  # strict: every weight of theirs is one of ours
+    return hf
+
+
+def load(path, rotary_base, softcap):
+    """(sizes, state_dict) of our --arch modern model from a NanoChat directory whose architecture is ours: sizes
+    are GPTConfig's block_size, vocab_size, n_layer, n_head and n_embd."""
+    NanoChatConfig, NanoChatForCausalLM = classes()
+
+    def unloadable(e):  # a config transformers refuses, damaged weights, tensors of the wrong shape, ...
+        msg = (str(e).strip().splitlines() or [""])[0]
+        return ValueError(f"{path}: could not load it as NanoChat with transformers ({type(e).__name__}: {msg}); "
+                          "pass a Hugging Face NanoChat model")
+
+    try:
+        c = NanoChatConfig.from_pretrained(path)
+    except Exception as e:
+        raise unloadable(e) from None
+    sizes = dict(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
+                 n_head=c.num_attention_heads, n_embd=c.hidden_size)
+    check_config(path, c, hf_config(types.SimpleNamespace(**sizes), rotary_base, softcap))
+    try:
+        hf, info = NanoChatForCausalLM.from_pretrained(path, config=c, output_loading_info=True,
+                                                       ignore_mismatched_sizes=True)  # said below, in one line
+    except Exception as e:
+        raise unloadable(e) from None
+    # weights missing from the file or of another shape: transformers fills them with random ones and warns
+    bad = sorted(set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())})
+    if bad:
+        raise ValueError(f"{path}: its weights lack {len(bad)} of NanoChat's tensors or have another shape "
+                         f"({', '.join(bad[:3])}); pass a complete Hugging Face NanoChat model of that config")
+    sd_hf = hf.state_dict()  # a tied lm_head (tie_word_embeddings) is there too, as a copy of the embedding
+    sd = {ours: torch.cat([sd_hf[t] for t in theirs]) for ours, theirs in names(c.num_hidden_layers)}
+    for k in sd:
+        if k.endswith("c_attn.weight"):
+            sd[k] = flip_rotary(sd[k], c.num_attention_heads)
+    return sizes, sd

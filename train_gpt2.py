@@ -35,7 +35,7 @@ import checkpoints
 import checks
 import common
 import hellaswag
-import hf_nanochat
+import huggingface
 import metrics
 import sharding
 from common import GPT2_EOT, GPT2_VOCAB, CheckpointWriteFailed, TrainingDiverged, UsageError
@@ -337,25 +337,6 @@ def default_loss_chunk_size(device):
 # The model: GPT, and its Hugging Face import and export
 
 
-# Hugging Face's GPT-2 uses Conv1D modules, which store these Linear weights transposed
-CONV1D_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-
-def save_gpt2_tokenizer(directory, model_max_length=1024):
-    """tokenizer.json + tokenizer_config.json for GPT-2's BPE, converted from tiktoken's (no download)."""
-    from transformers import GPT2TokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    enc = common.gpt2_tokenizer()
-    converter = TikTokenConverter(pattern=enc._pat_str, extra_special_tokens=enc._special_tokens)
-    # the BPE ranks from memory, not from a file: tiktoken keeps a copy of every file it reads in its cache
-    # (TIKTOKEN_CACHE_DIR), under a hash of the path, which a temporary file makes new each time
-    converter.load_tiktoken_bpe = lambda _: enc._mergeable_ranks
-    eot = enc.decode([GPT2_EOT])
-    hf = GPT2TokenizerFast(tokenizer_object=converter.converted(), bos_token=eot, eos_token=eot, unk_token=eot,
-                           model_max_length=model_max_length)
-    hf.save_pretrained(directory)
-
-
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -508,10 +489,14 @@ class GPT(nn.Module):
         )
         name_or_path = str(name_or_path)
         if name_or_path in MODEL_SIZES or os.path.isdir(name_or_path):
-            if os.path.isdir(name_or_path):
-                if checks.check_hf_dir(name_or_path, accepted) == "nanochat":
-                    return cls._from_nanochat(name_or_path)
-            return cls._from_hf(name_or_path)
+            kind = checks.check_hf_dir(name_or_path, accepted) if os.path.isdir(name_or_path) else "gpt2"
+            if kind == "nanochat":  # --arch modern
+                sizes, sd = huggingface.load_nanochat(name_or_path, ROTARY_BASE, LOGIT_SOFTCAP)
+            else:  # Hugging Face's names are ours; its Conv1D weights come transposed
+                sizes, sd = huggingface.load_gpt2(name_or_path)
+            model = cls(GPTConfig(**sizes, arch="modern" if kind == "nanochat" else "gpt2"))
+            model.load_state_dict(sd)
+            return model
         if os.path.isfile(name_or_path):
             checkpoint = checkpoints.read(name_or_path)
             checkpoints.check_model(checkpoint, name_or_path, GPTConfig, cls)  # the weights fit the config
@@ -522,78 +507,19 @@ class GPT(nn.Module):
             raise ValueError(f"{name_or_path}: no such file or directory; check the path ({accepted})")
         raise ValueError(f"unknown model {name_or_path!r}: {accepted}")
 
-    @classmethod
-    def _from_hf(cls, name_or_path):
-        from transformers import GPT2LMHeadModel
-
-        try:
-            hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
-        except Exception as e:  # no network, damaged weights, tensors of the wrong shape, ...
-            msg = (str(e).strip().splitlines() or [""])[0]
-            raise ValueError(f"{name_or_path}: could not load it as GPT-2 with transformers ({type(e).__name__}: "
-                             f"{msg}); pass a Hugging Face GPT-2 model") from None
-        # transformers fills weights missing from the file with random ones and only warns: a model missing
-        # any weight is not the model the user meant (the causal-mask buffers are not weights)
-        missing = [k for k in info.get("missing_keys", []) if not k.endswith((".attn.bias", ".attn.masked_bias"))]
-        if missing:
-            raise ValueError(f"{name_or_path}: its weights lack {len(missing)} of GPT-2's tensors "
-                             f"({', '.join(missing[:3])}...); pass a complete Hugging Face GPT-2 model")
-        c = hf.config
-        config = GPTConfig(block_size=c.n_positions, vocab_size=c.vocab_size, n_layer=c.n_layer, n_head=c.n_head,
-                           n_embd=c.n_embd)
-        model = cls(config)
-        sd_hf = hf.state_dict()
-        sd = model.state_dict()
-        with torch.no_grad():
-            for k, v in sd.items():
-                src = sd_hf[k]
-                if k.endswith(CONV1D_WEIGHTS):
-                    src = src.t()
-                v.copy_(src)
-        return model
-
-    @classmethod
-    def _from_nanochat(cls, path):
-        """An --arch modern GPT from a NanoChat directory whose architecture is ours (hf_nanochat checks it)."""
-        sizes, sd = hf_nanochat.load(path, ROTARY_BASE, LOGIT_SOFTCAP)
-        model = cls(GPTConfig(**sizes, arch="modern"))
-        model.load_state_dict(sd)
-        return model
-
     def save_pretrained(self, directory, tokenizer=True):
         """Write a Hugging Face directory (config.json + model.safetensors) that AutoModelForCausalLM.from_pretrained
         loads: GPT-2 (GPT2LMHeadModel) or, for --arch modern, NanoChat (NanoChatForCausalLM, transformers >= 5.0).
         A padded vocab is cut back to the 50257 real tokens (the soft-cap is per logit: the rest are unchanged).
         tokenizer: also write GPT-2's tokenizer, so pipeline() and lm-eval-harness need nothing else."""
-        c = self.config
+        c, sd = self.config, self.state_dict()
         if c.arch == "modern":
-            hf_nanochat.export(self.state_dict(), c, ROTARY_BASE, LOGIT_SOFTCAP).save_pretrained(directory)
-            if tokenizer:
-                save_gpt2_tokenizer(directory, model_max_length=c.block_size)
-            return
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        vocab = min(c.vocab_size, GPT2_VOCAB)
-        hf_config = GPT2Config(
-            vocab_size=vocab, n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
-            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-            bos_token_id=GPT2_EOT, eos_token_id=GPT2_EOT, tie_word_embeddings=True,
-        )
-        sd = {}
-        for k, v in self.state_dict().items():
-            v = v.detach().float().cpu()
-            if k.endswith(CONV1D_WEIGHTS):
-                v = v.t()
-            if k in ("transformer.wte.weight", "lm_head.weight"):
-                v = v[:vocab]
-            sd[k] = v.contiguous()
-        hf = GPT2LMHeadModel(hf_config)
-        missing, unexpected = hf.load_state_dict(sd, strict=False)
-        buffers = all(k.endswith((".attn.bias", ".attn.masked_bias")) for k in missing)  # not weights
-        assert not unexpected and buffers, (missing, unexpected)
+            hf = huggingface.export_nanochat(sd, c, ROTARY_BASE, LOGIT_SOFTCAP)
+        else:
+            hf = huggingface.export_gpt2(sd, c)
         hf.save_pretrained(directory)
         if tokenizer:
-            save_gpt2_tokenizer(directory, model_max_length=c.block_size)
+            huggingface.save_gpt2_tokenizer(directory, model_max_length=c.block_size)
 
 
 # -----------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hellaswag
-import hf_nanochat
+import huggingface
 import train_gpt2 as tg
 
 # one thread: these models are tiny, and a second OpenMP thread costs more than it gains on a busy machine
@@ -149,7 +149,7 @@ def nanochat_dir(path, weights=None, **overrides):
     or config changes and the given weights (dict: NanoChat's tensors)."""
     from transformers import NanoChatConfig, NanoChatForCausalLM
 
-    ours = hf_nanochat.hf_config(tg.GPTConfig(16, tg.GPT2_VOCAB, 1, 1, 64, "modern"), tg.ROTARY_BASE, tg.LOGIT_SOFTCAP)
+    ours = huggingface.nanochat_config(tg.GPTConfig(16, tg.GPT2_VOCAB, 1, 1, 64, "modern"), tg.ROTARY_BASE, tg.LOGIT_SOFTCAP)
     config = NanoChatConfig(**{**ours, **overrides})
     if weights is None:
         torch.manual_seed(0)

@@ -11,7 +11,10 @@ import os
 import urllib.request
 
 import numpy as np
+import torch.distributed as dist
 
+import common
+import hellaswag
 import sharding
 from common import GPT2_VOCAB, UsageError
 
@@ -42,6 +45,38 @@ def ensure_text_data(path):
     except OSError as e:
         raise UsageError(f"{path}: cannot write the download there ({e.strerror or e}); pass --data with a writable "
                          "path") from None
+
+
+def check_data_path(data_root):
+    """--data: a .txt file that exists, or a directory (of shards)."""
+    if str(data_root).endswith(".txt"):
+        if not os.path.exists(data_root):
+            raise UsageError(f"{data_root}: no such file; check the path (input.txt is part of the repository)")
+        return
+    if os.path.isfile(data_root):
+        raise UsageError(f"{data_root}: a file, but --data takes a directory of .npy token shards or a .txt file; "
+                         f"tokenize it with `python fineweb.py --local_files {data_root}` and pass that --out_dir")
+    if not os.path.isdir(data_root):
+        raise UsageError(f"data directory {data_root} does not exist: run `python fineweb.py` to make the FineWeb-Edu "
+                         "shards, or pass --data input.txt for a small run")
+
+
+def check_run_inputs(args, ctx):
+    """What a training run reads besides its data and model, ready before any work: Tiny Shakespeare downloaded
+    (rank 0, the others wait), the GPT-2 tokenizer (offline without tiktoken's cache: one line now, not a traceback
+    at the first sample), and HellaSwag downloaded and tokenized (a bad file fails at start, not hours in)."""
+    if args.data.endswith(".txt"):
+        if ctx.master:
+            ensure_text_data(args.data)
+        if ctx.ddp:
+            dist.barrier()
+    if args.sample_every or args.hellaswag_every:
+        common.gpt2_tokenizer()
+    if args.hellaswag_every:
+        try:
+            hellaswag.load_examples(data=args.hellaswag_data)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--hellaswag_data: {e}") from None
 
 
 def read_text_file(path):

@@ -12,6 +12,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import tiktoken
 import torch
 import torch.distributed as dist
@@ -149,6 +150,27 @@ def setup_device(requested_dtype, seed, ctx):
         tune_cpu_allocator()
     torch.manual_seed(seed)
     return dtype
+
+
+class ReadAhead:
+    """Has the OS start reading a window of a memory-mapped token shard from disk while the GPU computes: the random
+    windows of --shuffle defeat its readahead, and a cold 128 KiB read costs ~0.5 ms, near 1% of a GPU step."""
+
+    def __init__(self):
+        self._fds = {}  # file name -> descriptor
+
+    def __call__(self, data, start, length):
+        """Tokens start .. start+length of data (an np.memmap; anything else is in memory already)."""
+        if not isinstance(data, np.memmap) or not hasattr(os, "posix_fadvise"):
+            return
+        if data.filename not in self._fds:
+            self._fds[data.filename] = os.open(data.filename, os.O_RDONLY)
+        where, size = data.offset + start * data.itemsize, length * data.itemsize
+        os.posix_fadvise(self._fds[data.filename], where, size, os.POSIX_FADV_WILLNEED)
+
+    def __del__(self):
+        for fd in self._fds.values():
+            os.close(fd)
 
 
 # -----------------------------------------------------------------------------

@@ -537,16 +537,9 @@ def tokenize_text_file(path):
 
 def find_shards(data_root, split):
     """The token arrays of a split: .npy shards (memory-mapped) in a directory, or a .txt file tokenized now."""
+    checks.check_data_path(data_root)
     if str(data_root).endswith(".txt"):
-        if not os.path.exists(data_root):
-            raise UsageError(f"{data_root}: no such file; check the path (input.txt is part of the repository)")
         return [tokenize_text_file(str(data_root))[split]]
-    if os.path.isfile(data_root):
-        raise UsageError(f"{data_root}: a file, but --data takes a directory of .npy token shards or a .txt file; "
-                         f"tokenize it with `python fineweb.py --local_files {data_root}` and pass that --out_dir")
-    if not os.path.isdir(data_root):
-        raise UsageError(f"data directory {data_root} does not exist: run `python fineweb.py` to make the FineWeb-Edu "
-                         "shards, or pass --data input.txt for a small run")
     paths = sorted(glob.glob(os.path.join(data_root, f"*{split}*.npy")))
     if not paths:
         raise UsageError(f"no {split} shards (*{split}*.npy) in {data_root}: run `python fineweb.py` to make them")
@@ -576,7 +569,7 @@ class DataLoaderLite:
         self.process_rank, self.num_processes = process_rank, num_processes
         self.split, self.data_root = split, data_root
         self.shuffle, self.seed = shuffle, seed
-        self._fds = {}  # shard -> file descriptor, for _prefetch
+        self._read_ahead = common.ReadAhead()  # the next window of a shuffled epoch, while this one trains
         self.shards = find_shards(data_root, split)
         if shuffle and sum(self._windows_per_shard()) < num_processes:
             raise UsageError(f"the {split} split of {data_root} holds fewer than {num_processes} batches of B={B} x "
@@ -632,21 +625,6 @@ class DataLoaderLite:
         return BT * sum((len(s) - 1 - BT * (r + 1)) // (BT * world) + 1
                         for s in self.shards for r in range(world) if len(s) - 1 >= BT * (r + 1))
 
-    def _prefetch(self, shard, position):
-        """Have the OS start reading the next window from disk while the GPU computes: random windows defeat its
-        readahead, and a cold 128 KiB read costs ~0.5 ms, near 1% of a GPU step."""
-        data = self.shards[shard]
-        if not isinstance(data, np.memmap) or not hasattr(os, "posix_fadvise"):
-            return
-        if shard not in self._fds:
-            self._fds[shard] = os.open(data.filename, os.O_RDONLY)
-        start = data.offset + position * data.itemsize
-        os.posix_fadvise(self._fds[shard], start, (self.B * self.T + 1) * data.itemsize, os.POSIX_FADV_WILLNEED)
-
-    def __del__(self):
-        for fd in getattr(self, "_fds", {}).values():
-            os.close(fd)
-
     def _batch(self, shard, position):
         B, T = self.B, self.T
         buf = torch.from_numpy(self.shards[shard][position : position + B * T + 1].astype(np.int64))
@@ -664,7 +642,8 @@ class DataLoaderLite:
             shard, offset = self._plan[1][self.index], self._plan[2][self.index]
             self.index += 1
             if self.index < len(self._plan[1]):
-                self._prefetch(int(self._plan[1][self.index]), int(self._plan[2][self.index]))
+                after = int(self._plan[1][self.index])
+                self._read_ahead(self.shards[after], int(self._plan[2][self.index]), self.B * self.T + 1)
             return self._batch(int(shard), int(offset))
         # move on only when the next batch is asked for, so that `epoch` is that of the last batch returned
         if not self._fits():
@@ -1341,22 +1320,11 @@ def train_loop(run, start_step, val_loss, tracker):
 
 def train(args, ctx):
     """The training run: a new one or a resumed one, set up by build_run, then train_loop."""
-    if args.data.endswith(".txt"):
-        if ctx.master:
-            checks.ensure_text_data(args.data)  # downloads Tiny Shakespeare on first use
-        if ctx.ddp:
-            dist.barrier()
-    if args.sample_every or args.hellaswag_every:
-        common.gpt2_tokenizer()  # offline without tiktoken's cache: one line now, not a traceback at the first sample
+    checks.check_run_inputs(args, ctx)  # Tiny Shakespeare downloaded, the tokenizer and HellaSwag at hand
     os.makedirs(args.log_dir, exist_ok=True)
     run, checkpoint = build_run(args, ctx)
     if run is None:
         return
-    if args.hellaswag_every:  # download and tokenize now: a bad file should fail at start, not hours in
-        try:
-            hellaswag.load_examples(data=args.hellaswag_data)
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--hellaswag_data: {e}") from None
     start_step, val_loss = start_or_resume(run, checkpoint)
     model, B, T = run.model, run.batch_size, args.seq_len
     common.print0(f"model: {model.config} | {model.num_params() / 1e6:.2f}M parameters")

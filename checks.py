@@ -72,6 +72,7 @@ def check_run_inputs(args, ctx):
             dist.barrier()
     if args.sample_every or args.hellaswag_every:
         common.gpt2_tokenizer()
+    check_data_path(args.data)  # before HellaSwag's download: the data is the likelier mistake
     if args.hellaswag_every:
         try:
             hellaswag.load_examples(data=args.hellaswag_data)

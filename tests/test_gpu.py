@@ -166,10 +166,11 @@ def probe_peak(model, params, x, dtype):
 def test_compiled_chunked_loss_peak_memory_is_at_most_the_eager_probes(dtype):
     """--batch_size auto probes uncompiled; the compiled step must not need more. Inductor may merge the fp16 loss's
     recomputed logits with the forward's and keep every chunk's logits (B*T*vocab*2 bytes) for backward."""
-    model = tiny_model()
+    model = tiny_model(block_size=256)  # x's 256 positions: a d2 of block_size 128 would refuse them
     model.loss_chunk_size = 256  # 8 chunks of 256 x 50304 logits
     params = list(model.parameters())
     x = tokens(8, 256)
+    assert x.size(1) <= model.config.block_size
     compiled = torch.compile(model)
     probe_peak(model, params, x, dtype)  # warm-up: cuBLAS workspaces, autotuning
     probe_peak(compiled, params, x, dtype)  # compiles

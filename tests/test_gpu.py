@@ -198,11 +198,21 @@ def test_fp16_grad_scaler_skips_an_overflowing_step_and_lowers_the_scale():
     assert not all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
+class DoublingScaler(torch.amp.GradScaler):
+    """A loss scale that starts at 1 and doubles after every step (d2's fp16 gradients do not overflow below 2^6):
+    8 at step 3's checkpoint, 64 after step 5. The default 65536 would not move in 6 steps."""
+
+    def __init__(self, device="cuda", enabled=True, **kw):
+        super().__init__(device, init_scale=1.0, growth_interval=1, enabled=enabled)
+
+
 @needs_cuda
-def test_fp16_run_resumes_exactly_with_its_scaler_state(tmp_path, capsys):
+def test_fp16_run_resumes_exactly_with_its_scaler_state(tmp_path, capsys, monkeypatch):
+    """A resume that dropped the scaler's state would start at scale 1 again and end at 8, not 64."""
+    monkeypatch.setattr(torch.amp, "GradScaler", DoublingScaler)
     run_main(run_args(tmp_path / "full", dtype="float16", max_steps=6, checkpoint_every=3), capsys)
     checkpoint = torch.load(tmp_path / "full" / "model_00003.pt", weights_only=True)
-    assert checkpoint["args"]["precision"] == "float16" and checkpoint["scaler"]["scale"] > 0
+    assert checkpoint["args"]["precision"] == "float16" and checkpoint["scaler"]["scale"] == 2.0**3
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copy(tmp_path / "full" / "model_00003.pt", resumed)
@@ -210,6 +220,8 @@ def test_fp16_run_resumes_exactly_with_its_scaler_state(tmp_path, capsys):
     full, part = train_losses(tmp_path / "full"), train_losses(resumed)
     assert_losses_close({s: full[s] for s in part}, part, 1e-3)
     assert sorted(part) == [3, 4, 5]
+    for log_dir in (tmp_path / "full", resumed):
+        assert torch.load(log_dir / "model_00006.pt", weights_only=True)["scaler"]["scale"] == 2.0**6, log_dir
 
 
 # -----------------------------------------------------------------------------
@@ -251,13 +263,31 @@ def test_batch_size_auto_trains_without_oom_under_compile(tmp_path, gpu_with_12_
         assert 0 < mfu < 100, out[-3000:]
 
 
+# torch.cuda.get_device_name() as these GPUs report it -> the datasheet's dense bf16 (V100, T4: fp16) FLOP/s
+DATASHEET_PEAKS = [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 989e12),
+    ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
+    ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
+    ("NVIDIA A10", 125e12), ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 3090", 71e12),
+    ("NVIDIA RTX A6000", 155e12), ("Tesla V100-SXM2-16GB", 125e12), ("Tesla T4", 65e12),
+    ("AMD Instinct MI300X", None), ("NVIDIA GeForce GTX 1080", None),
+]
+
+
+@pytest.mark.parametrize("name, peak", DATASHEET_PEAKS)
+def test_peak_flops_table_maps_device_names_to_their_datasheet_peak(name, peak):
+    """A name containing a shorter key (L40S: L40, L4; A10G: A10; H100 PCIe: H100) gets its own entry."""
+    assert common.gpu_peak_flops(name) == peak
+
+
 @needs_cuda
 def test_peak_flops_table_knows_this_gpu():
     name = torch.cuda.get_device_name()
-    if common.gpu_peak_flops(name) is None:
-        pytest.skip(f"{name} is not in GPU_PEAK_FLOPS (train_gpt2.py): add its dense bf16 peak to get an MFU")
-    # datasheet bf16/fp16 dense peaks: tens to about a thousand TFLOP/s
-    assert 2e13 <= common.gpu_peak_flops(name) <= 2.5e15
+    keys = [key for key, _ in common.GPU_PEAK_FLOPS if key in name]
+    if not keys:
+        pytest.skip(f"{name} is not in GPU_PEAK_FLOPS (common.py): add its dense bf16 peak to get an MFU")
+    # the most specific key naming this GPU decides, not a shorter one listed first
+    assert common.gpu_peak_flops(name) == dict(common.GPU_PEAK_FLOPS)[max(keys, key=len)], (name, keys)
 
 
 @needs_cuda

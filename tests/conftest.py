@@ -90,8 +90,8 @@ def offline_no_tokenizer(tmp_path, monkeypatch):
 
 
 def flag_argv(flags):
-    """{"model": "d2", "max_steps": 4} -> ["--model", "d2", "--max_steps", "4"]."""
-    return [str(a) for k, v in flags.items() for a in (f"--{k}", v)]
+    """{"model": "d2", "max_steps": 4, "resume": True} -> ["--model", "d2", "--max_steps", "4", "--resume"]."""
+    return [str(a) for k, v in flags.items() for a in ((f"--{k}",) if v is True else (f"--{k}", v))]
 
 
 def on_cpu(argv):

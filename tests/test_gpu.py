@@ -7,7 +7,6 @@ cover the GPU paths' logic where PyTorch allows it on a CPU (faked memory querie
 """
 import argparse
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -22,7 +21,7 @@ import common
 import hellaswag
 import sharding
 import train_gpt2 as tg
-from conftest import ROOT, run_env
+from conftest import ROOT, run_env, train_losses
 from test_metrics import tensorboard_events
 
 HAS_CUDA = torch.cuda.is_available()
@@ -77,16 +76,6 @@ def run_args(log_dir, **overrides):
     )
     flags.update(overrides)
     return [str(a) for k, v in flags.items() for a in (f"--{k}", v)]
-
-
-def train_losses(log_dir):
-    """{step: train loss} from a run's log.txt."""
-    out = {}
-    for line in open(os.path.join(log_dir, "log.txt")):
-        step, stream, value = line.split()
-        if stream == "train":
-            out[int(step)] = float(value)
-    return out
 
 
 def run_main(argv, capsys):

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import common
+import conftest
 import metrics
 import train_gpt2 as tg
 
@@ -29,12 +30,7 @@ def train_argv(data, log_dir, **flags):
 
 
 def read_log(log_dir):
-    out = {}
-    for line in (log_dir / "log.txt").read_text().splitlines():
-        step, stream, value = line.split()
-        assert (int(step), stream) not in out, f"{line}: logged twice"
-        out[(int(step), stream)] = float(value)
-    return out
+    return conftest.read_log(log_dir, once=True)
 
 
 def wandb_reads_the_environment_again():

@@ -123,8 +123,11 @@ def test_fp16_scaled_chunked_loss_gradients_equal_float32(arch):
     model = tiny_model(arch)
     params = list(model.parameters())
     x = tokens(4, 128)
+    unseen = torch.ones(model.config.vocab_size, dtype=torch.bool, device=x.device)
+    unseen[x.flatten()] = False  # lm_head rows of ids not in x: their gradient is the small softmax terms only
     model.loss_chunk_size = 0
     _, reference = loss_and_grads(model, params, x, torch.float32)
+    reference_unseen = model.lm_head.weight.grad[unseen].float()
     model.loss_chunk_size = 128
     for p in params:
         p.grad = None
@@ -134,6 +137,9 @@ def test_fp16_scaled_chunked_loss_gradients_equal_float32(arch):
     (loss * scale).backward()
     grads = torch.cat([p.grad.float().flatten() for p in params]) / scale
     assert rel_err(grads, reference) < 3e-2
+    # the rows the scale is for: measured with CPU fp16 autocast, 0.04% off scaled and 25% (gpt2) or 48% (modern)
+    # off unscaled, while all the gradients together were 1% off either way: 5% bounds fp16 rounding, not the loss
+    assert rel_err(model.lm_head.weight.grad[unseen].float() / scale, reference_unseen) < 5e-2
 
 
 def probe_peak(model, params, x, dtype):

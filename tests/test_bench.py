@@ -16,7 +16,8 @@ TINY = ["--model", "d2", "--batch_size", "2", "--seq_len", "32", "--dtype", "flo
 
 
 def run(capsys, *argv):
-    bench.main([str(a) for a in argv])
+    """bench.py in-process on the CPU (its --device auto picks a GPU where there is one: other rows, other lines)."""
+    bench.main(["--device", "cpu", *map(str, argv)])
     return capsys.readouterr().out
 
 
@@ -105,7 +106,7 @@ def test_token_check_tells_a_near_tie_from_a_real_mismatch(dtype):
 
 
 def test_bad_input_is_one_line_error():
-    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--model", "d0x"], cwd=ROOT, env=run_env(),
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--device", "cpu", "--model", "d0x"], cwd=ROOT, env=run_env(),
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown --model 'd0x'") and "Traceback" not in proc.stderr

@@ -2,8 +2,6 @@
 transformers loads as is, and that train_gpt2.py and hellaswag.py load back. (GPT-2 exports: test_train_gpt2.py.)
 All on CPU, offline, with a d2 model trained a few steps."""
 
-import contextlib
-import io
 import json
 import sys
 import types
@@ -16,34 +14,11 @@ from safetensors.torch import load_file, save_file
 import hellaswag
 import huggingface
 import train_gpt2 as tg
+from conftest import main_error, train_here
 
 # one thread: these models are tiny, and a second OpenMP thread costs more than it gains on a busy machine
 torch.set_num_threads(1)
 PROMPT = "ROMEO:"
-
-
-def train_here(argv):
-    """train_gpt2.main(argv) in this process, on one thread: its stdout."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            tg.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-    return out.getvalue()
-
-
-def main_error(argv, capsys):
-    """train_gpt2.main(argv): exit code 2 and its one stderr line (after transformers' progress bar, if it loaded
-    weights)."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train_here(argv)
-    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines() if "it/s]" not in line)
-    assert e.value.code == 2 and err.count("\n") == 0 and err.startswith("error: "), err
-    return err
 
 
 def run_args(data, log_dir, **overrides):

@@ -32,7 +32,7 @@ import common
 import metrics
 import sharding
 import train_gpt2 as tg
-from conftest import ROOT, run_env
+from conftest import ROOT, assert_one_line_error, main_error, on_cpu, read_log, run_cli, run_env, train_here
 
 # one thread: the ops here are small, and a second OpenMP thread costs more in hand-offs than it gains, the more so
 # on a busy machine (greedy decoding of 90 tokens: 32 s with two threads, 2 s with one, on 2 cores)
@@ -46,54 +46,6 @@ def hf_tiny(tmp_path, n_layer=2, n_head=2, n_embd=64, n_positions=128, seed=0, s
     path = tmp_path / f"hf_{n_layer}_{n_embd}"
     hf.save_pretrained(path)
     return hf, path
-
-
-def run_cli(args, cwd, check=True, timeout=300, **kw):
-    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *map(str, args)]
-    p = subprocess.run(cmd, cwd=cwd, env=run_env(), capture_output=True, text=True, timeout=timeout, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-    return p
-
-
-def train_here(argv):
-    """train_gpt2.main(argv) in this process (no interpreter start-up): its stdout. On one thread, as the
-    subprocesses (OMP_NUM_THREADS=1), so that its losses equal theirs to the last bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    out = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out):
-            tg.main([str(a) for a in argv])
-    finally:
-        torch.set_num_threads(threads)
-    return out.getvalue()
-
-
-def main_error(argv, capsys, code=2):
-    """train_gpt2.main(argv) in this process: exit code `code` and its one stderr line."""
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        train_here(argv)
-    err = capsys.readouterr().err.strip()
-    assert e.value.code == code and err.count("\n") == 0 and err.startswith("error: "), err
-    return err
-
-
-def assert_one_line_error(p, *needles):
-    err = p.stderr.strip()
-    assert p.returncode == 2 and "Traceback" not in err and err.count("\n") == 0 and err.startswith("error: "), err
-    for needle in needles:
-        assert needle in err, err
-
-
-def read_log(log_dir):
-    out = {}
-    with open(os.path.join(log_dir, "log.txt")) as f:
-        for line in f:
-            step, stream, value = line.split()
-            out[(int(step), stream)] = float(value)
-    return out
 
 
 def tiny_run_args(data, log_dir, **overrides):
@@ -392,8 +344,9 @@ def test_from_pretrained_bad_inputs(tmp_path):
 
 def test_sample_cli_from_hf_dir_and_bad_model(tmp_path, capsys):
     _, path = hf_tiny(tmp_path, n_positions=64, std=0.2)
-    argv = ["--init_from", path, "--sample", "Hello, I'm a language model,", "--num_samples", 3, "--max_new_tokens", 8]
-    lines = [l for l in train_here(argv + ["--device", "cpu"]).splitlines() if l.startswith("> ")]
+    argv = ["--init_from", path, "--sample", "Hello, I'm a language model,", "--num_samples", 3, "--max_new_tokens", 8,
+            "--device", "cpu"]  # the greedy samples are compared with a CPU reference
+    lines = [l for l in train_here(argv).splitlines() if l.startswith("> ")]
     assert len(lines) == 3 and all(l.startswith("> Hello, I'm a language model,") for l in lines)
     assert len(set(lines)) > 1  # sampled, not greedy
     # --temperature 0: greedy, whatever --top_k says: every sample is the same, the argmax continuation
@@ -793,8 +746,7 @@ def torchrun(args, cwd, script=None):
         "torch.distributed.run",
         "--standalone",
         "--nproc_per_node=2",
-        str(script or ROOT / "train_gpt2.py"),
-        *map(str, args),
+        *([str(script), *map(str, args)] if script else [str(ROOT / "train_gpt2.py"), *on_cpu(args)]),
     ]
     return subprocess.Popen(
         cmd, cwd=cwd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -803,7 +755,7 @@ def torchrun(args, cwd, script=None):
 
 def run_cli_popen(args, cwd):
     """python train_gpt2.py args, unbuffered: its stdout lines arrive as they are printed."""
-    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *map(str, args)]
+    cmd = [sys.executable, str(ROOT / "train_gpt2.py"), *on_cpu(args)]
     env = dict(run_env(), PYTHONUNBUFFERED="1")
     return subprocess.Popen(
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -1510,7 +1462,7 @@ def test_output_locations_are_checked_before_work(tmp_path, shakespeare, capsys)
 
 def test_unwritable_log_dir_is_refused_before_work(tmp_path, shakespeare):
     """A read-only directory. Root may write anywhere: as root, the check runs in a child that drops to nobody."""
-    base = Path(tempfile.mkdtemp())  # not under pytest's private (0700) directory: nobody must reach it
+    base = Path(tempfile.mkdtemp(dir=world_traversable_dir()))  # not under pytest's private (0700) directory
     try:
         base.chmod(0o755)
         ro = base / "ro"
@@ -1528,6 +1480,16 @@ def test_unwritable_log_dir_is_refused_before_work(tmp_path, shakespeare):
         code,
         err,
     )
+
+
+def world_traversable_dir():
+    """A directory we may write whose path every user can traverse (each part o+x): nobody must reach a directory
+    made in it. $TMPDIR first; it may lie under a private (0700) directory, as /tmp/pytest-of-root/ is."""
+    for candidate in (tempfile.gettempdir(), "/tmp", "/var/tmp", "/dev/shm", str(ROOT)):
+        parts = Path(candidate).resolve()
+        if os.access(parts, os.W_OK) and all(p.stat().st_mode & 0o001 for p in [parts, *parts.parents]):
+            return str(parts)
+    pytest.skip("no writable directory that every user can reach")
 
 
 def in_child_as_nobody(check):
@@ -2072,7 +2034,7 @@ def test_fast_recipe_learns_ddp_matches_and_resumes_exactly(tmp_path, shakespear
 
 def elastic_torchrun(args, cwd, max_restarts):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += [f"--max-restarts={max_restarts}", "--monitor-interval=0.05", str(ROOT / "train_gpt2.py"), *map(str, args)]
+    cmd += [f"--max-restarts={max_restarts}", "--monitor-interval=0.05", str(ROOT / "train_gpt2.py"), *on_cpu(args)]
     return subprocess.Popen(
         cmd, cwd=cwd, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )

@@ -44,6 +44,17 @@ def gradient_sync(train_model, sync):
     return contextlib.nullcontext() if sync else train_model.no_sync()
 
 
+def ddp_without_buffer_sync():
+    """DDP's flag that syncs no buffers each forward (the only ones, the rotary tables, follow from the config):
+    broadcast_buffers, which torch 2.13 renamed forward_sync_buffers (the old name warns there)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
+
+
 def params_finite(model, ctx):
     """Whether all parameters are finite; under FSDP each rank checks its shards and all ranks agree."""
     ok = torch.stack([local_part(p).isfinite().all() for p in model.parameters()]).all().float()

@@ -173,6 +173,14 @@ class HFLoss(torch.nn.Module):
         return None, self.hf(input_ids=idx, labels=idx, use_cache=False).loss  # it shifts the labels itself
 
 
+def own_memory(resident, before, peak, after):
+    """(a variant's own peak of a step, what it holds after): every variant lives in this process, so the memory
+    allocated before its step, less what it held itself (resident), is the others' weights and optimizer states,
+    which neither its peak nor what it holds after includes."""
+    others = before - resident
+    return peak - others, after - others
+
+
 @dataclass
 class Variant:
     """One way to train: built as train() builds it, stepped with train_step (lr 6e-4, one micro-batch, clip 1.0)."""
@@ -184,7 +192,8 @@ class Variant:
     hf: bool = False
     fsdp: bool = False
     losses: list = field(default_factory=list)
-    peak_mem: int = 0  # the peak GPU memory of its steps so far
+    peak_mem: int = 0  # the peak GPU memory of its steps so far, its own: the other variants' subtracted
+    resident: int = 0  # the GPU memory it holds between steps (weights, gradients, optimizer state)
 
     def build(self, args, ctx, data):
         """The run train_gpt2.build_run builds from this variant's flags (the HF model given to it instead of ours)."""
@@ -194,8 +203,11 @@ class Variant:
         config = model_config(args.model, args.vocab_size)
         torch.manual_seed(1337)  # the HF model is built before build_run seeds: the same init in every round
         # GPT's optimizer (decay on dim >= 2) fits any module, so both models get the same one
+        cuda = ctx.device_type == "cuda"
+        before = torch.cuda.memory_allocated(ctx.device) if cuda else 0  # the variants built before this one
         with contextlib.redirect_stdout(io.StringIO()):  # build_run's lines about the data: not the benchmark's
             self.run, _ = train_gpt2.build_run(flags, ctx, model=HFLoss(config) if self.hf else None)
+        self.resident = torch.cuda.memory_allocated(ctx.device) - before if cuda else 0
         self.flops_config = replace(config, vocab_size=GPT2_VOCAB) if self.hf else config
         for group in self.run.optimizer.param_groups if self.plain else []:
             group["fused"] = False
@@ -206,10 +218,13 @@ class Variant:
         if ctx.device_type == "cuda":  # train() turns TF32 on; torch's default is off
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not self.plain
             torch.cuda.reset_peak_memory_stats(ctx.device)
+            before = torch.cuda.memory_allocated(ctx.device)
         dt, (loss, _) = timed(lambda: train_gpt2.train_step(self.run), ctx.device_type)
         self.losses.append(loss)
         if ctx.device_type == "cuda":
-            self.peak_mem = max(self.peak_mem, torch.cuda.max_memory_allocated(ctx.device))
+            peak, self.resident = own_memory(self.resident, before, torch.cuda.max_memory_allocated(ctx.device),
+                                             torch.cuda.memory_allocated(ctx.device))
+            self.peak_mem = max(self.peak_mem, peak)
         return dt
 
 

@@ -8,9 +8,11 @@ Never imports train_gpt2.
 import contextlib
 import ctypes
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import tiktoken
@@ -103,7 +105,7 @@ def pick_dtype(requested, device_type):
 
 # dense bf16 tensor-core peak FLOP/s from the datasheets (no sparsity); the first name found in the device name wins
 GPU_PEAK_FLOPS = [
-    ("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),  # H100: SXM
+    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("H800", 989e12),  # H100: SXM
     ("A100", 312e12), ("A800", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12),
     ("A10G", 70e12), ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("A6000", 155e12),
     ("V100", 125e12), ("T4", 65e12),  # fp16 (no bf16 tensor cores)
@@ -111,7 +113,11 @@ GPU_PEAK_FLOPS = [
 
 
 def gpu_peak_flops(device_name):
-    return next((flops for key, flops in GPU_PEAK_FLOPS if key in device_name), None)
+    """The peak of the named GPU; of a MIG slice ("NVIDIA A100-SXM4-40GB MIG 3g.20gb"), its share: N of the 7
+    compute slices (approximate: an A100's 1g has 14 of its 108 SMs, 0.13 against 1/7)."""
+    peak = next((flops for key, flops in GPU_PEAK_FLOPS if key in device_name), None)
+    mig = re.search(r"MIG (\d)g\.", device_name)
+    return peak * int(mig.group(1)) / 7 if peak and mig else peak
 
 
 def flops_per_token(config, T):
@@ -184,6 +190,7 @@ class DistContext:
     local_rank: int
     world_size: int
     device: str
+    file_group: object = None  # under torchrun: the group that waits for rank 0's file I/O (setup_distributed)
 
     @property
     def master(self):
@@ -214,6 +221,21 @@ def restart_safe_group(rank, world_size):
     return dict(store=dist.PrefixStore(f"attempt{attempt}/", store), rank=rank, world_size=world_size)
 
 
+def cuda_device(local_rank):
+    """This process's GPU: its local rank among the node's GPUs, or the one GPU a process sees where each task gets
+    its own (srun --gpus-per-task=1, CUDA_VISIBLE_DEVICES per rank), whose ordinal is 0 whatever its rank."""
+    return f"cuda:{local_rank % max(1, torch.cuda.device_count())}"
+
+
+# How long the ranks wait for rank 0's checkpoint I/O (writing one, picking the one to resume). NCCL's default 10
+# minutes stays on the training collectives, where it catches a hung rank; but gpt2-xl's ~19 GB checkpoint on slow
+# shared storage can take longer than that to write and fsync, and the ranks waiting in a collective would be
+# killed by the watchdog. So they wait in a CPU (gloo) group of their own with a timeout no write reaches: a side
+# group rather than a --timeout flag, as no single value is right for every file system, and a rank 0 that hangs
+# for good still ends with the job's time limit.
+FILE_IO_TIMEOUT = timedelta(days=7)
+
+
 def setup_distributed(requested_device):
     """Under torchrun (RANK and WORLD_SIZE set): one process per GPU with NCCL, or per CPU process with gloo."""
     device = pick_device(requested_device)
@@ -230,12 +252,13 @@ def setup_distributed(requested_device):
     local_rank = local_rank_from_env(rank)
     group = restart_safe_group(rank, world_size)
     if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"
+        device = cuda_device(local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl", device_id=torch.device(device), **group)
     else:
         dist.init_process_group(backend="gloo", **group)
-    return DistContext(True, rank, local_rank, world_size, device)
+    file_group = dist.new_group(backend="gloo", timeout=FILE_IO_TIMEOUT)
+    return DistContext(True, rank, local_rank, world_size, device, file_group)
 
 
 def all_reduce_mean(value, ctx):
@@ -266,6 +289,35 @@ def agreed(value, ctx, op):
 def any_rank(flag, ctx):
     """True on every rank if flag is True on any."""
     return bool(agreed(flag, ctx, dist.ReduceOp.MAX))
+
+
+def after_file_io(flag, ctx):
+    """any_rank after rank 0's file I/O (a checkpoint written), in the group without a timeout that a long write
+    reaches (FILE_IO_TIMEOUT): the barrier where the other ranks wait for rank 0 to finish."""
+    if not ctx.ddp:
+        return bool(flag)
+    t = torch.tensor([float(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.file_group)
+    return bool(t.item())
+
+
+def decided_by_rank0(decide, ctx):
+    """decide() on rank 0 alone, and its result (or its UsageError) on every rank: one answer where each rank could
+    find its own (directory listings on NFS can differ between nodes). The others wait in the file I/O group: rank 0
+    may read a big checkpoint meanwhile."""
+    if ctx is None or not ctx.ddp:
+        return decide()
+    box = [None]
+    if ctx.master:
+        try:
+            box[0] = (decide(), None)
+        except UsageError as e:
+            box[0] = (None, str(e))
+    dist.broadcast_object_list(box, src=0, group=ctx.file_group)
+    result, error = box[0]
+    if error is not None:
+        raise UsageError(error)
+    return result
 
 
 # -----------------------------------------------------------------------------

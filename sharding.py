@@ -44,6 +44,17 @@ def gradient_sync(train_model, sync):
     return contextlib.nullcontext() if sync else train_model.no_sync()
 
 
+def ddp_without_buffer_sync():
+    """DDP's flag that syncs no buffers each forward (the only ones, the rotary tables, follow from the config):
+    broadcast_buffers, which torch 2.13 renamed forward_sync_buffers (the old name warns there)."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    new = "forward_sync_buffers" in inspect.signature(DDP.__init__).parameters
+    return {"forward_sync_buffers" if new else "broadcast_buffers": False}
+
+
 def params_finite(model, ctx):
     """Whether all parameters are finite; under FSDP each rank checks its shards and all ranks agree."""
     ok = torch.stack([local_part(p).isfinite().all() for p in model.parameters()]).all().float()
@@ -167,10 +178,13 @@ def load_optimizer_state(model, optimizer, state):
 FULL_LOGITS_MEMORY_FRACTION = 0.25
 
 
-# eager (uncompiled root: --compile 0, or FSDP, which compiles the blocks), the soft-capped head of --arch modern
-# saves three float32 (B, T, vocab) tensors for backward (tanh's output and two of cross-entropy's; counted with
-# saved_tensors_hooks) and makes a gradient of that size: four, not one. Compiled, it is fused like GPT-2's head
+# The eager full-logits loss (uncompiled root: --compile 0, or FSDP, which compiles the blocks) holds several float32
+# (B, T, vocab) tensors: what it saves for backward (distinct tensors, counted with saved_tensors_hooks: GPT-2's head
+# log-softmax's output, nll_loss saving the same one; the soft-capped head of --arch modern also tanh's output) and,
+# in log-softmax's backward, the gradient coming in and the one going out. GPT-2: 1 + 2, modern: 2 + 2. Compiled
+# (not FSDP), torch.compile fuses the head and the loss: one
 EAGER_SOFTCAP_LOGITS_COPIES = 4
+EAGER_GPT2_LOGITS_COPIES = 3
 
 
 def full_logits_fit(model, ctx, B, T, fused_head=True):
@@ -180,7 +194,7 @@ def full_logits_fit(model, ctx, B, T, fused_head=True):
     measured faster there and 54% lighter (bench.py --mode memory)."""
     if ctx.device_type != "cuda":
         return False
-    copies = 1 if fused_head or model.softcap is None else EAGER_SOFTCAP_LOGITS_COPIES
+    copies = 1 if fused_head else EAGER_GPT2_LOGITS_COPIES if model.softcap is None else EAGER_SOFTCAP_LOGITS_COPIES
     logits_bytes = copies * B * T * model.config.vocab_size * 4
     return logits_bytes <= torch.cuda.mem_get_info(ctx.device)[0] * FULL_LOGITS_MEMORY_FRACTION
 

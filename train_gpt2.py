@@ -916,19 +916,26 @@ def load_checkpoint(path, resume=False):
     return checkpoint
 
 
-def find_resume_checkpoint(log_dir):
+def find_resume_checkpoint(log_dir, ctx=None):
     """(path, checkpoint) of the newest checkpoint in log_dir that loads, damaged ones reported and skipped; or
-    (None, None) when log_dir holds none: the first start of a job that every restart runs again as it is."""
-    found = checkpoints.list_checkpoints(log_dir)
-    for _, path in found:
-        try:
-            return path, load_checkpoint(path, resume=True)
-        except UsageError as e:
-            print(f"skipping {path}: {e}")
-    if found:
-        raise UsageError(f"--resume: none of the {len(found)} checkpoints in {log_dir} loads; pass --resume PATH to "
-                         "one that does, or start over there with --overwrite instead of --resume")
-    return None, None
+    (None, None) when log_dir holds none: the first start of a job that every restart runs again as it is.
+    Rank 0 picks, the other ranks load its pick: on NFS, nodes can list different checkpoints."""
+    loaded = {}
+
+    def pick():
+        found = checkpoints.list_checkpoints(log_dir)
+        for _, path in found:
+            try:
+                loaded[path] = load_checkpoint(path, resume=True)
+                return path
+            except UsageError as e:
+                print(f"skipping {path}: {e}")
+        if found:
+            raise UsageError(f"--resume: none of the {len(found)} checkpoints in {log_dir} loads; pass --resume PATH "
+                             "to one that does, or start over there with --overwrite instead of --resume")
+
+    path = common.decided_by_rank0(pick, ctx)
+    return path, loaded[path] if path in loaded else path and load_checkpoint(path, resume=True)
 
 
 def get_rng_state(generator):
@@ -1012,7 +1019,7 @@ def load_or_build_model(run):
                              "--overwrite to start over there, or choose another --log_dir")
         return new_model(args), None
     if args.resume == "auto":
-        path, checkpoint = find_resume_checkpoint(args.log_dir)
+        path, checkpoint = find_resume_checkpoint(args.log_dir, run.ctx)
         if checkpoint is None:  # so that the first start and every restart can be the same command
             if args.extend:
                 raise UsageError(f"--extend: {args.log_dir} holds no checkpoint to train on from; pass the run's "
@@ -1070,7 +1077,8 @@ def wrap_model(model, args, ctx):
         return model
     wrapped = torch.compile(model) if args.compile else model
     if ctx.ddp:
-        wrapped = DDP(wrapped, device_ids=[ctx.local_rank] if ctx.device_type == "cuda" else None)
+        device_ids = [torch.device(ctx.device)] if ctx.device_type == "cuda" else None  # not local_rank (GPU per task)
+        wrapped = DDP(wrapped, device_ids=device_ids, **sharding.ddp_without_buffer_sync())
     return wrapped
 
 
@@ -1266,7 +1274,7 @@ def save_checkpoint(run, step, val_loss, tracker):
                           metrics=tracker.state())
         error = checkpoints.write(checkpoint, log_dir, step, run.args.keep_checkpoints)
     # also the barrier after the write: nobody moves on before the file is complete, or waits for a rank 0 that stopped
-    if common.any_rank(error is not None, ctx):
+    if common.after_file_io(error is not None, ctx):  # a long write does not time out (common.FILE_IO_TIMEOUT)
         raise CheckpointWriteFailed(error or "rank 0 could not write a checkpoint")
 
 

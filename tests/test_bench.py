@@ -3,6 +3,7 @@ is checked is what must hold at any speed. KV cache vs no cache and chunked vs f
 import re
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -166,3 +167,44 @@ def test_steps_to_reach_interpolates_between_evaluations():
     curve = [(0, 10.0), (5, 8.0), (10, 6.0)]
     assert bench.steps_to_reach(curve, 7.0) == 7.5 and bench.steps_to_reach(curve, 8.0) == 5
     assert bench.steps_to_reach(curve, 10.0) == 0 and bench.steps_to_reach(curve, 5.0) is None
+
+
+def test_train_mode_peak_memory_of_each_variant_is_its_own(monkeypatch):
+    """--mode train keeps every variant in one process: the second variant's peak must not include the first's
+    weights and optimizer state (CUDA's memory counters faked: 100 bytes per model, AdamW's state 200 more after
+    its first step, 50 of activations at the peak of a step)."""
+    allocated, peak = [0], [0]
+
+    def alloc(n):
+        allocated[0] += n
+        peak[0] = max(peak[0], allocated[0])
+
+    def fake_run(flags, ctx, model=None):
+        alloc(100)  # the weights
+        return types.SimpleNamespace(ctx=ctx, optimizer=types.SimpleNamespace(param_groups=[]), state={}), None
+
+    def fake_step(run):
+        if not run.state:
+            run.state["adamw"] = True
+            alloc(200)
+        alloc(50)  # activations, freed at the end of the step
+        allocated[0] -= 50
+        return 1.0, None
+
+    monkeypatch.setattr(bench.train_gpt2, "build_run", fake_run)
+    monkeypatch.setattr(bench.train_gpt2, "train_step", fake_step)
+    monkeypatch.setattr(bench, "train_flags", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: allocated[0])
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak[0])
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: peak.__setitem__(0, allocated[0]))
+    ctx = bench.common.DistContext(False, 0, 0, 1, "cuda:0")
+    args = types.SimpleNamespace(model="d2", vocab_size=512)
+    variants = [bench.Variant(name, torch.float32, False) for name in ("a", "b")]
+    for v in variants:  # as bench_train: built and warmed up one after the other, then stepped in turns
+        v.build(args, ctx, None)
+        v.step()
+    for _ in range(2):
+        for v in variants:
+            v.step()
+    assert [v.peak_mem for v in variants] == [350, 350]

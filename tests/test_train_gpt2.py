@@ -2206,3 +2206,110 @@ def test_every_script_reads_top_to_bottom(script):
     imports = {a.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                for a in node.names} | {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert script in ENTRY_POINTS or "train_gpt2" not in imports, f"{script} imports train_gpt2"
+
+
+# ---- #31: multi-GPU first hour
+
+# Rank 0 writes a checkpoint for longer than the process group's timeout (NCCL's 10 minutes, here gloo's 3 s):
+# the other ranks, waiting to hear whether the write succeeded, must not time out.
+SLOW_CHECKPOINT_WRITE = """
+import os, sys, time, types
+from datetime import timedelta
+import torch
+import torch.distributed as dist
+import checkpoints, common
+import train_gpt2 as tg
+
+init = dist.init_process_group
+dist.init_process_group = lambda *a, **k: init(*a, **dict(k, timeout=timedelta(seconds=3)))
+write = checkpoints.write
+
+
+def slow_write(*args):
+    time.sleep(8)  # slow shared storage
+    return write(*args)
+
+
+checkpoints.write = slow_write
+ctx = common.setup_distributed("cpu")
+torch.manual_seed(0)
+model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16))
+run = types.SimpleNamespace(model=model, ctx=ctx, args=types.SimpleNamespace(log_dir=sys.argv[1], keep_checkpoints=2),
+                            train_loader=types.SimpleNamespace(state_dict=dict), sample_generator=torch.Generator(),
+                            optimizer=torch.optim.AdamW(model.parameters()), scaler=torch.amp.GradScaler("cpu"),
+                            flags=dict)
+tg.save_checkpoint(run, 5, 1.0, types.SimpleNamespace(state=dict))
+with open(os.path.join(sys.argv[1], f"done.{ctx.rank}"), "w") as f:
+    f.write("ok")
+dist.barrier()
+dist.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_a_checkpoint_write_longer_than_the_collective_timeout_does_not_kill_the_waiting_ranks(tmp_path):
+    script = tmp_path / "slow_write.py"
+    script.write_text(SLOW_CHECKPOINT_WRITE)
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    with in_the_background(torchrun([log_dir], tmp_path, script=script)) as proc:
+        wait_ok(proc, timeout=120)
+    assert (log_dir / "done.0").exists() and (log_dir / "done.1").exists()
+    assert [step for step, _ in checkpoints.list_checkpoints(log_dir)] == [5]
+
+
+# --resume on NFS: rank 1's node does not list the newest checkpoint yet. Every rank must resume rank 0's pick.
+RESUME_PICK = """
+import os, sys
+import torch
+import checkpoints, common
+import train_gpt2 as tg
+
+ctx = common.setup_distributed("cpu")
+if ctx.rank == 1:
+    listing = checkpoints.list_checkpoints
+    checkpoints.list_checkpoints = lambda log_dir: listing(log_dir)[1:]
+checkpoints.check_resume_compatible = lambda *a: None  # a one-process run's checkpoints: world size 1
+args = tg.parse_args(sys.argv[2:])
+run = tg.Run(args, ctx, torch.float32, args.batch_size, lr_decay_steps=args.max_steps)
+model, checkpoint = tg.load_or_build_model(run)
+with open(f"{sys.argv[1]}.{ctx.rank}", "w") as f:
+    f.write(checkpoint["path"])
+torch.distributed.destroy_process_group()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_every_rank_resumes_the_checkpoint_rank_0_picks(tmp_path, shakespeare):
+    log_dir = tmp_path / "log"
+    args = tiny_run_args(shakespeare, log_dir, max_steps=2, checkpoint_every=1, val_every=0)
+    train_here(args)
+    assert [step for step, _ in checkpoints.list_checkpoints(log_dir)] == [2, 1]
+    script = tmp_path / "resume_pick.py"
+    script.write_text(RESUME_PICK)
+    with in_the_background(torchrun([tmp_path / "picked"] + args + ["--resume"], tmp_path, script=script)) as proc:
+        wait_ok(proc, timeout=120)
+    picked = [(tmp_path / f"picked.{rank}").read_text() for rank in (0, 1)]
+    assert picked == [str(log_dir / "model_00002.pt")] * 2
+
+
+def test_ddp_broadcasts_no_buffers(tmp_path):
+    """The only buffers are the rotary tables, which follow from the config: DDP need not broadcast them every
+    forward."""
+    import types
+
+    import torch.distributed as dist
+    from torch import _dynamo  # noqa: F401 (before the group: see common.setup_distributed)
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ctx = common.DistContext(True, 0, 0, 1, "cpu")
+        model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=64, n_layer=1, n_head=2, n_embd=16, arch="modern"))
+        wrapped = tg.wrap_model(model, types.SimpleNamespace(compile=0, fsdp=False), ctx)
+        assert isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
+        # broadcast_buffers, which torch 2.13 renamed forward_sync_buffers
+        assert getattr(wrapped, "forward_sync_buffers", wrapped.broadcast_buffers) is False
+    finally:
+        dist.destroy_process_group()

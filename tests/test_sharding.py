@@ -1,0 +1,44 @@
+"""Tests of sharding.py: what fits in GPU memory (the loss path). All on CPU."""
+
+import pytest
+import torch
+
+import common
+import sharding
+import train_gpt2 as tg
+
+
+def saved_logits_copies(arch, B=2, T=16, V=512):
+    """How many float32 (B, T, V) tensors the eager full-logits loss saves for backward, under bf16 autocast
+    (distinct tensors, in float32-equivalents: a bf16 one counts a half)."""
+    torch.manual_seed(0)
+    model = tg.GPT(tg.GPTConfig(block_size=T, vocab_size=V, n_layer=1, n_head=2, n_embd=16, arch=arch))
+    model.loss_chunk_size = 0  # the full-logits path
+    idx = torch.randint(0, V, (B, T))
+    saved = {}
+
+    def pack(t):
+        if t.numel() == B * T * V:
+            saved[t.untyped_storage().data_ptr()] = t.element_size() / 4
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(idx, idx)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("arch, copies", [("gpt2", "EAGER_GPT2_LOGITS_COPIES"),
+                                          ("modern", "EAGER_SOFTCAP_LOGITS_COPIES")])
+def test_eager_head_logits_copies_are_what_it_saves_and_its_gradients(arch, copies):
+    # in log-softmax's backward: its saved output, the gradient coming in and the one going out
+    assert saved_logits_copies(arch) + 2 == getattr(sharding, copies)
+
+
+def test_eager_gpt2_head_counts_its_copies(monkeypatch):
+    """GPT-2 at B=16, T=1024: float32 logits of 3.3 GB, three copies (eager: FSDP, or --compile 0) 9.9 GB, more than
+    a quarter of 32 GB free; fused (compiled) only the one."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (32 * 2**30, 80 * 2**30))
+    model = tg.GPT(tg.GPTConfig(block_size=64, vocab_size=50304, n_layer=1, n_head=2, n_embd=32))
+    ctx = common.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cuda:0")
+    assert sharding.full_logits_fit(model, ctx, 16, 1024, fused_head=True)
+    assert not sharding.full_logits_fit(model, ctx, 16, 1024, fused_head=False)

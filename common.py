@@ -158,6 +158,24 @@ def setup_device(requested_dtype, seed, ctx):
     return dtype
 
 
+# the RNG states a checkpoint keeps for each rank, so that a resumed run continues exactly
+def get_rng_state(generator):
+    state = {"torch": torch.get_rng_state(), "sample": generator.get_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"])
+    # a CUDA generator's state is 16 bytes, a CPU one's 5056: a checkpoint from the other device type keeps the
+    # sampling generator as seeded (the training losses do not depend on it)
+    if state["sample"].numel() == generator.get_state().numel():
+        generator.set_state(state["sample"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 class ReadAhead:
     """Has the OS start reading a window of a memory-mapped token shard from disk while the GPU computes: the random
     windows of --shuffle defeat its readahead, and a cold 128 KiB read costs ~0.5 ms, near 1% of a GPU step."""

@@ -938,23 +938,6 @@ def find_resume_checkpoint(log_dir, ctx=None):
     return path, loaded[path] if path in loaded else path and load_checkpoint(path, resume=True)
 
 
-def get_rng_state(generator):
-    state = {"torch": torch.get_rng_state(), "sample": generator.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state, generator):
-    torch.set_rng_state(state["torch"])
-    # a CUDA generator's state is 16 bytes, a CPU one's 5056: a checkpoint from the other device type keeps the
-    # sampling generator as seeded (the training losses do not depend on it)
-    if state["sample"].numel() == generator.get_state().numel():
-        generator.set_state(state["sample"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 # -----------------------------------------------------------------------------
 # The run: what train() sets up once and its steps share
 
@@ -1141,7 +1124,7 @@ def start_or_resume(run, checkpoint):
     sharding.load_optimizer_state(run.model, run.optimizer, checkpoint["optimizer"])
     run.scaler.load_state_dict(checkpoint.get("scaler", {}))
     run.train_loader.load_state_dict(checkpoint["train_loader"][ctx.rank])
-    set_rng_state(checkpoint["rng"][ctx.rank], run.sample_generator)
+    common.set_rng_state(checkpoint["rng"][ctx.rank], run.sample_generator)
     if ctx.master:
         checkpoints.truncate_log(run.log_file, checkpoint["step"])
         print(f"resuming from {checkpoint['path']} at step {checkpoint['step']}")
@@ -1264,7 +1247,7 @@ def save_checkpoint(run, step, val_loss, tracker):
         raise TrainingDiverged(f"step {step}: the parameters hold NaN or inf; not writing a checkpoint. Lower "
                                f"--max_lr or resume from the last checkpoint in {log_dir}")
     loader_states = common.gather_objects(run.train_loader.state_dict(), ctx)
-    rng_states = common.gather_objects(get_rng_state(run.sample_generator), ctx)
+    rng_states = common.gather_objects(common.get_rng_state(run.sample_generator), ctx)
     model_state, optimizer_state = sharding.full_state_dicts(model, run.optimizer, ctx)  # on rank 0
     error = None
     if ctx.master:

@@ -1,5 +1,5 @@
 """
-Benchmarks for train_gpt2.py (examples and numbers: README.md, Performance). Every training step is train_step, the
+Benchmarks for train_gpt2.py (examples and numbers: docs/performance.md). Every training step is train_step, the
 step train() runs. Each comparison runs its variants interleaved (A, B, A, B, ...) and reports medians, so that load
 from other programs hits all alike. A mode is one function `bench_NAME(args)` in MODES; its docstring, its help.
 """
@@ -624,7 +624,7 @@ def with_defaults(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Benchmarks for train_gpt2.py (examples: README.md, Performance).")
+    p = argparse.ArgumentParser(description="Benchmarks for train_gpt2.py (examples: docs/performance.md).")
     modes = "; ".join(f"{name}: {' '.join(fn.__doc__.split())}" for name, fn in MODES.items())
     p.add_argument("--mode", default="train", choices=list(MODES), help=f"what to measure (default: train). {modes}")
     p.add_argument("--_worker_out", dest="worker_out", help=argparse.SUPPRESS)  # a process of fresh_processes

@@ -100,7 +100,7 @@ def read_text_file(path):
 
 def check_shard(path, vocab_size=GPT2_VOCAB):
     """Memory-map a token shard after checking it is what fineweb.py writes: a 1-D uint16 .npy of token ids below
-    vocab_size. The id check is one vectorized max over the shard, read once (measured: see README)."""
+    vocab_size. The id check is one vectorized max over the shard, read once."""
     fix = "remake the shards with `python fineweb.py`, or move this file out of the --data directory"
     try:
         with open(path, "rb") as f:

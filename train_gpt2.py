@@ -1078,6 +1078,7 @@ def build_run(args, ctx, model=None):
         common.print0(f"{checkpoint['path']}: the run already reached --max_steps {args.max_steps}; nothing to do "
                       "(--extend --max_steps N trains on)")
         return None, None
+    checks.check_run_inputs(args, ctx)  # Tiny Shakespeare downloaded, the tokenizer and HellaSwag at hand
     T = args.seq_len
     checks.check_seq_len(T, model.config.block_size)
     run.model = model.to(ctx.device)
@@ -1311,7 +1312,6 @@ def train_loop(run, start_step, val_loss, tracker):
 
 def train(args, ctx):
     """The training run: a new one or a resumed one, set up by build_run, then train_loop."""
-    checks.check_run_inputs(args, ctx)  # Tiny Shakespeare downloaded, the tokenizer and HellaSwag at hand
     os.makedirs(args.log_dir, exist_ok=True)
     run, checkpoint = build_run(args, ctx)
     if run is None:
@@ -1333,7 +1333,7 @@ def train(args, ctx):
     train_loop(run, start_step, val_loss, tracker)
 
 
-# --recipe presets: flag values, best at small scale on CPU (bench.py --mode recipe; README "Faster than the seed")
+# --recipe presets: flag values, best at small scale on CPU (bench.py --mode recipe; docs/recipes.md)
 RECIPE_PRESETS = {
     "gpt2": {},  # the seed's GPT-2 recipe: the flags' defaults
     # embed_lr: the AdamW lr of the embeddings and the untied head, 10x GPT-2's max_lr (modded-nanogpt's go higher)
@@ -1386,7 +1386,7 @@ def parse_args(argv=None):
     g.add_argument("--grad_clip", type=float, default=1.0, help="clip the global gradient norm (0 = off)")
     g.add_argument("--loss_chunk_size", type=int, default=None, help="positions per chunk of the training loss, 0 = "
                    "full logits (default: full logits on a GPU where they fit, else chunks of 4096; CPU: 1024)")
-    g = p.add_argument_group("faster recipes (README: Faster than the seed)")
+    g = p.add_argument_group("faster recipes (docs/recipes.md)")
     fast = ", ".join(f"--{k} {v}" for k, v in RECIPE_PRESETS["fast"].items())
     g.add_argument("--recipe", default="gpt2", choices=sorted(RECIPE_PRESETS),
                    help="a preset of the flags below (and --max_lr ...); flags given explicitly win over it. gpt2: the "

@@ -415,7 +415,7 @@ def test_single_process_on_a_second_gpu_stays_there(tmp_path, capsys):
 
 
 def test_fsdp_batch_size_auto_sizes_the_sharded_model_and_probes_nothing_that_overflows(monkeypatch):
-    """gpt2-xl under FSDP over 8 GPUs of 40 GiB: 8 sequences fit (README's table). Sized for the whole model with
+    """gpt2-xl under FSDP over 8 GPUs of 40 GiB: 8 sequences fit (docs/fsdp.md). Sized for the whole model with
     DDP's state, as before, not even 1 did. A stand-in for the probe (the state, 2 GiB for a loss chunk and two
     gathered blocks, 2550 KiB of activations per token) fails if asked for a micro-batch that overflows the GPU:
     under FSDP one rank running out of memory would leave the others waiting in an all-gather."""

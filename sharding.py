@@ -105,9 +105,17 @@ def shard_model(model, ctx, dtype):
 
 
 def compile_blocks(model):
-    """In place (names unchanged): under FSDP each compiled graph sits between two all-gathers."""
+    """Compile each block in place (names unchanged), as Module.compile does: its whole call, FSDP's hooks
+    included, so that under FSDP each compiled graph sits between two all-gathers. Compiled for training only: a
+    block in eval() mode (the val loss, sampling's KV-cache prefill and one-token steps, HellaSwag's logits_at of
+    varying shapes) runs eagerly, where each new shape would compile a graph of its own on every rank, up to
+    Dynamo's recompile limit."""
+    def training_only(block):
+        compiled = torch.compile(block._call_impl)
+        return lambda *args, **kwargs: (compiled if block.training else block._call_impl)(*args, **kwargs)
+
     for block in model.transformer.h:
-        block.compile()
+        block._compiled_call_impl = training_only(block)  # what Module.compile sets, and Module.__call__ calls
 
 
 def state_bytes_per_rank(model, optimizer):

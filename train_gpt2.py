@@ -1053,7 +1053,7 @@ def make_loaders(args, ctx, B):
 def wrap_model(model, args, ctx):
     """The model that runs the training (and val) forward passes: compiled, and under torchrun wrapped in DDP,
     which averages the gradients over ranks during backward. Under FSDP, the model is sharded in place and only its
-    blocks are compiled (each graph between two all-gathers). Everything else uses the plain model."""
+    blocks are compiled, for training only (sharding.compile_blocks). Everything else uses the plain model."""
     if args.fsdp:
         if args.compile:
             sharding.compile_blocks(model)

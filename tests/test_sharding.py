@@ -1,4 +1,4 @@
-"""Tests of sharding.py: what fits in GPU memory (the loss path). All on CPU."""
+"""Tests of sharding.py: what fits in GPU memory (the loss path), and what --fsdp compiles. All on CPU."""
 
 import pytest
 import torch
@@ -42,3 +42,35 @@ def test_eager_gpt2_head_counts_its_copies(monkeypatch):
     ctx = common.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cuda:0")
     assert sharding.full_logits_fit(model, ctx, 16, 1024, fused_head=True)
     assert not sharding.full_logits_fit(model, ctx, 16, 1024, fused_head=False)
+
+
+def test_compiled_blocks_compile_training_only(monkeypatch):
+    """--fsdp --compile 1 compiles each block (compile_blocks): training's forward and backward run the compiled
+    blocks, sampling (KV-cache prefill, one-token decode steps) and HellaSwag (logits_at, varying shapes) the eager
+    ones, so that they compile no graphs at all. Counted with an eager backend that records every graph handed to it
+    (the default backend for the test: production's stays inductor)."""
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 64)  # a count, not a fallback to eager
+    torch.compiler.set_default_backend(counting_backend)
+    try:
+        torch.manual_seed(0)
+        model = tg.GPT(tg.GPTConfig(block_size=32, vocab_size=128, n_layer=2, n_head=2, n_embd=16))
+        sharding.compile_blocks(model)
+        model.train()
+        x = torch.randint(0, 128, (2, 16))
+        model(x, x)[1].backward()
+        trained = len(graphs)
+        model.eval()
+        with torch.no_grad():
+            model.generate(x[:, :5], 4, generator=torch.Generator().manual_seed(0))
+            model.logits_at(x[:1, :7], torch.ones(1, 7, dtype=torch.bool))
+        assert trained > 0 and len(graphs) == trained, f"{trained} graphs for training, {len(graphs)} in all"
+    finally:
+        torch.compiler.set_default_backend(None)
+        torch._dynamo.reset()

@@ -2313,3 +2313,33 @@ def test_ddp_broadcasts_no_buffers(tmp_path):
         assert getattr(wrapped, "forward_sync_buffers", wrapped.broadcast_buffers) is False
     finally:
         dist.destroy_process_group()
+
+
+# #31 item 11: one-line errors not covered above
+
+
+def test_resume_where_every_checkpoint_is_damaged_is_one_line(tmp_path, shakespeare, capsys):
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    (log_dir / "model_00004.pt").write_bytes(b"PK\x03\x04 cut short by a full disk")
+    (log_dir / "model_00002.pt").write_bytes(b"")
+    err = main_error(tiny_run_args(shakespeare, log_dir) + ["--resume"], capsys)
+    assert "none of the 2 checkpoints" in err and "--resume PATH" in err and "--overwrite" in err
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_data_smaller_than_one_batch_is_one_line(tmp_path, capsys, shuffle):
+    small = tmp_path / "small.txt"
+    small.write_text("To be, or not to be, that is the question. " * 20)  # 236 train tokens; a batch needs 4 x 64 + 1
+    err = main_error(tiny_run_args(small, tmp_path / "log") + (["--shuffle"] if shuffle else []), capsys)
+    assert "the train split of" in err and "B=4" in err and "T=64" in err and "lower --batch_size or --seq_len" in err
+
+
+def test_fsdp_refuses_float16_in_one_line():
+    """Raised in shard_model before the device mesh (so no process group is needed here); under torchrun main()
+    prints it as one line and exits 2, as every UsageError."""
+    model = tg.GPT(tg.GPTConfig(block_size=16, vocab_size=64, n_layer=1, n_head=1, n_embd=8))
+    ctx = common.DistContext(ddp=True, rank=0, local_rank=0, world_size=2, device="cpu")
+    with pytest.raises(tg.UsageError, match=r"--fsdp runs in bfloat16 or float32 .*--dtype bfloat16") as e:
+        sharding.shard_model(model, ctx, torch.float16)
+    assert "\n" not in str(e.value)

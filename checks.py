@@ -62,9 +62,9 @@ def check_data_path(data_root):
 
 
 def check_run_inputs(args, ctx):
-    """What a training run reads besides its data and model, ready before any work: Tiny Shakespeare downloaded
+    """What a training run reads besides its model, ready before any work: Tiny Shakespeare downloaded
     (rank 0, the others wait), the GPT-2 tokenizer (offline without tiktoken's cache: one line now, not a traceback
-    at the first sample), and HellaSwag downloaded and tokenized (a bad file fails at start, not hours in)."""
+    at the first sample), and --data's path."""
     if args.data.endswith(".txt"):
         if ctx.master:
             ensure_text_data(args.data)
@@ -72,7 +72,11 @@ def check_run_inputs(args, ctx):
             dist.barrier()
     if args.sample_every or args.hellaswag_every:
         common.gpt2_tokenizer()
-    check_data_path(args.data)  # before HellaSwag's download: the data is the likelier mistake
+    check_data_path(args.data)
+
+
+def check_hellaswag_data(args):
+    """HellaSwag downloaded and tokenized at start (a bad file fails now, not hours in)."""
     if args.hellaswag_every:
         try:
             hellaswag.load_examples(data=args.hellaswag_data)

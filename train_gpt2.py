@@ -1078,7 +1078,7 @@ def build_run(args, ctx, model=None):
         common.print0(f"{checkpoint['path']}: the run already reached --max_steps {args.max_steps}; nothing to do "
                       "(--extend --max_steps N trains on)")
         return None, None
-    checks.check_run_inputs(args, ctx)  # Tiny Shakespeare downloaded, the tokenizer and HellaSwag at hand
+    checks.check_run_inputs(args, ctx)  # Tiny Shakespeare downloaded, the tokenizer at hand, --data's path
     T = args.seq_len
     checks.check_seq_len(T, model.config.block_size)
     run.model = model.to(ctx.device)
@@ -1099,6 +1099,7 @@ def build_run(args, ctx, model=None):
     checks.check_batch(args.total_batch_size, run.batch_size, T, ctx.world_size)
     model.loss_chunk_size = loss_chunk_size(run.batch_size)
     run.train_loader, run.val_set = make_loaders(args, ctx, run.batch_size)
+    checks.check_hellaswag_data(args)
     run.train_model = wrap_model(model, args, ctx)
     # Newton-Schulz in bf16 only where the run's matmuls are bf16: emulated (a CPU without AVX512-BF16/AMX, an fp16
     # GPU) it took 5.7 s of a 15 s step of the CPU quickstart, fp32 0.2 s
@@ -1312,10 +1313,10 @@ def train_loop(run, start_step, val_loss, tracker):
 
 def train(args, ctx):
     """The training run: a new one or a resumed one, set up by build_run, then train_loop."""
-    os.makedirs(args.log_dir, exist_ok=True)
     run, checkpoint = build_run(args, ctx)
     if run is None:
         return
+    os.makedirs(args.log_dir, exist_ok=True)  # once the inputs are checked: a mistake leaves nothing behind
     start_step, val_loss = start_or_resume(run, checkpoint)
     model, B, T = run.model, run.batch_size, args.seq_len
     common.print0(f"model: {model.config} | {model.num_params() / 1e6:.2f}M parameters")

@@ -260,7 +260,7 @@ def test_batch_size_auto_trains_without_oom_under_compile(tmp_path, gpu_with_12_
 
 # torch.cuda.get_device_name() as these GPUs report it -> the datasheet's dense bf16 (V100, T4: fp16) FLOP/s
 DATASHEET_PEAKS = [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 989e12),
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
     ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100-PCIE-40GB", 312e12),
     ("NVIDIA L40S", 362e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12), ("NVIDIA A10G", 70e12),
     ("NVIDIA A10", 125e12), ("NVIDIA GeForce RTX 4090", 165e12), ("NVIDIA GeForce RTX 3090", 71e12),
@@ -500,6 +500,7 @@ def test_ranks_without_local_rank_take_their_gpu_on_the_node(monkeypatch, env, d
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda **kw: groups.append(kw))
+    monkeypatch.setattr(torch.distributed, "new_group", lambda **kw: None)  # the file I/O group
     ctx = common.setup_distributed("cuda")
     assert ctx.device == device and chosen == [device] and groups[0]["device_id"] == torch.device(device)
     assert ctx.rank == 3 and ctx.world_size == 4

@@ -263,14 +263,11 @@ def bench_train(args):
     ctx, dtype = setup(args)
     T, data = args.seq_len, random_shards(args, ctx)
     if args.batch_size == "auto":  # train()'s choice, as for gpt2's 0.5M-token batch
-        probe, _ = train_gpt2.build_run(train_flags(args, ctx, data, total_batch_size=2**19), ctx)
-        args.batch_size = probe.batch_size
-    else:
-        probe = argparse.Namespace(model=GPT(model_config(args.model, args.vocab_size)))
-    B = args.batch_size
-    print(f"bench train: --model {args.model} ({probe.model.num_params() / 1e6:.2f}M parameters), B={B}, T={T} "
+        args.batch_size = train_gpt2.build_run(train_flags(args, ctx, data, total_batch_size=2**19), ctx)[0].batch_size
+    with torch.device("meta"):  # counted without memory
+        params, B = GPT(model_config(args.model, args.vocab_size)).num_params(), args.batch_size
+    print(f"bench train: --model {args.model} ({params / 1e6:.2f}M parameters), B={B}, T={T} "
           f"({B * T} tokens/step), device {ctx.device} ({device_description(ctx.device)}), torch {torch.__version__}")
-    del probe
     if args.compare == "hf":
         import transformers
         print(f"transformers {transformers.__version__}: GPT2LMHeadModel with its default attention (sdpa), dropout "

@@ -81,13 +81,10 @@ def model_config(name, vocab_size=50304, block_size=1024, arch="gpt2"):
     return GPTConfig(block_size=block_size, vocab_size=vocab_size, arch=arch, **sizes)
 
 
-# ---- the modern block (--arch modern)
-# The GPT class below builds either OpenAI's GPT-2 or a block with the changes that sped up speedruns since
-# (modded-nanogpt): rotary position embeddings instead of the learned wpe, RMSNorm without a gain instead of
-# LayerNorm (also on the embedding output, and on q and k per head: QK-norm), ReLU^2 instead of GELU, no biases,
-# zero-initialized output projections and lm_head, an lm_head untied from wte, and logits soft-capped with tanh.
-# Every matrix of a block stays under transformer.h and the norms have no parameters, so an optimizer can
-# group the 2-D block weights (Muon) apart from the embedding and the head.
+# ---- the modern block (--arch modern): GPT-2 with the changes that sped up speedruns since (modded-nanogpt): rotary
+# position embeddings instead of the learned wpe, RMSNorm without a gain (also on the embedding output, and on q and k
+# per head: QK-norm), ReLU^2 instead of GELU, no biases, zero-init output projections and an untied zero-init lm_head,
+# logits soft-capped with tanh. Block matrices stay under transformer.h and norms have no parameters: Muon's groups.
 
 
 ROTARY_BASE = 10000
@@ -275,9 +272,6 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_x, grad_w = ctx.saved_tensors
         return grad_x * grad_loss, grad_w * grad_loss, None, None, None
-
-
-# ---- chunked loss for fp16: the gradient is made in backward, once the loss scale is known
 
 
 class LinearCrossEntropyScaled(torch.autograd.Function):
@@ -1332,6 +1326,10 @@ def train(args, ctx):
     if ctx.master:
         metrics.record_run(run, start_step)  # run.json; a note if the run will take days
     train_loop(run, start_step, val_loss, tracker)
+
+
+# -----------------------------------------------------------------------------
+# The command line
 
 
 # --recipe presets: flag values, best at small scale on CPU (bench.py --mode recipe; docs/recipes.md)

@@ -11,7 +11,8 @@ chunks), GPT (init, forward, generate, Hugging Face import and export), the data
 schedule and the optimizers (AdamW, Muon), checkpoints, the run and its training step, evaluation, the DDP loop and
 the command line. What runs around a run lives in sibling modules, called by name: common (errors, rank-0 print,
 device and precision, launch and collectives, stop signals), sharding (FSDP, --batch_size auto, the loss path),
-checkpoints (the files), checks (flags and input files) and metrics (progress, run.json, TensorBoard, wandb).
+checkpoints (the files), checks (flags and input files), metrics (progress, run.json, TensorBoard, wandb) and
+huggingface (GPT-2 and NanoChat weights both ways).
 """
 
 import argparse

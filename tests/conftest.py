@@ -159,3 +159,28 @@ def read_log(log_dir, once=False):
 def train_losses(log_dir):
     """{step: train loss} of a run's log.txt."""
     return {step: value for (step, stream), value in read_log(log_dir).items() if stream == "train"}
+
+
+# train_gpt2.py's argv after --data and --log_dir: one step of d2 on the CPU, for the inputs refused before any work
+TRAIN = [
+    "--model",
+    "d2",
+    "--batch_size",
+    2,
+    "--seq_len",
+    16,
+    "--total_batch_size",
+    32,
+    "--device",
+    "cpu",
+    "--compile",
+    0,
+    "--max_steps",
+    1,
+    "--val_every",
+    0,
+    "--hellaswag_every",
+    0,
+    "--sample_every",
+    0,
+]

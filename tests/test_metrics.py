@@ -1,7 +1,9 @@
 """Live metrics of train_gpt2.py (--tensorboard, --wandb): the real packages (wandb offline, no account, no network),
 read back with TensorBoard's own event accumulator and a reader of wandb's offline run file, compared with log.txt;
-a resumed run continues the same curves."""
+a resumed run continues the same curves. Also the step lines' ETA, the note that a run takes days and what
+run.json says --data holds."""
 import json
+import re
 import struct
 import sys
 
@@ -216,3 +218,36 @@ def test_mfu_where_there_is_a_peak_and_the_lr_of_muon_and_adamw(tmp_path, shakes
     assert float(tb["perf/mfu_percent"][0]) == pytest.approx(2.1088960512, rel=1e-6)
     lrs = {tag: float(v[0]) for tag, v in tb.items() if tag.startswith("lr/")}  # the groups' peaks (no schedule yet)
     assert lrs == pytest.approx({"lr/adamw0": 0.005, "lr/adamw1": 6e-4, "lr/muon0": 0.02})
+
+
+def test_step_eta_long_run_note_and_run_record(tmp_path):
+    """The step lines' ETA leaves out the first steps; the default recipe on a CPU says at start that it takes
+    days (README's quickstart does not); run.json says what --data holds."""
+    timer = metrics.StepTimer(skip=2)
+    for dt in (30.0, 5.0):  # compilation and warm-up: not counted
+        timer.add(dt)
+        assert timer.eta(10) == "-"
+    for dt in (1.0, 3.0):
+        timer.add(dt)
+    assert (timer.eta(90), timer.eta(0)) == ("3m00s", "0s")
+    assert [metrics.format_duration(s) for s in (45, 725, 12000, 190000)] == ["45s", "12m05s", "3h20m", "2d04h"]
+    ctx = common.DistContext(ddp=False, rank=0, local_rank=0, world_size=1, device="cpu")
+    seed = tg.Run(tg.parse_args(["--data", "input.txt"]), ctx, precision=torch.float32)
+    note = metrics.long_run_note(seed, tg.model_config("gpt2"), 19073)
+    assert re.match(r"note: this run will take about \d+d\d\dh: 19073 steps of 524,288 tokens", note), note
+    assert "python train_gpt2.py --recipe shakespeare" in note
+    quick = tg.Run(tg.parse_args(["--recipe", "shakespeare"]), ctx, precision=torch.float32)
+    assert metrics.long_run_note(quick, tg.model_config("d4", arch="modern"), 80) is None
+    # --data: a text file, fineweb.py's FineWeb-Edu or --local_files shards, build-nanogpt's shards, others
+    for name, manifest, shard, kind in [("edu", "HuggingFaceFW/fineweb-edu", None, "fineweb-edu"),
+                                        ("mine", None, None, "local files"),
+                                        ("web", "HuggingFaceFW/fineweb", None, "HuggingFaceFW/fineweb"),
+                                        ("nanogpt", False, "edufineweb_val_000000.npy", "fineweb-edu"),
+                                        ("other", False, "shard_val_000000.npy", "shards")]:
+        (tmp_path / name).mkdir()
+        if manifest is not False:
+            (tmp_path / name / "manifest.json").write_text(json.dumps({"settings": {"dataset": manifest}}))
+        if shard:
+            (tmp_path / name / shard).touch()
+        assert metrics.data_kind(str(tmp_path / name)) == kind, name
+    assert metrics.data_kind("input.txt") == "text"

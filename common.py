@@ -295,28 +295,19 @@ def gather_objects(obj, ctx):
     return out
 
 
-def agreed(value, ctx, op):
-    """A number agreed over the ranks (op: MIN or MAX; a collective: every rank calls it); as is in one process."""
+def agreed(value, ctx, op, group=None):
+    """A number agreed over the ranks (op: MIN or MAX; a collective: every rank calls it); as is in one process.
+    group: ctx.file_group to wait out rank 0's file I/O (CPU tensors, FILE_IO_TIMEOUT), else the default group."""
     if not ctx.ddp:
         return value
-    t = torch.tensor([float(value)], dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t, op=op)
+    t = torch.tensor([float(value)], dtype=torch.float64, device="cpu" if group is not None else ctx.device)
+    dist.all_reduce(t, op=op, group=group)
     return t.item()
 
 
-def any_rank(flag, ctx):
-    """True on every rank if flag is True on any."""
-    return bool(agreed(flag, ctx, dist.ReduceOp.MAX))
-
-
-def after_file_io(flag, ctx):
-    """any_rank after rank 0's file I/O (a checkpoint written), in the group without a timeout that a long write
-    reaches (FILE_IO_TIMEOUT): the barrier where the other ranks wait for rank 0 to finish."""
-    if not ctx.ddp:
-        return bool(flag)
-    t = torch.tensor([float(flag)])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=ctx.file_group)
-    return bool(t.item())
+def any_rank(flag, ctx, group=None):
+    """True on every rank if flag is True on any (in group, see agreed)."""
+    return bool(agreed(flag, ctx, dist.ReduceOp.MAX, group))
 
 
 def decided_by_rank0(decide, ctx):

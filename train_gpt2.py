@@ -1254,7 +1254,7 @@ def save_checkpoint(run, step, val_loss, tracker):
                           metrics=tracker.state())
         error = checkpoints.write(checkpoint, log_dir, step, run.args.keep_checkpoints)
     # also the barrier after the write: nobody moves on before the file is complete, or waits for a rank 0 that stopped
-    if common.after_file_io(error is not None, ctx):  # a long write does not time out (common.FILE_IO_TIMEOUT)
+    if common.any_rank(error is not None, ctx, ctx.file_group):  # a long write does not time out (FILE_IO_TIMEOUT)
         raise CheckpointWriteFailed(error or "rank 0 could not write a checkpoint")
 
 

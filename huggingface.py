@@ -40,6 +40,14 @@ def save_gpt2_tokenizer(directory, model_max_length=1024):
     hf.save_pretrained(directory)
 
 
+def unloadable(path, kind, e):
+    """The one-line error for a directory transformers could not load as `kind` (GPT-2, NanoChat): no network,
+    a config it refuses, damaged weights, tensors of the wrong shape, ..."""
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return ValueError(f"{path}: could not load it as {kind} with transformers ({type(e).__name__}: {msg}); pass a "
+                      f"Hugging Face {kind} model")
+
+
 def load_gpt2(name_or_path):
     """(sizes, state_dict) of our --arch gpt2 model from a hub name or a Hugging Face GPT-2 directory: sizes are
     GPTConfig's block_size, vocab_size, n_layer, n_head and n_embd; the Conv1D weights transposed to Linear's."""
@@ -47,10 +55,8 @@ def load_gpt2(name_or_path):
 
     try:
         hf, info = GPT2LMHeadModel.from_pretrained(name_or_path, output_loading_info=True)
-    except Exception as e:  # no network, damaged weights, tensors of the wrong shape, ...
-        msg = (str(e).strip().splitlines() or [""])[0]
-        raise ValueError(f"{name_or_path}: could not load it as GPT-2 with transformers ({type(e).__name__}: "
-                         f"{msg}); pass a Hugging Face GPT-2 model") from None
+    except Exception as e:
+        raise unloadable(name_or_path, "GPT-2", e) from None
     # transformers fills weights missing from the file with random ones and only warns: a model missing
     # any weight is not the model the user meant
     missing = [k for k in info.get("missing_keys", []) if not k.endswith(MASK_BUFFERS)]
@@ -202,15 +208,10 @@ def load_nanochat(path, rotary_base, softcap):
     are GPTConfig's block_size, vocab_size, n_layer, n_head and n_embd."""
     NanoChatConfig, NanoChatForCausalLM = nanochat_classes()
 
-    def unloadable(e):  # a config transformers refuses, damaged weights, tensors of the wrong shape, ...
-        msg = (str(e).strip().splitlines() or [""])[0]
-        return ValueError(f"{path}: could not load it as NanoChat with transformers ({type(e).__name__}: {msg}); "
-                          "pass a Hugging Face NanoChat model")
-
     try:
         c = NanoChatConfig.from_pretrained(path)
     except Exception as e:
-        raise unloadable(e) from None
+        raise unloadable(path, "NanoChat", e) from None
     sizes = dict(block_size=c.max_position_embeddings, vocab_size=c.vocab_size, n_layer=c.num_hidden_layers,
                  n_head=c.num_attention_heads, n_embd=c.hidden_size)
     check_nanochat_config(path, c, nanochat_config(types.SimpleNamespace(**sizes), rotary_base, softcap))
@@ -218,7 +219,7 @@ def load_nanochat(path, rotary_base, softcap):
         hf, info = NanoChatForCausalLM.from_pretrained(path, config=c, output_loading_info=True,
                                                        ignore_mismatched_sizes=True)  # said below, in one line
     except Exception as e:
-        raise unloadable(e) from None
+        raise unloadable(path, "NanoChat", e) from None
     # weights missing from the file or of another shape: transformers fills them with random ones and warns
     bad = sorted(set(info.get("missing_keys", ())) | {k[0] for k in info.get("mismatched_keys", ())})
     if bad:
